@@ -1,0 +1,58 @@
+# fmplex — `make demo` and `make test` work on a fresh machine (they install what they need).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fmplex-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help install system-deps demo test test-unit test-e2e bench repo clean
+
+help:
+	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
+	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
+	@echo "make bench  - vFM throughput vs raw batched forward; memory with 3 vs 30 tasks (perf/results/)"
+	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# perf_analyzer (shipped in tritonclient's wheel) links against Debian's libb64.
+system-deps:
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libb64-0d; }
+
+demo: $(STAMP)
+	$(PY) -m fmplex.demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q -ra tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-e2e: $(STAMP) system-deps
+	$(PY) -m pytest -q -ra tests/e2e
+
+bench: $(STAMP) system-deps
+	$(PY) perf/bench_vfm.py $(if $(QUICK),--quick,)
+
+repo: $(STAMP)
+	rm -rf model_repository
+	$(VENV)/bin/fmplex init model_repository
+	$(VENV)/bin/fmplex task create sentiment --repo model_repository --kind classifier --train fmplex/data/sentiment.csv --description "review sentiment"
+	$(VENV)/bin/fmplex task create topic --repo model_repository --kind classifier --train fmplex/data/topic.csv --weight 2 --description "news topic"
+	$(VENV)/bin/fmplex task create intent --repo model_repository --kind classifier --train fmplex/data/intent.csv --description "chatbot intent"
+	$(VENV)/bin/fmplex task create embed --repo model_repository --kind embedding --description "sentence embedding"
+	$(VENV)/bin/fmplex deploy --repo model_repository --offline sentiment topic intent embed
+
+clean:
+	rm -rf $(VENV) .pytest_cache perf/results/*.tmp

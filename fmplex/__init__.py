@@ -1,0 +1,1 @@
+"""fmplex: many tasks served on one shared foundation-model host."""

@@ -1,0 +1,505 @@
+"""``fmplex``: the control plane's command line.
+
+It edits the model repository (host entries, vFM ensembles, artifacts, the
+registry) and drives a running tritonserver through its gRPC repository API.
+Every error is one line on stderr and exit status 1; ``--help`` everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from fmplex import registry
+from fmplex.artifacts import ArtifactError, read_manifest, version_dir
+from fmplex.backbones import BACKBONES, get_backbone
+from fmplex.kinds import KINDS, get_kind
+from fmplex.registry import RegistryError, TaskEntry
+
+from . import repository as repo_ops
+
+DEFAULT_REPO = os.environ.get("FMPLEX_REPO", "model_repository")
+DEFAULT_URL = os.environ.get("FMPLEX_URL", "localhost:8001")
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause into one clear line (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .server import ServerError  # noqa: PLC0415
+        from .train import TrainError  # noqa: PLC0415
+        from .triton_api import ControlError  # noqa: PLC0415
+
+        try:
+            return fn(*args, **kwargs)
+        except (RegistryError, ArtifactError, ControlError, ServerError, TrainError, KeyError, FileNotFoundError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise click.ClickException(str(msg)) from None
+        except ImportError as exc:
+            raise click.ClickException(f"missing dependency: {exc}") from None
+
+    return wrapper
+
+
+def repo_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--repo",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_REPO,
+        show_default=True,
+        envvar="FMPLEX_REPO",
+        help="Model repository (env FMPLEX_REPO).",
+    )(fn)
+
+
+def url_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--url", default=DEFAULT_URL, show_default=True, envvar="FMPLEX_URL", help="Triton gRPC endpoint (env FMPLEX_URL)."
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fmplex")
+def main() -> None:
+    """fmplex: many tasks, one shared foundation model, inside Triton.
+
+    Each task is a virtual foundation model (vFM): an ordinary Triton model
+    to its clients, served by one shared host per backbone whose fair
+    scheduler batches all tasks' requests together.
+
+    \b
+    Typical session:
+      fmplex init                                   # repository with the minilm host
+      fmplex task create sentiment --kind classifier --train data.csv
+      fmplex serve &                                # real tritonserver
+      fmplex deploy sentiment                       # ensemble + slot, loaded live
+      fmplex status
+    """
+
+
+# --- init ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("repo", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_REPO, required=False)
+@click.option(
+    "--backbone",
+    "backbones",
+    multiple=True,
+    default=["minilm"],
+    show_default=True,
+    type=click.Choice(sorted(BACKBONES)),
+    help="Backbone(s) to host (repeatable).",
+)
+@click.option("--slots", default=registry.DEFAULT_SLOTS, show_default=True, type=click.IntRange(1, 4096), help="Slot pool per host.")
+@_friendly
+def init(repo: Path, backbones: tuple[str, ...], slots: int) -> None:
+    """Create a model repository with one host entry per backbone.
+
+    Safe to run again: existing hosts and tasks are kept.
+    """
+    reg = repo_ops.init_repository(repo, list(backbones), slots)
+    for name, host in sorted(reg.hosts.items()):
+        click.echo(f"host {host.model}: backbone {name}, {host.slots} slots")
+    click.echo(f"repository ready: {repo}")
+
+
+# --- tasks ---------------------------------------------------------------------
+
+
+@main.group()
+def task() -> None:
+    """Create, inspect, re-weight and delete tasks."""
+
+
+@task.command("create")
+@click.argument("name")
+@click.option("--backbone", default="minilm", show_default=True, type=click.Choice(sorted(BACKBONES)))
+@click.option("--kind", default="classifier", show_default=True, type=click.Choice(sorted(KINDS)), help="Task kind.")
+@click.option(
+    "--train",
+    "train_csv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Labelled CSV (text,label) to fit a classifier head on.",
+)
+@click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(min=0.001), help="Fair-share weight.")
+@click.option("--queue-limit", default=256, show_default=True, type=click.IntRange(1), help="Max queued requests.")
+@click.option("--deadline-ms", type=click.FloatRange(min=0.1), help="Fail requests queued longer than this.")
+@click.option("--description", default="", help="Free text shown by 'task show'.")
+@repo_option
+@_friendly
+def task_create(
+    name: str,
+    backbone: str,
+    kind: str,
+    train_csv: Path | None,
+    weight: float,
+    queue_limit: int,
+    deadline_ms: float | None,
+    description: str,
+    repo: Path,
+) -> None:
+    """Build a task (a new version if NAME exists) and store its artifact.
+
+    A classifier is fitted on the backbone's embeddings of --train; an
+    embedding task needs no data. The artifact (manifest.json +
+    weights.safetensors) goes to REPO/NAME/<version>/. Deploy it with
+    'fmplex deploy NAME'.
+    """
+    from . import train as trainer  # noqa: PLC0415 - torch-heavy
+
+    registry.check_task_name(name)
+    get_backbone(backbone)
+    get_kind(kind)
+    reg = registry.load(repo)
+    if backbone not in reg.hosts:
+        raise RegistryError(f"repository {repo} has no host for '{backbone}' (run 'fmplex init --backbone {backbone}')")
+    existing = reg.tasks.get(name)
+    if existing is not None and (existing.backbone != backbone or existing.kind != kind):
+        raise RegistryError(
+            f"task '{name}' exists as {existing.kind} on {existing.backbone}: delete it or pick another name"
+        )
+    version = max(repo_ops.task_versions(repo, name) + [0]) + 1
+    head = report = None
+    if kind == "classifier":
+        if train_csv is None:
+            raise click.UsageError("a classifier needs --train data.csv (columns: text,label)")
+        texts, labels = trainer.read_labelled_csv(train_csv)
+        with click.progressbar(length=len(texts), label="embedding", file=sys.stderr) as bar:
+            head, report = trainer.train_classifier(backbone, texts, labels, echo=lambda m: None, progress=bar.update)
+        if report.holdout_accuracy is not None:
+            click.echo(f"held-out accuracy (80/20 split): {report.holdout_accuracy:.3f}")
+        click.echo(f"training accuracy: {report.train_accuracy:.3f} ({report.rows} rows, labels: {', '.join(report.labels)})")
+    elif train_csv is not None:
+        raise click.UsageError(f"--train is for classifiers; a {kind} task has nothing to fit")
+    out = version_dir(repo, name, version)
+    source = f"trained on {train_csv.name}" if train_csv else "backbone embedding"
+    trainer.build_artifact(out, name, version, backbone, kind, head, report, source)
+    with registry.editing(repo) as reg:
+        entry = reg.tasks.get(name)
+        if entry is None:
+            reg.tasks[name] = TaskEntry(
+                name, backbone, kind, version, weight, queue_limit, deadline_ms, description=description
+            )
+        else:
+            entry.version = version
+    click.echo(f"task {name} v{version} ({kind} on {backbone}) stored in {out}")
+
+
+@task.command("list")
+@repo_option
+@_friendly
+def task_list(repo: Path) -> None:
+    """One line per task: kind, backbone, versions, weight, deployment."""
+    reg = registry.load(repo)
+    if not reg.tasks:
+        click.echo("no tasks (create one with 'fmplex task create')")
+        return
+    click.echo(f"{'TASK':<20} {'KIND':<11} {'BACKBONE':<9} {'VER':>4} {'WEIGHT':>7} {'DEPLOYED':<16}")
+    for t in sorted(reg.tasks.values(), key=lambda t: t.name):
+        dep = f"v{t.deployed_version} slot {t.slot}" if t.deployed else "-"
+        click.echo(f"{t.name:<20} {t.kind:<11} {t.backbone:<9} {t.version:>4} {t.weight:>7g} {dep:<16}")
+
+
+@task.command("show")
+@click.argument("name")
+@repo_option
+@_friendly
+def task_show(name: str, repo: Path) -> None:
+    """Everything about one task: registry entry and artifact manifest."""
+    entry = registry.load(repo).task(name)
+    click.echo(f"task:        {entry.name}")
+    click.echo(f"kind:        {entry.kind} ({get_kind(entry.kind).summary})")
+    click.echo(f"backbone:    {entry.backbone}")
+    click.echo(f"versions:    {', '.join(map(str, repo_ops.task_versions(repo, name)))} (newest {entry.version})")
+    click.echo(f"deployed:    {f'v{entry.deployed_version} on slot {entry.slot}' if entry.deployed else 'no'}")
+    click.echo(f"weight:      {entry.weight:g}")
+    click.echo(f"queue limit: {entry.queue_limit}")
+    click.echo(f"deadline:    {f'{entry.deadline_ms:g} ms' if entry.deadline_ms else 'none'}")
+    if entry.description:
+        click.echo(f"description: {entry.description}")
+    manifest = read_manifest(version_dir(repo, name, entry.deployed_version or entry.version))
+    click.echo(f"outputs:     {', '.join(o.name for o in get_kind(entry.kind).outputs)}")
+    if "labels" in manifest:
+        click.echo(f"labels:      {', '.join(manifest['labels'])}")
+    if "training" in manifest:
+        tr = manifest["training"]
+        click.echo(f"training:    {tr.get('rows')} rows, accuracy {tr.get('train_accuracy')}, held-out {tr.get('holdout_accuracy')}")
+    click.echo(f"source:      {manifest.get('source', '')}; created {manifest.get('created', '?')}")
+
+
+@task.command("set-weight")
+@click.argument("name")
+@click.argument("weight", type=click.FloatRange(min=0.001))
+@click.option("--queue-limit", type=click.IntRange(1), help="Also change the queue limit.")
+@click.option("--deadline-ms", type=click.FloatRange(min=0.0), help="Also change the deadline (0 = none).")
+@repo_option
+@_friendly
+def task_set_weight(name: str, weight: float, queue_limit: int | None, deadline_ms: float | None, repo: Path) -> None:
+    """Change a task's fair-share weight (and limits) — live, no reload.
+
+    It is a registry edit: the host picks it up on its next request.
+    """
+    with registry.editing(repo) as reg:
+        entry = reg.task(name)
+        old = entry.weight
+        entry.weight = weight
+        if queue_limit is not None:
+            entry.queue_limit = queue_limit
+        if deadline_ms is not None:
+            entry.deadline_ms = deadline_ms or None
+    click.echo(f"task {name}: weight {old:g} -> {weight:g}")
+
+
+@task.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Undeploy first if it is deployed.")
+@repo_option
+@url_option
+@_friendly
+def task_delete(name: str, force: bool, repo: Path, url: str) -> None:
+    """Delete a task and all its versions."""
+    entry = registry.load(repo).task(name)
+    if entry.deployed:
+        if not force:
+            raise RegistryError(f"task '{name}' is deployed: 'fmplex undeploy {name}' first, or pass --force")
+        _undeploy(name, repo, url, offline=False)
+    with registry.editing(repo) as reg:
+        reg.tasks.pop(name, None)
+    repo_ops.delete_task_files(repo, name)
+    click.echo(f"task {name} deleted")
+
+
+# --- deploy / undeploy ---------------------------------------------------------
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--version", "version", type=click.IntRange(1), help="Version to serve (default: newest).")
+@click.option("--offline", is_flag=True, help="Only write the repository; a later 'fmplex serve' loads it.")
+@repo_option
+@url_option
+@_friendly
+def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Path, url: str) -> None:
+    """Make tasks live as vFMs: slot + registry, ensemble config, then load.
+
+    The registry is written before Triton loads the ensemble, so the host
+    knows the slot before the first request can reach it. Redeploying a task
+    rolls it to VERSION (or the newest) on a fresh slot.
+    """
+    triton = None if offline else _connect(url)
+    try:
+        for name in names:
+            with registry.editing(repo) as reg:
+                entry = reg.task(name)
+                target = version or entry.version
+                if target not in repo_ops.task_versions(repo, name):
+                    raise RegistryError(f"task '{name}' has no version {target}")
+                read_manifest(version_dir(repo, name, target))
+                old_slot = entry.slot if entry.deployed else None
+                entry.slot = reg.allocate_slot(entry.backbone)
+                entry.deployed_version = target
+                repo_ops.write_vfm(repo, entry, reg)
+                host = reg.hosts[entry.backbone].model
+                slot = entry.slot
+            if triton is not None:
+                try:
+                    if not triton.ready(host):
+                        click.echo(f"loading host {host} ...")
+                        triton.load(host)
+                    secs = triton.load(name)
+                except Exception:
+                    # Leave the repository as the server sees it: not deployed.
+                    _forget(repo, name)
+                    raise
+                click.echo(f"deployed {name} v{target} on {host} slot {slot} ({secs * 1000:.0f} ms)")
+            else:
+                click.echo(f"{name} v{target} on {host} slot {slot}: written; 'fmplex serve' will load it")
+            if old_slot is not None and old_slot != slot:
+                click.echo(f"  (slot {old_slot} retired)")
+    finally:
+        if triton is not None:
+            triton.close()
+
+
+def _forget(repo: Path, name: str) -> None:
+    with registry.editing(repo) as reg:
+        entry = reg.tasks.get(name)
+        if entry is not None:
+            entry.slot = entry.deployed_version = None
+    repo_ops.remove_vfm(repo, name)
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--offline", is_flag=True, help="Only update the repository (no server).")
+@repo_option
+@url_option
+@_friendly
+def undeploy(names: tuple[str, ...], offline: bool, repo: Path, url: str) -> None:
+    """Take vFMs out of service; the shared host keeps running.
+
+    Triton unloads the ensemble once its in-flight requests are answered;
+    only then is the slot freed in the registry.
+    """
+    for name in names:
+        _undeploy(name, repo, url, offline)
+        click.echo(f"undeployed {name}")
+
+
+def _undeploy(name: str, repo: Path, url: str, offline: bool) -> None:
+    entry = registry.load(repo).task(name)
+    if not entry.deployed:
+        raise RegistryError(f"task '{name}' is not deployed")
+    if not offline:
+        with _connect(url) as triton:
+            triton.unload(name)
+    _forget(repo, name)
+
+
+def _connect(url: str) -> Any:
+    from .triton_api import Triton  # noqa: PLC0415
+
+    triton = Triton(url)
+    try:
+        triton.require_live()
+    except Exception:
+        triton.close()
+        raise
+    return triton
+
+
+# --- serve ---------------------------------------------------------------------
+
+
+@main.command()
+@repo_option
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--server",
+    "prefer",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "system", "bundled"]),
+    help="auto: a system tritonserver if present, else the one in nvidia-pytriton.",
+)
+@click.option("--torch-threads", type=click.IntRange(1), help="Torch threads per host (default: the host config's, 1).")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the server log here.")
+@click.option("--verbose", is_flag=True, help="Print Triton's log to stdout.")
+@_friendly
+def serve(
+    repo: Path,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    prefer: str,
+    torch_threads: int | None,
+    log_path: Path | None,
+    verbose: bool,
+) -> None:
+    """Run tritonserver on REPO in the foreground (Ctrl-C stops it cleanly).
+
+    Explicit model control: the hosts and every deployed vFM are loaded at
+    start; later deploys load and unload vFMs through the repository API.
+    """
+    from .server import Ports, TritonProcess  # noqa: PLC0415
+    from .triton_api import Triton  # noqa: PLC0415
+
+    reg = registry.load(repo)
+    hosts = [h.model for h in reg.hosts.values()]
+    proc = TritonProcess(
+        repo,
+        Ports(http_port, grpc_port, metrics_port),
+        prefer=prefer,
+        load=hosts,
+        log_path=None if verbose else (log_path or Path(repo).resolve().parent / "fmplex-server.log"),
+        torch_threads=torch_threads,
+        inherit_output=verbose,
+    )
+    click.echo(f"starting {proc.install.kind} tritonserver {proc.install.binary}")
+    click.echo(f"  repository {Path(repo).resolve()}; http :{http_port} grpc :{grpc_port} metrics :{metrics_port}")
+    if proc.log_path:
+        click.echo(f"  log: {proc.log_path}")
+    stop = {"now": False}
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    old = signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    proc.start()
+    try:
+        t0 = time.monotonic()
+        proc.wait_ready(timeout=300)
+        click.echo(f"hosts ready in {time.monotonic() - t0:.1f}s: {', '.join(hosts)}")
+        with Triton(f"127.0.0.1:{grpc_port}") as triton:
+            for entry in sorted(reg.tasks.values(), key=lambda t: t.name):
+                if not entry.deployed:
+                    continue
+                try:
+                    triton.load(entry.name)
+                    click.echo(f"  vFM {entry.name} v{entry.deployed_version} (slot {entry.slot}) ready")
+                except Exception as exc:  # noqa: BLE001 - report and keep serving the others
+                    click.echo(f"  vFM {entry.name} failed to load: {exc}", err=True)
+        click.echo("serving; Ctrl-C to stop")
+        while not stop["now"] and proc.proc is not None and proc.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        click.echo("stopping tritonserver ...")
+        code = proc.stop()
+        signal.signal(signal.SIGINT, old)
+        click.echo(f"tritonserver stopped (exit code {code})")
+
+
+# --- status --------------------------------------------------------------------
+
+
+@main.command()
+@repo_option
+@url_option
+@click.option("--metrics-url", default=None, help="Triton metrics URL (default: same host, port 8002).")
+@_friendly
+def status(repo: Path, url: str, metrics_url: str | None) -> None:
+    """Per-task state, weight, slot, version, requests and latency.
+
+    Counts and latencies are Triton's own statistics of each vFM; queue depth
+    comes from the host's fmplex_* metrics.
+    """
+    from .triton_api import scrape_metrics  # noqa: PLC0415
+
+    reg = registry.load(repo)
+    with _connect(url) as triton:
+        index = triton.index()
+        if metrics_url is None:
+            host = url.rsplit(":", 1)[0]
+            metrics_url = f"http://{host}:8002/metrics"
+        metrics = scrape_metrics(metrics_url)
+        for h in sorted(reg.hosts.values(), key=lambda h: h.model):
+            state = index.get(h.model, {}).get("state", "UNKNOWN")
+            used = len(reg.slot_map(h.backbone))
+            click.echo(f"host {h.model}: {state}, {used}/{h.slots} slots used")
+        click.echo(
+            f"{'TASK':<20} {'STATE':<12} {'VER':>4} {'SLOT':>5} {'WEIGHT':>7} {'QUEUE':>6} {'OK':>8} {'FAIL':>6} {'AVG ms':>8}"
+        )
+        for t in sorted(reg.tasks.values(), key=lambda t: t.name):
+            state = index.get(t.name, {}).get("state", "") or ("NOT LOADED" if t.deployed else "-")
+            st = triton.statistics(t.name) if t.deployed else {}
+            queue = sum(v for (n, labels), v in metrics.items() if n == "fmplex_task_queue_depth" and ("task", t.name) in labels)
+            click.echo(
+                f"{t.name:<20} {state:<12} {t.deployed_version or '-':>4} {t.slot if t.deployed else '-':>5} "
+                f"{t.weight:>7g} {int(queue):>6} {st.get('success', 0):>8} {st.get('fail', 0):>6} {st.get('ms_request', 0.0):>8.2f}"
+            )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

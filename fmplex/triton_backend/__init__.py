@@ -1,0 +1,1 @@
+"""Triton-side components of fmplex (backend, extensions, scheduler)."""

@@ -1,0 +1,256 @@
+"""The physical FM: one Triton model per backbone that every vFM of it shares.
+
+Triton sees a plain non-decoupled Python-backend model (``fm.<backbone>``)
+whose ``execute()`` only validates and enqueues, then returns ``None``; each
+request is answered later through its response sender, with the FINAL flag.
+That lets Triton hand us requests of many vFMs back to back, and our own
+scheduler — not Triton's dynamic batcher — decides what runs together:
+
+    execute():  slot -> task (registry)  ->  validate  ->  scheduler.submit
+    worker:     scheduler.next_batch  ->  executor.run  ->  response senders
+
+Every accepted request gets exactly one final response: its answer, or an
+error if it was refused, expired, failed, or the host is shutting down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from fmplex.backbones import backbone_for_host
+from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, slot_of_output
+from fmplex.registry import Registry, RegistryView, TaskEntry
+from fmplex.artifacts import ArtifactError, version_dir
+
+from .executor import Executor, WorkItem, set_threads
+from .extensions import Extension, load_extension
+from .metrics import HostMetrics
+from .scheduler import Pending, QueueFull, TaskPolicy, make_scheduler
+from .validation import Limits, RequestError, Rows, decode_rows
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """What the scheduler carries for one request (its opaque payload)."""
+
+    request: Any
+    sender: Any
+    entry: TaskEntry
+    slot: int
+    rows: Rows
+    wanted: frozenset[str]
+
+
+def _param(config: dict[str, Any], key: str, default: str) -> str:
+    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+def _error(message: str, code: Any = None) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code if code is not None else pb_utils.TritonError.INVALID_ARG))
+
+
+class TritonPythonModel:
+    # --- lifecycle -------------------------------------------------------------
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        self.spec = backbone_for_host(self.name)
+        self.slots = int(_param(config, "slots", "256"))
+        set_threads(int(os.environ.get("FMPLEX_TORCH_THREADS", _param(config, "torch_threads", "1"))))
+        repo = Path(args["model_repository"]).resolve().parent
+        self.view = RegistryView(Path(_param(config, "repository", str(repo))))
+        self.executor = Executor(self.spec, "cpu")
+        self.limits = Limits(
+            max_rows=int(_param(config, "max_rows_per_request", "256")),
+            max_text_bytes=int(_param(config, "max_text_bytes", "16384")),
+            max_tokens=self.spec.max_tokens,
+            vocab_size=self.executor.vocab_size,
+        )
+        self.scheduler = make_scheduler(
+            _param(config, "policy", "wfq"),
+            max_rows=int(_param(config, "max_batch_rows", "64")),
+            max_tokens=int(_param(config, "max_batch_tokens", "8192")),
+            max_lag=float(_param(config, "max_lag", "4096")),
+            max_queue_delay_s=float(_param(config, "max_queue_delay_us", "0")) / 1e6,
+        )
+        self.extensions: dict[tuple[str, int], Extension] = {}
+        self.metrics = HostMetrics(self.name)
+        self._seen_generation = -1
+        self._cv = threading.Condition()
+        self._running = True
+        self._worker = threading.Thread(target=self._loop, name="fmplex-worker", daemon=True)
+        self._worker.start()
+        pb_utils.Logger.log_info(f"fmplex host {self.name}: {self.slots} slots, backbone {self.spec.name}, pid {os.getpid()}")
+
+    def finalize(self) -> None:
+        """Stop taking work, finish what is queued (bounded), fail the rest."""
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        self._worker.join(timeout=30)
+        with self._cv:
+            left = self.scheduler.drain()
+        for p in left:
+            self._fail(p.payload, "host is shutting down", pb_utils.TritonError.UNAVAILABLE)
+
+    # --- request path ----------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        reg = self.view.current()
+        if reg.generation != self._seen_generation:
+            self._apply_policies(reg)
+        now = time.monotonic()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self._admit(request, sender, reg)
+                timeout_us = request.timeout()
+                tokens = min(job.rows.token_estimate(), self.spec.max_tokens)
+                pending = Pending(
+                    task=job.entry.name,
+                    rows=job.rows.count,
+                    tokens=tokens,
+                    arrival=now,
+                    deadline=now + timeout_us / 1e6 if timeout_us else None,
+                    batch_key=tokens.bit_length(),  # length bucket: rows of similar length pad little
+                    payload=job,
+                )
+                with self._cv:
+                    self.scheduler.submit(pending, now)
+                    self._cv.notify()
+            except RequestError as exc:
+                sender.send(_error(str(exc)), flags=FINAL)
+            except QueueFull as exc:
+                sender.send(_error(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+            except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
+                sender.send(_error(f"internal error: {exc}", pb_utils.TritonError.INTERNAL), flags=FINAL)
+        return None
+
+    def _admit(self, request: Any, sender: Any, reg: Registry) -> Job:
+        wanted = frozenset(request.requested_output_names())
+        slots = {slot_of_output(n) for n in wanted}
+        if not wanted or None in slots or len(slots) != 1:
+            raise RequestError(f"request slot outputs of one task (OUT_<slot>/TXT_<slot>), got {sorted(wanted)}")
+        slot = slots.pop()
+        assert slot is not None
+        if not 0 <= slot < self.slots:
+            raise RequestError(f"slot {slot} is outside this host's {self.slots} slots")
+        entry = reg.slot_map(self.spec.name).get(slot)
+        if entry is None:
+            reg = self.view.current()  # at once on an unknown slot
+            entry = reg.slot_map(self.spec.name).get(slot)
+        if entry is None:
+            raise RequestError(f"no task is deployed on slot {slot} of {self.name}")
+        rows = decode_rows(
+            _input(request, "TEXT"), _input(request, "INPUT_IDS"), _input(request, "ATTENTION_MASK"), self.limits
+        )
+        return Job(request, sender, entry, slot, rows, wanted)
+
+    def _apply_policies(self, reg: Registry) -> None:
+        with self._cv:
+            for entry in reg.tasks.values():
+                if entry.backbone == self.spec.name and entry.deployed:
+                    self.scheduler.set_policy(
+                        entry.name,
+                        TaskPolicy(
+                            weight=entry.weight,
+                            queue_limit=entry.queue_limit,
+                            deadline_s=entry.deadline_ms / 1000.0 if entry.deadline_ms else None,
+                        ),
+                    )
+            self._seen_generation = reg.generation
+
+    # --- worker ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    now = time.monotonic()
+                    expired = self.scheduler.expire(now)
+                    batch = self.scheduler.next_batch(now) if not expired else []
+                    if expired or batch or not self._running:
+                        break
+                    wake = self.scheduler.next_wakeup(now)
+                    self._cv.wait(timeout=None if wake is None else max(0.0, wake - now))
+                stopping = not self._running
+            for p in expired:
+                self._fail(p.payload, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE)
+            if batch:
+                self._run(batch, now)
+            elif stopping and not expired:
+                return
+            self.metrics.maybe_flush(self.scheduler, self._cv)
+
+    def _run(self, batch: list[Pending], started: float) -> None:
+        items: list[WorkItem] = []
+        jobs: list[Job] = []
+        for p in batch:
+            job: Job = p.payload
+            if job.request.is_cancelled():
+                self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED)
+                continue
+            ext, err = self._extension(job.entry)
+            items.append(WorkItem(job.rows, ext, error=err))
+            jobs.append(job)
+        try:
+            report = self.executor.run(items)
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole
+            traceback.print_exc()
+            for job in jobs:
+                self._fail(job, f"batch failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+            return
+        self.metrics.batch(report)
+        for job, item in zip(jobs, items):
+            if item.error is not None or item.result is None:
+                self._fail(job, item.error or "no result", pb_utils.TritonError.INVALID_ARG)
+                continue
+            out, txt = item.result
+            tensors = []
+            if f"{FLOAT_PREFIX}{job.slot}" in job.wanted:
+                tensors.append(pb_utils.Tensor(f"{FLOAT_PREFIX}{job.slot}", np.ascontiguousarray(out)))
+            if f"{TEXT_PREFIX}{job.slot}" in job.wanted:
+                if txt is None:
+                    self._fail(job, f"task '{job.entry.name}' has no text output", pb_utils.TritonError.INVALID_ARG)
+                    continue
+                tensors.append(pb_utils.Tensor(f"{TEXT_PREFIX}{job.slot}", np.asarray(txt, dtype=np.object_)))
+            self._send(job, pb_utils.InferenceResponse(output_tensors=tensors))
+
+    def _extension(self, entry: TaskEntry) -> tuple[Extension | None, str | None]:
+        key = (entry.name, int(entry.deployed_version or entry.version))
+        ext = self.extensions.get(key)
+        if ext is not None:
+            return ext, None
+        try:
+            ext = load_extension(version_dir(self.view.repo, *key), self.spec)
+        except (ArtifactError, OSError) as exc:
+            return None, f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}"
+        # Older versions of the task are no longer routed to: drop them.
+        for old in [k for k in self.extensions if k[0] == entry.name]:
+            del self.extensions[old]
+        self.extensions[key] = ext
+        return ext, None
+
+    def _fail(self, job: Job, message: str, code: Any) -> None:
+        self._send(job, _error(message, code))
+
+    def _send(self, job: Job, response: Any) -> None:
+        try:
+            job.sender.send(response, flags=FINAL)
+        except Exception as exc:  # noqa: BLE001 - e.g. the client went away
+            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{job.entry.name}': {exc}")
+
+
+def _input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

@@ -1,0 +1,95 @@
+"""The host's own Prometheus metrics, beside Triton's per-vFM statistics.
+
+Triton already counts requests and latencies per vFM (each vFM is a model); what
+only the host knows is the scheduler's view — per-task queue depth, served
+rows and cost, refusals — and how well batches mix. Each metric update is an
+IPC message to the server, so the worker pushes accumulated deltas at most
+every ``interval`` seconds instead of per request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+# MetricFamily exists only once the stub runs the model (not while Triton
+# imports model.py to auto-complete its config), so look it up late.
+COUNTER = "COUNTER"
+GAUGE = "GAUGE"
+
+_TASK_COUNTERS = {
+    "served_requests": "fmplex_task_served_requests_total",
+    "served_rows": "fmplex_task_served_rows_total",
+    "served_cost": "fmplex_task_served_cost_total",
+    "rejected_full": "fmplex_task_rejected_queue_full_total",
+    "expired": "fmplex_task_expired_total",
+}
+
+
+class HostMetrics:
+    def __init__(self, host: str, interval: float = 0.25) -> None:
+        self.host = host
+        self.interval = interval
+        self._families: dict[str, Any] = {}
+        self._metrics: dict[tuple[str, str], Any] = {}
+        self._last: dict[tuple[str, str], float] = {}
+        self._next_flush = 0.0
+        self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
+        self._lock = threading.Lock()
+        self._gauge("fmplex_host_initialized_unixtime", "when this host instance loaded its backbone").set(time.time())
+        self._gauge("fmplex_host_pid", "process id of this host instance").set(os.getpid())
+
+    def _family(self, name: str, kind: Any, doc: str) -> Any:
+        fam = self._families.get(name)
+        if fam is None:
+            mf = pb_utils.MetricFamily
+            fam = self._families[name] = mf(name=name, description=doc, kind=getattr(mf, kind))
+        return fam
+
+    def _metric(self, name: str, kind: Any, doc: str, task: str = "") -> Any:
+        key = (name, task)
+        m = self._metrics.get(key)
+        if m is None:
+            labels = {"host": self.host, **({"task": task} if task else {})}
+            m = self._metrics[key] = self._family(name, kind, doc).Metric(labels=labels)
+        return m
+
+    def _gauge(self, name: str, doc: str, task: str = "") -> Any:
+        return self._metric(name, GAUGE, doc, task)
+
+    def batch(self, report: Any) -> None:
+        with self._lock:
+            self._batch["batches"] += 1
+            self._batch["rows"] += report.rows
+            self._batch["padded_tokens"] += report.padded_tokens
+            self._batch["seconds"] += report.seconds
+
+    def maybe_flush(self, scheduler: Any, lock: Any) -> None:
+        now = time.monotonic()
+        if now < self._next_flush:
+            return
+        self._next_flush = now + self.interval
+        with lock:
+            stats = scheduler.stats()
+        tasks = stats.get("tasks", stats)
+        for task, st in tasks.items():
+            if not isinstance(st, dict):
+                continue
+            self._gauge("fmplex_task_queue_depth", "requests queued in the host for this task", task).set(st.get("queued", 0))
+            self._gauge("fmplex_task_weight", "scheduler weight of this task", task).set(st.get("weight", 0))
+            for key, name in _TASK_COUNTERS.items():
+                self._bump(name, task, float(st.get(key, 0)), f"per-task scheduler counter: {key}")
+        with self._lock:
+            batch = dict(self._batch)
+        for key, value in batch.items():
+            self._bump(f"fmplex_batch_{key}_total", "", value, f"host batches: {key}")
+
+    def _bump(self, name: str, task: str, total: float, doc: str) -> None:
+        last = self._last.get((name, task), 0.0)
+        if total > last:
+            self._metric(name, COUNTER, doc, task).increment(total - last)
+            self._last[(name, task)] = total

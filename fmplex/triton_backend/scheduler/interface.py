@@ -1,0 +1,147 @@
+"""Data types and the abstract interface of the fmplex request scheduler.
+
+The scheduler is a pure decision step: the host (the backend's worker loop)
+submits requests, asks for the next batch, and fails whatever the scheduler
+hands back as expired or removed. It imports nothing from Triton, torch or
+numpy and never reads a clock -- every call takes ``now`` in seconds -- so
+policies can be unit tested and simulated on their own.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+ROW_OVERHEAD_TOKENS = 8
+"""Fixed per-row cost (tokens) in the default cost model: every row occupies a
+slot of the forward pass however short it is, so tiny requests are not free."""
+
+
+@dataclass
+class TaskPolicy:
+    """Per-task scheduling policy, set by the control plane at deploy time."""
+
+    weight: float = 1.0  # share of the backbone relative to other tasks; > 0
+    queue_limit: int = 256  # max queued requests; one more raises QueueFull
+    deadline_s: float | None = None  # max queueing time (None = no limit)
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"weight must be a finite number > 0, got {self.weight!r}")
+        if self.queue_limit < 0:
+            raise ValueError(f"queue_limit must be >= 0, got {self.queue_limit!r}")
+        if self.deadline_s is not None and self.deadline_s < 0:
+            raise ValueError(f"deadline_s must be >= 0 or None, got {self.deadline_s!r}")
+
+
+@dataclass(eq=False)  # identity equality/hash: two identical requests are still two requests
+class Pending:
+    """One queued request. The scheduler never looks at ``payload``."""
+
+    task: str
+    rows: int  # rows (sequences) in this request, >= 1
+    tokens: int  # padded length of its longest row, >= 1
+    arrival: float  # submission time (seconds)
+    deadline: float | None = None  # absolute time after which it is failed, not served
+    batch_key: Hashable = None  # equal keys batch well together (e.g. a length bucket)
+    payload: Any = None
+    cost: float = 0.0  # filled at submit by the cost model when 0
+    start_tag: float = 0.0  # filled by the policy at submit
+    finish_tag: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """Limits on one batch handed to the backbone.
+
+    ``max_tokens`` bounds the *padded* volume ``rows_total * max(tokens)``,
+    because the backbone pads every row of a batch to its longest row; that
+    product, not the sum of true lengths, is what costs memory and time.
+
+    ``max_lag`` (virtual-time units, i.e. cost / weight) bounds how far WFQ may
+    depart from strict finish-tag order to build batches that share a
+    ``batch_key``. The default 4096 is half a default batch of padded tokens
+    at weight 1: a weight-1 task can be overtaken by at most that much work
+    from each other task for the sake of batching. 0 = strict order.
+
+    ``max_queue_delay_s`` lets a batch fill: ``next_batch`` returns [] while
+    the oldest queued request is younger than this and the batch is not full.
+    0 (default) is work-conserving.
+    """
+
+    max_rows: int = 64
+    max_tokens: int = 8192
+    max_lag: float = 4096.0
+    max_queue_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or self.max_tokens < 1:
+            raise ValueError("max_rows and max_tokens must be >= 1")
+        if self.max_lag < 0 or self.max_queue_delay_s < 0:
+            raise ValueError("max_lag and max_queue_delay_s must be >= 0")
+
+
+class QueueFull(Exception):
+    """Raised by ``submit`` at once, so the client gets back-pressure instead of
+    an unbounded wait."""
+
+    def __init__(self, task: str, limit: int) -> None:
+        super().__init__(f"task '{task}' queue is full ({limit} requests queued)")
+        self.task = task
+        self.limit = limit
+
+
+CostFn = Callable[[Pending], float]
+
+
+def default_cost(req: Pending) -> float:
+    """Backbone work of a request: its padded tokens plus a fixed per-row cost."""
+    return float(req.rows * (req.tokens + ROW_OVERHEAD_TOKENS))
+
+
+class Scheduler(ABC):
+    """What the host needs from a scheduling policy; every call takes ``now``.
+
+    The host loop is: ``submit`` on arrival (answer QueueFull/ValueError at
+    once); then repeatedly fail ``expire(now)``, run ``next_batch(now)``, and
+    when that is empty sleep until ``next_wakeup(now)`` or the next submit.
+    """
+
+    budget: BatchBudget
+
+    @abstractmethod
+    def set_policy(self, task: str, policy: TaskPolicy) -> None:
+        """Create or update a task's policy; applies to requests submitted after."""
+
+    @abstractmethod
+    def submit(self, req: Pending, now: float) -> None:
+        """Queue ``req``; raise QueueFull if its task is at ``queue_limit``."""
+
+    @abstractmethod
+    def next_batch(self, now: float) -> list[Pending]:
+        """Remove and return the next batch ([] if none should run now)."""
+
+    @abstractmethod
+    def expire(self, now: float) -> list[Pending]:
+        """Remove and return the queued requests whose deadline is <= now."""
+
+    @abstractmethod
+    def next_wakeup(self, now: float) -> float | None:
+        """Earliest time (>= now) something changes by itself; None = never."""
+
+    @abstractmethod
+    def remove_task(self, task: str) -> list[Pending]:
+        """Forget a task (undeploy) and return its queued requests."""
+
+    @abstractmethod
+    def drain(self) -> list[Pending]:
+        """Remove and return everything still owed an answer (shutdown)."""
+
+    @abstractmethod
+    def queued(self, task: str | None = None) -> int:
+        """Queued requests of ``task``, or of all tasks."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, dict]:
+        """``{"tasks": {name: counters}, "global": counters}``."""

@@ -1,0 +1,373 @@
+"""Unit tests of the fmplex request scheduler, driven by a simulated clock."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from fmplex.triton_backend.scheduler import (BatchBudget, FIFOScheduler, Pending, QueueFull,
+                                             Scheduler, TaskPolicy, WFQScheduler, default_cost,
+                                             make_scheduler)
+
+STEP = 0.001  # simulated seconds per batch
+
+
+def rand_req(rng: random.Random, task: str, now: float, **kw) -> Pending:
+    return Pending(task, rows=rng.randint(1, 4), tokens=rng.randint(8, 64), arrival=now, **kw)
+
+
+def top_up(s: Scheduler, rng: random.Random, tasks, depth: int, now: float) -> None:
+    for task in tasks:
+        while s.queued(task) < depth:
+            s.submit(rand_req(rng, task, now), now)
+
+
+def run_saturated(s: Scheduler, rng: random.Random, tasks, batches: int, now: float = 0.0,
+                  depth: int = 32) -> tuple[Counter, float]:
+    """Keep every task in ``tasks`` backlogged; return served cost per task."""
+    served: Counter = Counter()
+    for _ in range(batches):
+        top_up(s, rng, tasks, depth, now)
+        for r in s.next_batch(now):
+            served[r.task] += r.cost
+        now += STEP
+    return served, now
+
+
+def assert_shares(served: Counter, weights: dict[str, float], rel: float = 0.05) -> None:
+    total, wsum = sum(served.values()), sum(weights.values())
+    for task, w in weights.items():
+        want = w / wsum
+        got = served[task] / total
+        assert abs(got - want) <= rel * want, (task, got, want)
+
+
+def check_budget(batch: list[Pending], budget: BatchBudget) -> None:
+    rows = sum(r.rows for r in batch)
+    if len(batch) > 1:
+        assert rows <= budget.max_rows
+        assert rows * max(r.tokens for r in batch) <= budget.max_tokens
+
+
+# 1 ---------------------------------------------------------------------------
+def test_weighted_shares_under_saturation():
+    s = make_scheduler()
+    weights = {"a": 1.0, "b": 2.0, "c": 4.0}
+    for task, w in weights.items():
+        s.set_policy(task, TaskPolicy(weight=w))
+    served, _ = run_saturated(s, random.Random(1), weights, 2000)
+    assert_shares(served, weights)
+    st = s.stats()["tasks"]
+    for task in weights:  # stats agree with what was returned
+        assert st[task]["served_cost"] == pytest.approx(served[task])
+
+
+# 2 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["wfq", "fifo"])
+def test_request_rate_does_not_buy_share(policy):
+    s = make_scheduler(policy, max_rows=16)
+    for task in ("greedy", "polite"):
+        s.set_policy(task, TaskPolicy(queue_limit=100_000))
+    rng, now, served = random.Random(2), 0.0, Counter()
+    for _ in range(1000):  # ~6 requests fit a batch; both send more than their half
+        for _ in range(40):
+            s.submit(rand_req(rng, "greedy", now), now)
+        for _ in range(4):
+            s.submit(rand_req(rng, "polite", now), now)
+        for r in s.next_batch(now):
+            served[r.task] += r.cost
+        now += STEP
+    st = s.stats()["tasks"]
+    assert st["greedy"]["submitted"] == 10 * st["polite"]["submitted"]
+    if policy == "wfq":
+        assert st["polite"]["queued"] > 0  # stayed backlogged throughout
+        assert_shares(served, {"greedy": 1.0, "polite": 1.0})
+    else:  # the baseline is what WFQ fixes: volume wins
+        assert served["greedy"] / sum(served.values()) > 0.85
+
+
+# 3 + 4 -----------------------------------------------------------------------
+def test_idle_task_banks_no_credit():
+    s = make_scheduler()
+    rng = random.Random(3)
+    _, now = run_saturated(s, rng, ["b"], 500)
+    top_up(s, rng, ["a", "b"], 32, now)
+    first = s.next_batch(now)
+    assert any(r.task == "a" for r in first)  # served at once ...
+    served = Counter(r.task for r in first)
+    served_cost, _ = run_saturated(s, rng, ["a", "b"], 200, now + STEP)
+    for r in first:
+        served_cost[r.task] += r.cost
+    # ... but no burst: the next 200 batches split evenly, not mostly to "a".
+    assert abs(served_cost["a"] - served_cost["b"]) <= 0.05 * served_cost["b"]
+    assert served["b"] > 0
+
+
+def test_idle_system_does_not_penalise_the_last_served_task():
+    s = make_scheduler(max_rows=4)
+    s.submit(Pending("a", 4, 200, 0.0), 0.0)  # one big request, served alone
+    assert len(s.next_batch(0.0)) == 1 and s.queued() == 0
+    for _ in range(10):  # system was idle; both return together
+        s.submit(Pending("a", 1, 8, 1.0), 1.0)
+        s.submit(Pending("b", 1, 8, 1.0), 1.0)
+    assert Counter(r.task for r in s.next_batch(1.0)) == {"a": 2, "b": 2}
+
+
+def test_expired_work_is_not_charged_to_the_task():
+    s = make_scheduler(max_rows=4)
+    for _ in range(10):
+        s.submit(Pending("a", 1, 8, 0.0, deadline=0.5), 0.0)
+    assert len(s.expire(0.5)) == 10
+    for _ in range(10):
+        s.submit(Pending("a", 1, 8, 1.0), 1.0)
+        s.submit(Pending("b", 1, 8, 1.0), 1.0)
+    assert Counter(r.task for r in s.next_batch(1.0)) == {"a": 2, "b": 2}
+
+
+@pytest.mark.parametrize("warm_batches", [0, 5])
+def test_new_light_task_served_in_next_batch(warm_batches):
+    s = make_scheduler()
+    s.set_policy("heavy", TaskPolicy(queue_limit=2000))
+    for _ in range(1000):
+        s.submit(Pending("heavy", rows=4, tokens=64, arrival=0.0), 0.0)
+    for i in range(warm_batches):
+        assert s.next_batch(i * STEP)
+    light = Pending("light", rows=1, tokens=8, arrival=0.01)
+    s.submit(light, 0.01)
+    assert light in s.next_batch(0.01)
+
+
+# 5 ---------------------------------------------------------------------------
+def test_queue_full_is_immediate():
+    s = make_scheduler()
+    s.set_policy("t", TaskPolicy(queue_limit=3))
+    for _ in range(3):
+        s.submit(Pending("t", 1, 8, 0.0), 0.0)
+    with pytest.raises(QueueFull, match=r"^task 't' queue is full \(3 requests queued\)$") as e:
+        s.submit(Pending("t", 1, 8, 0.0), 0.0)
+    assert (e.value.task, e.value.limit) == ("t", 3)
+    st = s.stats()["tasks"]["t"]
+    assert (st["rejected_full"], st["submitted"], st["queued"]) == (1, 3, 3)
+    s.next_batch(0.0)
+    s.submit(Pending("t", 1, 8, 0.0), 0.0)  # room again once served
+
+
+def test_invalid_requests_rejected():
+    s = make_scheduler()
+    for rows, tokens in [(0, 8), (1, 0)]:
+        with pytest.raises(ValueError):
+            s.submit(Pending("t", rows, tokens, 0.0), 0.0)
+    with pytest.raises(ValueError):
+        make_scheduler(cost_fn=lambda r: 0.0).submit(Pending("t", 1, 8, 0.0), 0.0)
+    with pytest.raises(ValueError):
+        make_scheduler("lottery")
+    with pytest.raises(ValueError):
+        TaskPolicy(weight=0)
+    assert s.queued() == 0
+
+
+# 6 ---------------------------------------------------------------------------
+def test_deadlines_expire_and_are_never_served():
+    s = make_scheduler()
+    s.set_policy("p", TaskPolicy(deadline_s=1.0))
+    r1 = Pending("a", 1, 8, arrival=0.0, deadline=0.5)
+    r2 = Pending("a", 1, 8, arrival=0.0, deadline=2.0)
+    r3 = Pending("p", 1, 8, arrival=0.2)  # task deadline -> 1.2
+    r4 = Pending("p", 1, 8, arrival=0.1, deadline=0.8)  # own deadline is earlier
+    r5 = Pending("b", 1, 8, arrival=0.0)  # no deadline
+    for r in (r1, r2, r3, r4, r5):
+        s.submit(r, r.arrival)
+    assert s.next_wakeup(0.3) == 0.5
+    assert s.expire(0.49) == []
+    assert s.expire(0.5) == [r1]
+    assert s.next_wakeup(0.5) == 0.8
+    assert s.expire(1.0) == [r4]
+    assert s.next_wakeup(1.0) == pytest.approx(1.2)
+    batch = s.next_batch(1.3)  # r3 expired meanwhile: not served, reported later
+    assert set(batch) == {r2, r5}
+    assert s.next_wakeup(1.3) == 1.3  # an expired request awaits expire()
+    assert s.expire(1.3) == [r3]
+    assert s.next_wakeup(5.0) is None  # r2 was served: its deadline is gone
+    st = s.stats()["tasks"]
+    assert (st["a"]["expired"], st["p"]["expired"], st["b"]["expired"]) == (1, 2, 0)
+
+
+# 7 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["wfq", "fifo"])
+def test_batches_respect_budget(policy):
+    budget = dict(max_rows=32, max_tokens=2048, max_lag=500.0)
+    s = make_scheduler(policy, **budget)
+    rng, now, sizes = random.Random(7), 0.0, Counter()
+    for _ in range(1500):
+        for task in "abcd":
+            while s.queued(task) < 8:
+                s.submit(Pending(task, rng.randint(1, 8), rng.choice([16, 32, 64, 128]), now,
+                                 batch_key=rng.choice("xy")), now)
+        batch = s.next_batch(now)
+        assert batch
+        check_budget(batch, s.budget)
+        sizes[len(batch)] += 1
+        now += STEP
+    assert len(sizes) > 3  # the property ran over varied batches
+
+
+def test_oversized_request_served_alone():
+    s = make_scheduler(max_rows=16, max_tokens=1024)
+    rng = random.Random(8)
+    huge = [Pending("big", rows=20, tokens=8, arrival=0.0),  # too many rows
+            Pending("big", rows=2, tokens=1000, arrival=0.0)]  # too much volume
+    for r in huge:
+        s.submit(r, 0.0)
+    seen = []
+    for i in range(200):
+        top_up(s, rng, ["small"], 16, i * STEP)
+        batch = s.next_batch(i * STEP)
+        check_budget(batch, s.budget)
+        seen += [(r, len(batch)) for r in batch if r in huge]
+    assert [r for r, _ in seen] == huge and all(n == 1 for _, n in seen)
+
+
+def keyed_setup(max_lag: float) -> Scheduler:
+    """Two tasks, each its own length bucket, submitted interleaved."""
+    s = make_scheduler(max_rows=16, max_tokens=100_000, max_lag=max_lag)
+    for _ in range(100):
+        s.submit(Pending("a", 1, 16, 0.0, batch_key="short"), 0.0)  # cost 24
+        s.submit(Pending("b", 1, 64, 0.0, batch_key="long"), 0.0)  # cost 72
+    return s
+
+
+def test_batch_key_preference_within_lag():
+    s = keyed_setup(max_lag=10_000.0)
+    cost = Counter()
+    for i in range(8):
+        batch = s.next_batch(i * STEP)
+        assert len(batch) == 16
+        assert len({r.batch_key for r in batch}) == 1  # homogeneous
+        for r in batch:
+            cost[r.task] += r.cost
+        # ... yet fair: the tasks stay within about one batch of each other.
+        assert abs(cost["a"] - cost["b"]) <= 16 * 72 + 16 * 24
+    assert cost["a"] and cost["b"]
+
+
+def test_zero_lag_is_strict_finish_order():
+    s = keyed_setup(max_lag=0.0)
+    queued = sorted((r for t in ("a", "b") for r in s._tasks[t].queue),
+                    key=lambda r: r.finish_tag)
+    batch = s.next_batch(0.0)
+    assert batch == queued[:16]
+    assert len({r.batch_key for r in batch}) == 2  # mixed: no reordering for batching
+
+
+def test_blocked_task_keeps_fifo_and_others_fill():
+    s = make_scheduler(max_rows=8, max_tokens=10_000)
+    r_a1, r_a2 = Pending("a", 4, 8, 0.0), Pending("a", 6, 8, 0.0)
+    smalls = [Pending("b", 1, 8, 0.0) for _ in range(4)]
+    s.submit(r_a1, 0.0)
+    s.submit(r_a2, 0.0)
+    for r in smalls:
+        s.submit(r, 0.0)
+    batch = s.next_batch(0.0)
+    assert r_a1 in batch and r_a2 not in batch  # a2 does not fit after a1 ...
+    assert sum(r.rows for r in batch) == 8  # ... but b's requests fill the room
+
+
+# 8 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["wfq", "fifo"])
+def test_every_request_answered_exactly_once(policy):
+    s = make_scheduler(policy, max_rows=16, max_tokens=1024, max_queue_delay_s=0.002)
+    rng, now = random.Random(11), 0.0
+    submitted, answered = [], Counter()
+    for task in "abcde":
+        s.set_policy(task, TaskPolicy(weight=rng.choice([1, 2, 3]), queue_limit=20,
+                                      deadline_s=rng.choice([None, 0.01, 0.05])))
+    for step in range(3000):
+        op = rng.random()
+        task = rng.choice("abcdef")
+        if op < 0.6:
+            r = rand_req(rng, task, now, deadline=rng.choice([None, now + rng.random() * 0.03]))
+            try:
+                s.submit(r, now)
+                submitted.append(r)
+            except QueueFull:
+                pass
+        elif op < 0.85:
+            batch = s.next_batch(now)
+            check_budget(batch, s.budget)
+            answered.update(id(r) for r in batch)
+        elif op < 0.97:
+            answered.update(id(r) for r in s.expire(now))
+        else:
+            answered.update(id(r) for r in s.remove_task(task))
+        if step % 500 == 0:  # counters conserved per task
+            for st in s.stats()["tasks"].values():
+                assert st["submitted"] == (st["served_requests"] + st["expired"]
+                                           + st["removed"] + st["queued"])
+        now += rng.random() * 0.002
+    answered.update(id(r) for r in s.drain())
+    assert s.queued() == 0 and s.next_batch(now) == [] and s.expire(now + 10) == []
+    assert set(answered) == {id(r) for r in submitted}
+    assert all(n == 1 for n in answered.values())
+
+
+# 9 ---------------------------------------------------------------------------
+def test_weight_change_applies_to_new_submissions():
+    s = make_scheduler()
+    rng = random.Random(9)
+    _, now = run_saturated(s, rng, ["a", "b"], 200)
+    queued_before = [(r, r.finish_tag) for r in s._tasks["a"].queue]
+    s.set_policy("a", TaskPolicy(weight=3.0))
+    assert all(r.finish_tag == tag for r, tag in queued_before)  # queued keep their tags
+    new = Pending("a", 2, 16, now)
+    s.submit(new, now)
+    assert new.finish_tag - new.start_tag == pytest.approx(new.cost / 3.0)
+    _, now = run_saturated(s, rng, ["a", "b"], 100, now)  # old tags drain out
+    served, _ = run_saturated(s, rng, ["a", "b"], 1500, now)
+    assert_shares(served, {"a": 3.0, "b": 1.0})
+    assert s.stats()["tasks"]["a"]["weight"] == 3.0
+
+
+# 10 --------------------------------------------------------------------------
+def test_fifo_serves_in_arrival_order_regardless_of_weights():
+    s = make_scheduler("fifo", max_rows=8)
+    assert isinstance(s, FIFOScheduler)
+    s.set_policy("heavy", TaskPolicy(weight=100.0))
+    rng = random.Random(10)
+    order = []
+    for i in range(300):
+        r = Pending(rng.choice(["light", "heavy", "other"]), rng.randint(1, 3), 16, i * 1e-4)
+        s.submit(r, r.arrival)
+        order.append(r)
+    served = []
+    while s.queued():
+        served += s.next_batch(1.0)
+    assert served == order
+    assert isinstance(make_scheduler(), WFQScheduler)
+
+
+# 11 --------------------------------------------------------------------------
+def test_max_queue_delay_waits_for_a_fuller_batch():
+    s = make_scheduler(max_rows=8, max_queue_delay_s=0.005)
+    r1 = Pending("a", 2, 16, arrival=1.0)
+    s.submit(r1, 1.0)
+    assert s.next_batch(1.0) == []
+    assert s.next_wakeup(1.0) == pytest.approx(1.005)
+    r2 = Pending("b", 2, 16, arrival=1.003)
+    s.submit(r2, 1.003)
+    assert s.next_batch(1.004) == []  # oldest still younger than the delay
+    assert s.next_wakeup(1.004) == pytest.approx(1.005)  # measured from the oldest
+    assert s.next_batch(1.005) == [r1, r2]
+    assert s.next_wakeup(1.005) is None
+    # A full batch goes at once, without waiting.
+    for _ in range(5):
+        s.submit(Pending("a", 2, 16, arrival=2.0), 2.0)
+    assert sum(r.rows for r in s.next_batch(2.0)) == 8
+
+
+def test_default_cost_model():
+    assert default_cost(Pending("t", rows=3, tokens=10, arrival=0.0)) == 3 * (10 + 8)
+    s = make_scheduler(cost_fn=lambda r: 5.0)
+    r = Pending("t", 1, 8, 0.0)
+    s.submit(r, 0.0)
+    assert (r.cost, r.finish_tag) == (5.0, 5.0)
