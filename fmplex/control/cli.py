@@ -412,52 +412,39 @@ def serve(
     Explicit model control: the hosts and every deployed vFM are loaded at
     start; later deploys load and unload vFMs through the repository API.
     """
-    from .server import Ports, TritonProcess  # noqa: PLC0415
-    from .triton_api import Triton  # noqa: PLC0415
+    from . import serving  # noqa: PLC0415
+    from .server import Ports  # noqa: PLC0415
 
-    reg = registry.load(repo)
-    hosts = [h.model for h in reg.hosts.values()]
-    proc = TritonProcess(
-        repo,
-        Ports(http_port, grpc_port, metrics_port),
-        prefer=prefer,
-        load=hosts,
-        log_path=None if verbose else (log_path or Path(repo).resolve().parent / "fmplex-server.log"),
-        torch_threads=torch_threads,
-        inherit_output=verbose,
-    )
-    click.echo(f"starting {proc.install.kind} tritonserver {proc.install.binary}")
-    click.echo(f"  repository {Path(repo).resolve()}; http :{http_port} grpc :{grpc_port} metrics :{metrics_port}")
-    if proc.log_path:
-        click.echo(f"  log: {proc.log_path}")
+    log = None if verbose else (log_path or Path(repo).resolve().parent / "fmplex-server.log")
+    click.echo(f"starting tritonserver on {Path(repo).resolve()}: http :{http_port} grpc :{grpc_port} metrics :{metrics_port}")
+    if log:
+        click.echo(f"  log: {log}")
     stop = {"now": False}
 
     def _interrupt(signum: int, frame: Any) -> None:
         stop["now"] = True
 
-    old = signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    proc.start()
+    t0 = time.monotonic()
+    proc = serving.start(  # Ctrl-C while starting: KeyboardInterrupt stops the server
+        repo,
+        Ports(http_port, grpc_port, metrics_port),
+        prefer=prefer,
+        log_path=log,
+        torch_threads=torch_threads,
+        inherit_output=verbose,
+        echo=click.echo,
+    )
+    old = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _interrupt)
     try:
-        t0 = time.monotonic()
-        proc.wait_ready(timeout=300)
-        click.echo(f"hosts ready in {time.monotonic() - t0:.1f}s: {', '.join(hosts)}")
-        with Triton(f"127.0.0.1:{grpc_port}") as triton:
-            for entry in sorted(reg.tasks.values(), key=lambda t: t.name):
-                if not entry.deployed:
-                    continue
-                try:
-                    triton.load(entry.name)
-                    click.echo(f"  vFM {entry.name} v{entry.deployed_version} (slot {entry.slot}) ready")
-                except Exception as exc:  # noqa: BLE001 - report and keep serving the others
-                    click.echo(f"  vFM {entry.name} failed to load: {exc}", err=True)
+        click.echo(f"{proc.install.kind} tritonserver {proc.install.binary} up in {time.monotonic() - t0:.1f}s")
         click.echo("serving; Ctrl-C to stop")
         while not stop["now"] and proc.proc is not None and proc.proc.poll() is None:
             time.sleep(0.2)
     finally:
         click.echo("stopping tritonserver ...")
         code = proc.stop()
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
         click.echo(f"tritonserver stopped (exit code {code})")
 
 

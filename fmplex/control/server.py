@@ -256,3 +256,19 @@ class TritonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_ports() -> Ports:
+    """Three distinct free TCP ports (tests and the demo run side by side)."""
+    import socket  # noqa: PLC0415
+
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return Ports(*(s.getsockname()[1] for s in socks))
+    finally:
+        for s in socks:
+            s.close()

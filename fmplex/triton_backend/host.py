@@ -132,6 +132,7 @@ class TritonPythonModel:
             except RequestError as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
             except QueueFull as exc:
+                self.metrics.touch()
                 sender.send(_error(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
                 sender.send(_error(f"internal error: {exc}", pb_utils.TritonError.INTERNAL), flags=FINAL)
@@ -182,8 +183,15 @@ class TritonPythonModel:
                     if expired or batch or not self._running:
                         break
                     wake = self.scheduler.next_wakeup(now)
+                    flush = self.metrics.flush_due()  # idle hosts still publish their last batches
+                    if flush is not None and (wake is None or flush < wake):
+                        wake = flush
                     self._cv.wait(timeout=None if wake is None else max(0.0, wake - now))
+                    if flush is not None and time.monotonic() >= flush:
+                        break
                 stopping = not self._running
+            if expired:
+                self.metrics.touch()
             for p in expired:
                 self._fail(p.payload, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE)
             if batch:

@@ -38,6 +38,7 @@ class HostMetrics:
         self._metrics: dict[tuple[str, str], Any] = {}
         self._last: dict[tuple[str, str], float] = {}
         self._next_flush = 0.0
+        self._dirty = False
         self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
         self._lock = threading.Lock()
         self._gauge("fmplex_host_initialized_unixtime", "when this host instance loaded its backbone").set(time.time())
@@ -61,7 +62,16 @@ class HostMetrics:
     def _gauge(self, name: str, doc: str, task: str = "") -> Any:
         return self._metric(name, GAUGE, doc, task)
 
+    def flush_due(self) -> float | None:
+        """When unpublished counts must go out (None: nothing new)."""
+        return self._next_flush if self._dirty else None
+
+    def touch(self) -> None:
+        """Something changed that the next flush should publish."""
+        self._dirty = True
+
     def batch(self, report: Any) -> None:
+        self._dirty = True
         with self._lock:
             self._batch["batches"] += 1
             self._batch["rows"] += report.rows
@@ -73,6 +83,7 @@ class HostMetrics:
         if now < self._next_flush:
             return
         self._next_flush = now + self.interval
+        self._dirty = False
         with lock:
             stats = scheduler.stats()
         tasks = stats.get("tasks", stats)

@@ -1,0 +1,59 @@
+"""Bringing a repository up: server, hosts, then every deployed vFM.
+
+Shared by ``fmplex serve``, the demo and the end-to-end tests, so that all
+three start fmplex the same way. Hosts are loaded at server start (the
+backbone takes seconds); vFMs are loaded one by one through the repository
+API afterwards, so one broken task is reported and skipped instead of
+stopping the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from fmplex import registry
+
+from .server import Ports, TritonProcess
+from .triton_api import Triton
+
+
+def start(
+    repo: Path,
+    ports: Ports,
+    *,
+    prefer: str = "auto",
+    log_path: Path | None = None,
+    torch_threads: int | None = None,
+    inherit_output: bool = False,
+    ready_timeout: float = 300.0,
+    echo: Callable[[str], None] = lambda _msg: None,
+) -> TritonProcess:
+    """Start tritonserver on ``repo`` and load what the registry says is deployed."""
+    reg = registry.load(repo)
+    proc = TritonProcess(
+        repo,
+        ports,
+        prefer=prefer,
+        load=[h.model for h in reg.hosts.values()],
+        log_path=log_path,
+        torch_threads=torch_threads,
+        inherit_output=inherit_output,
+    )
+    proc.start()
+    try:
+        proc.wait_ready(timeout=ready_timeout)
+        echo(f"hosts ready: {', '.join(h.model for h in reg.hosts.values())}")
+        with Triton(f"127.0.0.1:{ports.grpc}") as triton:
+            for entry in sorted(reg.tasks.values(), key=lambda t: t.name):
+                if not entry.deployed:
+                    continue
+                try:
+                    triton.load(entry.name)
+                    echo(f"  vFM {entry.name} v{entry.deployed_version} ({entry.kind}, slot {entry.slot}) ready")
+                except Exception as exc:  # noqa: BLE001 - report and keep serving the others
+                    echo(f"  vFM {entry.name} failed to load: {exc}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc

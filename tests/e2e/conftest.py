@@ -1,0 +1,100 @@
+"""A real tritonserver on a copy of the embedded repository, shared by the e2e tests.
+
+One server per test session (the backbone takes seconds to load on 2 cores);
+tests that change state (deploys, weights) put it back. Ports are picked free
+so parallel runs do not collide; the server is always stopped at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from fmplex.control import serving
+from fmplex.control.server import Ports, TritonProcess, free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED = ROOT / "model_repository"
+FMPLEX = str(Path(sys.executable).parent / "fmplex")
+
+
+@dataclasses.dataclass
+class Server:
+    proc: TritonProcess
+    repo: Path
+    ports: Ports
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of one fmplex metric over the series matching ``labels``."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def host_loads(self) -> int:
+        """How often Triton started loading the backbone host (from its own log)."""
+        return self.log.read_text(errors="replace").count('loading: fm.minilm:1"')
+
+    def cli(self, *args: str) -> list[str]:
+        return [FMPLEX, *args, "--repo", str(self.repo)]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    work = tmp_path_factory.mktemp("e2e")
+    repo = work / "repo"
+    shutil.copytree(EMBEDDED, repo)
+    ports = free_ports()
+    log = work / "tritonserver.log"
+    proc = serving.start(repo, ports, log_path=log)
+    try:
+        yield Server(proc, repo, ports, log)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpclient.InferenceServerClient]:
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=60, connection_timeout=10)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def grpc(server: Server) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def text_input(mod: object, texts: list[str] | list[bytes], dtype: str = "BYTES") -> object:
+    arr = np.array([t if isinstance(t, bytes) else t.encode("utf-8") for t in texts], dtype=object)
+    inp = mod.InferInput("TEXT", list(arr.shape), dtype)  # type: ignore[attr-defined]
+    inp.set_data_from_numpy(arr)
+    return inp
