@@ -62,6 +62,6 @@ def get_kind(name: str) -> KindSpec:
 def slot_of_output(name: str) -> int | None:
     """Slot number encoded in a host output name (``OUT_17`` -> 17)."""
     for prefix in (FLOAT_PREFIX, TEXT_PREFIX):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
+        if name.startswith(prefix) and name[len(prefix):].isascii() and name[len(prefix):].isdigit():
             return int(name[len(prefix):])
     return None

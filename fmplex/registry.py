@@ -41,7 +41,7 @@ def check_task_name(name: str) -> str:
     Task names become directory and Triton model names; anything else could
     escape the repository or collide with a host (hosts are ``fm.<backbone>``).
     """
-    if not _NAME.match(name or ""):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RegistryError(
             f"invalid task name {name!r}: use 1-63 letters, digits, '_' or '-', starting with a letter or digit"
         )
@@ -113,8 +113,9 @@ class Registry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Registry":
-        if data.get("format") != FORMAT:
-            raise RegistryError(f"not an fmplex registry (format {data.get('format')!r}, expected {FORMAT!r})")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RegistryError(f"not an fmplex registry (format {got!r}, expected {FORMAT!r})")
         return cls(
             hosts={k: HostEntry(**v) for k, v in data.get("hosts", {}).items()},
             tasks={k: TaskEntry(**v) for k, v in data.get("tasks", {}).items()},
@@ -143,6 +144,7 @@ def save(repo: Path, reg: Registry) -> None:
     path = registry_path(repo)
     fd, tmp = tempfile.mkstemp(prefix=".registry-", dir=str(path.parent))
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the server may run as another user
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(reg.to_json(), fh, indent=2, sort_keys=True)
             fh.write("\n")

@@ -34,6 +34,7 @@ CONFIG = "config.pbtxt"
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".cfg-", dir=str(path.parent))
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; the server may run as another user
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -38,7 +38,7 @@ class FitReport:
 def read_labelled_csv(path: Path) -> tuple[list[str], list[str]]:
     """(texts, labels) from a CSV with columns text,label (header optional)."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
             rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     except FileNotFoundError:
         raise TrainError(f"training file {path} does not exist") from None
@@ -48,10 +48,12 @@ def read_labelled_csv(path: Path) -> tuple[list[str], list[str]]:
         rows = rows[1:]
     texts, labels = [], []
     for n, row in enumerate(rows, start=1):
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+        if len(row) != 2:
             raise TrainError(
                 f"{path}: row {n} has {len(row)} columns; each row needs exactly text,label (quote texts that contain commas)"
             )
+        if not row[0].strip() or not row[1].strip():
+            raise TrainError(f"{path}: row {n} has an empty {'text' if not row[0].strip() else 'label'}")
         texts.append(row[0].strip())
         labels.append(row[1].strip())
     if len(set(labels)) < 2:

@@ -39,13 +39,14 @@ class Rows:
     def token_estimate(self) -> int:
         """Longest row in tokens: exact for ids, an upper-bound guess for text.
 
-        A WordPiece token is rarely shorter than 2 bytes of English; the guess
-        only feeds the scheduler's cost model and batch budget — the real
-        length is checked after the batched tokenization.
+        WordPiece splits punctuation and contractions into their own tokens,
+        so short chatty English runs up to one token per 2 bytes; the guess
+        (bytes/2 + 2 special tokens) only feeds the scheduler's cost model and
+        batch budget — the real length is checked after batched tokenization.
         """
         if self.ids is not None:
             return max(len(r) for r in self.ids)
-        return max(min(len(t.encode("utf-8")) // 3 + 3, 10**6) for t in self.texts or [""])
+        return max(len(t.encode("utf-8")) // 2 + 3 for t in self.texts or [""])
 
 
 def decode_text(arr: np.ndarray, limits: Limits) -> list[str]:
