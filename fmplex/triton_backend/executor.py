@@ -27,6 +27,7 @@ class WorkItem:
     extension: Extension | None
     result: tuple[np.ndarray, np.ndarray | None] | None = None
     error: str | None = None
+    client_fault: bool = False  # the request was bad (vs. the task or the host failing)
     tokens: list[np.ndarray] | None = None
 
 
@@ -67,6 +68,7 @@ class Executor:
         for item in items:
             longest = max((len(t) for t in item.tokens or []), default=0)
             if longest > self.spec.max_tokens:
+                item.client_fault = True
                 item.error = f"input has {longest} tokens, more than the backbone's limit of {self.spec.max_tokens}"
 
     @torch.inference_mode()

@@ -51,6 +51,7 @@ class Job:
     slot: int
     rows: Rows
     wanted: frozenset[str]
+    answered: bool = False
 
 
 def _param(config: dict[str, Any], key: str, default: str) -> str:
@@ -195,12 +196,21 @@ class TritonPythonModel:
             for p in expired:
                 self._fail(p.payload, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE)
             if batch:
-                self._run(batch, now)
+                try:
+                    self._run(batch)
+                except Exception as exc:  # noqa: BLE001 - the worker must survive any batch
+                    traceback.print_exc()
+                    for p in batch:
+                        if not p.payload.answered:
+                            self._fail(p.payload, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
             elif stopping and not expired:
                 return
-            self.metrics.maybe_flush(self.scheduler, self._cv)
+            try:
+                self.metrics.maybe_flush(self.scheduler, self._cv)
+            except Exception:  # noqa: BLE001 - metrics are best effort
+                traceback.print_exc()
 
-    def _run(self, batch: list[Pending], started: float) -> None:
+    def _run(self, batch: list[Pending]) -> None:
         items: list[WorkItem] = []
         jobs: list[Job] = []
         for p in batch:
@@ -221,7 +231,8 @@ class TritonPythonModel:
         self.metrics.batch(report)
         for job, item in zip(jobs, items):
             if item.error is not None or item.result is None:
-                self._fail(job, item.error or "no result", pb_utils.TritonError.INVALID_ARG)
+                code = pb_utils.TritonError.INVALID_ARG if item.client_fault else pb_utils.TritonError.INTERNAL
+                self._fail(job, item.error or "no result", code)
                 continue
             out, txt = item.result
             tensors = []
@@ -253,6 +264,7 @@ class TritonPythonModel:
         self._send(job, _error(message, code))
 
     def _send(self, job: Job, response: Any) -> None:
+        job.answered = True
         try:
             job.sender.send(response, flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - e.g. the client went away
