@@ -60,6 +60,13 @@ class TaskEntry:
     deployed_version: int | None = None
     slot: int | None = None
     description: str = ""
+    family: str = ""  # embedding | classifier | token (public outputs); "" = derived from kind
+
+    @property
+    def outputs_family(self) -> str:
+        if self.family:
+            return self.family
+        return "classifier" if self.kind == "classifier" else "embedding"
 
     @property
     def deployed(self) -> bool:

@@ -20,7 +20,7 @@ import click
 from fmplex import registry
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
 from fmplex.backbones import BACKBONES, get_backbone
-from fmplex.kinds import KINDS, get_kind
+from fmplex.kinds import KINDS, family_of, get_kind, outputs_of
 from fmplex.registry import RegistryError, TaskEntry
 
 from . import repository as repo_ops
@@ -36,11 +36,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from .server import ServerError  # noqa: PLC0415
         from .train import TrainError  # noqa: PLC0415
+        from .importers import SourceError  # noqa: PLC0415
         from .triton_api import ControlError  # noqa: PLC0415
 
         try:
             return fn(*args, **kwargs)
-        except (RegistryError, ArtifactError, ControlError, ServerError, TrainError, KeyError, FileNotFoundError) as exc:
+        except (RegistryError, ArtifactError, ControlError, ServerError, TrainError, SourceError, KeyError, FileNotFoundError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.ClickException(str(msg)) from None
         except ImportError as exc:
@@ -123,13 +124,30 @@ def task() -> None:
 @task.command("create")
 @click.argument("name")
 @click.option("--backbone", default="minilm", show_default=True, type=click.Choice(sorted(BACKBONES)))
-@click.option("--kind", default="classifier", show_default=True, type=click.Choice(sorted(KINDS)), help="Task kind.")
+@click.option(
+    "--kind",
+    default="classifier",
+    show_default=True,
+    type=click.Choice(list(KINDS)),
+    help="Task kind: " + "; ".join(f"{k.name}: {k.summary}" for k in KINDS.values()) + ".",
+)
+@click.option(
+    "--source",
+    type=click.Path(path_type=Path),
+    help="What to import: a PEFT adapter dir (lora, prompt), an adapter .safetensors (adapter), "
+    "a transformers checkpoint dir (fork), an .onnx file (onnx).",
+)
 @click.option(
     "--train",
     "train_csv",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Labelled CSV (text,label) to fit a classifier head on.",
+    help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, adapter, prompt).",
 )
+@click.option("--labels", help="Comma-separated labels of an ONNX classifier or token head.")
+@click.option("--onnx-input", type=click.Choice(["pooled", "hidden"]), default="pooled", show_default=True,
+              help="ONNX head input: the pooled sentence vector [rows, hidden] or token states + mask.")
+@click.option("--onnx-family", type=click.Choice(["classifier", "embedding", "token"]), default="classifier",
+              show_default=True, help="What an ONNX head returns (which public outputs the vFM has).")
 @click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(min=0.001), help="Fair-share weight.")
 @click.option("--queue-limit", default=256, show_default=True, type=click.IntRange(1), help="Max queued requests.")
 @click.option("--deadline-ms", type=click.FloatRange(min=0.1), help="Fail requests queued longer than this.")
@@ -140,7 +158,11 @@ def task_create(
     name: str,
     backbone: str,
     kind: str,
+    source: Path | None,
     train_csv: Path | None,
+    labels: str | None,
+    onnx_input: str,
+    onnx_family: str,
     weight: float,
     queue_limit: int,
     deadline_ms: float | None,
@@ -149,49 +171,82 @@ def task_create(
 ) -> None:
     """Build a task (a new version if NAME exists) and store its artifact.
 
-    A classifier is fitted on the backbone's embeddings of --train; an
-    embedding task needs no data. The artifact (manifest.json +
-    weights.safetensors) goes to REPO/NAME/<version>/. Deploy it with
-    'fmplex deploy NAME'.
+    \b
+    embedding   nothing to give:         fmplex task create vec --kind embedding
+    classifier  --train data.csv:        fmplex task create mood --train mood.csv
+    lora        --source PEFT_DIR        [--train data.csv for a linear head]
+    prompt      --source PEFT_DIR        [--train data.csv]
+    adapter     --source adapter.safetensors [--train data.csv]
+    fork        --source CHECKPOINT_DIR  (a fine-tuned BertModel / ...ForSequenceClassification /
+                                          ...ForTokenClassification of the same backbone)
+    onnx        --source head.onnx --labels a,b [--onnx-input hidden] [--onnx-family token]
+
+    The artifact (manifest.json, weights.safetensors, files) goes to
+    REPO/NAME/<version>/. Deploy it with 'fmplex deploy NAME'.
     """
+    from . import importers  # noqa: PLC0415
     from . import train as trainer  # noqa: PLC0415 - torch-heavy
 
     registry.check_task_name(name)
-    get_backbone(backbone)
-    get_kind(kind)
+    spec = get_backbone(backbone)
     reg = registry.load(repo)
     if backbone not in reg.hosts:
         raise RegistryError(f"repository {repo} has no host for '{backbone}' (run 'fmplex init --backbone {backbone}')")
     existing = reg.tasks.get(name)
     if existing is not None and (existing.backbone != backbone or existing.kind != kind):
-        raise RegistryError(
-            f"task '{name}' exists as {existing.kind} on {existing.backbone}: delete it or pick another name"
-        )
+        raise RegistryError(f"task '{name}' exists as {existing.kind} on {existing.backbone}: delete it or pick another name")
+    if kind in importers.IMPORTERS and source is None:
+        raise click.UsageError(f"a {kind} task needs --source ({get_kind(kind).source})")
+    if kind not in importers.IMPORTERS and source is not None:
+        raise click.UsageError(f"--source is not used by {kind} tasks")
+    if kind == "classifier" and train_csv is None:
+        raise click.UsageError("a classifier needs --train data.csv (columns: text,label)")
+    if train_csv is not None and kind in ("embedding", "fork", "onnx"):
+        raise click.UsageError(f"--train fits a linear head; {'use --kind classifier' if kind == 'embedding' else f'{kind} tasks bring their own head'}")
+    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family}
+    built = importers.build(kind, source, spec, options, click.echo) if source is not None else importers.Built()
+    fields = {"head": {"type": "embedding"}, **built.manifest}
+    tensors = dict(built.tensors)
     version = max(repo_ops.task_versions(repo, name) + [0]) + 1
-    head = report = None
-    if kind == "classifier":
-        if train_csv is None:
-            raise click.UsageError("a classifier needs --train data.csv (columns: text,label)")
-        texts, labels = trainer.read_labelled_csv(train_csv)
+    if train_csv is not None:
+        from fmplex.triton_backend.executor import Executor  # noqa: PLC0415
+        from fmplex.triton_backend.extensions import extension_class  # noqa: PLC0415
+
+        texts, labs = trainer.read_labelled_csv(train_csv)
+        executor = Executor(spec)
+        ext = None
+        if kind != "classifier":  # fit the head on the task's own features
+            ext = extension_class(kind)({**fields, "kind": kind, "backbone": backbone, "task": name}, tensors, spec, config=executor.config)
         with click.progressbar(length=len(texts), label="embedding", file=sys.stderr) as bar:
-            head, report = trainer.train_classifier(backbone, texts, labels, echo=lambda m: None, progress=bar.update)
+            head, report = trainer.train_classifier(backbone, texts, labs, echo=lambda m: None, progress=bar.update, extension=ext, executor=executor)
         if report.holdout_accuracy is not None:
             click.echo(f"held-out accuracy (80/20 split): {report.holdout_accuracy:.3f}")
         click.echo(f"training accuracy: {report.train_accuracy:.3f} ({report.rows} rows, labels: {', '.join(report.labels)})")
-    elif train_csv is not None:
-        raise click.UsageError(f"--train is for classifiers; a {kind} task has nothing to fit")
+        head_fields, head_tensors = trainer.head_fields(head, report)
+        fields.update(head_fields)
+        tensors.update(head_tensors)
     out = version_dir(repo, name, version)
-    source = f"trained on {train_csv.name}" if train_csv else "backbone embedding"
-    trainer.build_artifact(out, name, version, backbone, kind, head, report, source)
+    where = f"trained on {train_csv.name}" if train_csv else ""
+    src = ", ".join(x for x in (f"imported from {source}" if source else "", where) if x) or "backbone embedding"
+    manifest = trainer.write_artifact(out, name, version, backbone, kind, fields, tensors, built.files, src)
+    try:  # the host will load it exactly like this: refuse now what it would refuse then
+        from transformers import AutoConfig  # noqa: PLC0415
+
+        from fmplex.triton_backend.extensions import load_extension  # noqa: PLC0415
+
+        ext = load_extension(out, spec, config=AutoConfig.from_pretrained(str(spec.locate()), local_files_only=True))
+    except Exception:
+        repo_ops.delete_version(repo, name, version)
+        raise
+    family = family_of(manifest)
     with registry.editing(repo) as reg:
         entry = reg.tasks.get(name)
         if entry is None:
-            reg.tasks[name] = TaskEntry(
-                name, backbone, kind, version, weight, queue_limit, deadline_ms, description=description
-            )
+            reg.tasks[name] = TaskEntry(name, backbone, kind, version, weight, queue_limit, deadline_ms, description=description, family=family)
         else:
             entry.version = version
-    click.echo(f"task {name} v{version} ({kind} on {backbone}) stored in {out}")
+            entry.family = family
+    click.echo(f"task {name} v{version} ({kind} on {backbone}, {family} outputs, {ext.nbytes / 1024:.1f} KiB) stored in {out}")
 
 
 @task.command("list")
@@ -227,7 +282,7 @@ def task_show(name: str, repo: Path) -> None:
     if entry.description:
         click.echo(f"description: {entry.description}")
     manifest = read_manifest(version_dir(repo, name, entry.deployed_version or entry.version))
-    click.echo(f"outputs:     {', '.join(o.name for o in get_kind(entry.kind).outputs)}")
+    click.echo(f"outputs:     {', '.join(o.name for o in outputs_of(entry.outputs_family))}")
     if "labels" in manifest:
         click.echo(f"labels:      {', '.join(manifest['labels'])}")
     if "training" in manifest:

@@ -25,7 +25,7 @@ from pathlib import Path
 from fmplex import registry
 from fmplex.artifacts import read_manifest, version_dir
 from fmplex.backbones import get_backbone
-from fmplex.kinds import FLOAT_PREFIX, HOST_INPUTS, TEXT_PREFIX, get_kind
+from fmplex.kinds import HOST_INPUTS, SLOT_OUTPUTS, outputs_of
 from fmplex.registry import HostEntry, Registry, RegistryError, TaskEntry
 
 CONFIG = "config.pbtxt"
@@ -48,10 +48,9 @@ def _inputs(optional: bool) -> str:
 
 def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: int = 1) -> str:
     spec = get_backbone(backbone)
-    outs = []
-    for k in range(slots):
-        outs.append(f'  {{ name: "{FLOAT_PREFIX}{k}" data_type: TYPE_FP32 dims: [ -1, -1 ] }}')
-        outs.append(f'  {{ name: "{TEXT_PREFIX}{k}" data_type: TYPE_STRING dims: [ -1 ] }}')
+    outs = [
+        f'  {{ name: "{prefix}{k}" data_type: {dtype} dims: {dims} }}' for k in range(slots) for prefix, dtype, dims in SLOT_OUTPUTS
+    ]
     params = {
         "slots": slots,
         "torch_threads": torch_threads,
@@ -67,7 +66,7 @@ def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: in
     param_text = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""# fmplex host (physical FM) for backbone '{backbone}': {spec.description}.
 # Written once by 'fmplex init'; editing anything under this directory reloads the backbone.
-# Slot pool: {slots} slots. Slot k answers on outputs {FLOAT_PREFIX}k (FP32) and {TEXT_PREFIX}k (BYTES);
+# Slot pool: {slots} slots. Slot k answers on outputs OUT_k (FP32), TXT_k (BYTES) and TOK_k (FP32 per token);
 # the registry (../{registry.REGISTRY_FILE}) says which task owns each slot.
 # execute() only enqueues: the fmplex scheduler batches rows of all tasks together.
 name: "{spec.host_model}"
@@ -86,11 +85,9 @@ instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
 
 def vfm_config(entry: TaskEntry, host_model: str) -> str:
     assert entry.slot is not None and entry.deployed_version is not None
-    kind = get_kind(entry.kind)
-    outputs = ",\n".join(f'  {{ name: "{o.name}" data_type: {o.data_type} dims: {o.dims} }}' for o in kind.outputs)
-    maps = "\n".join(
-        f'      output_map {{ key: "{o.host_prefix}{entry.slot}" value: "{o.name}" }}' for o in kind.outputs
-    )
+    public = outputs_of(entry.outputs_family)
+    outputs = ",\n".join(f'  {{ name: "{o.name}" data_type: {o.data_type} dims: {o.dims} }}' for o in public)
+    maps = "\n".join(f'      output_map {{ key: "{o.host_prefix}{entry.slot}" value: "{o.name}" }}' for o in public)
     inmaps = "\n".join(f'      input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in HOST_INPUTS)
     return f"""# fmplex vFM '{entry.name}' ({entry.kind}) v{entry.deployed_version} on host {host_model}, slot {entry.slot}.
 # Written by 'fmplex deploy'. An ensemble costs no process: requests go straight to the shared host.
@@ -159,6 +156,15 @@ def write_vfm(repo: Path, entry: TaskEntry, reg: Registry) -> Path:
 
 def remove_vfm(repo: Path, name: str) -> None:
     (Path(repo) / name / CONFIG).unlink(missing_ok=True)
+
+
+def delete_version(repo: Path, name: str, version: int) -> None:
+    """Remove one version directory (a build that failed its checks)."""
+    registry.check_task_name(name)
+    shutil.rmtree(version_dir(repo, name, version), ignore_errors=True)
+    tdir = Path(repo) / name
+    if tdir.is_dir() and not any(tdir.iterdir()):
+        tdir.rmdir()
 
 
 def delete_task_files(repo: Path, name: str) -> None:

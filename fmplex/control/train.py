@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -79,15 +79,26 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-3
 
 
 def train_classifier(
-    backbone: str, texts: list[str], labels: list[str], echo: Echo, progress: Callable[[int], None] | None = None
+    backbone: str,
+    texts: list[str],
+    labels: list[str],
+    echo: Echo,
+    progress: Callable[[int], None] | None = None,
+    extension: Any = None,
+    executor: Any = None,
 ) -> tuple[torch.nn.Linear, FitReport]:
+    """Fit a linear head on the pooled vectors of the backbone — with the
+    task's own body (LoRA, adapter, prompt) applied when ``extension`` is given."""
     from fmplex.triton_backend.executor import Executor, set_threads  # noqa: PLC0415 - torch-heavy
 
     set_threads(1)
     names = sorted(set(labels))
     y = torch.tensor([names.index(lab) for lab in labels])
     echo(f"embedding {len(texts)} rows with backbone '{backbone}'")
-    x = Executor(get_backbone(backbone)).embed(texts, progress=progress)
+    executor = executor or Executor(get_backbone(backbone))
+    with torch.inference_mode():
+        x = executor.embed(texts, progress=progress, extension=extension)
+    x = x.clone()  # leave inference mode: the head is fitted with autograd
     holdout = None
     if len(texts) >= 20:
         # A fixed 80/20 split tells the user whether the head generalises,
@@ -107,9 +118,20 @@ def train_classifier(
     return head, FitReport(len(texts), names, acc, holdout, 100)
 
 
-def build_artifact(
-    out_dir: Path, task: str, version: int, backbone: str, kind: str, head: torch.nn.Linear | None, report: FitReport | None, source: str
-) -> None:
+def write_artifact(
+    out_dir: Path,
+    task: str,
+    version: int,
+    backbone: str,
+    kind: str,
+    fields: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    files: dict[str, Path],
+    source: str,
+) -> dict[str, Any]:
+    """manifest.json + weights.safetensors (+ copied files) in a version dir."""
+    import shutil  # noqa: PLC0415
+
     manifest = {
         "task": task,
         "version": version,
@@ -117,14 +139,26 @@ def build_artifact(
         "backbone": backbone,
         "backbone_fingerprint": fingerprint(backbone),
         "source": source,
+        **fields,
     }
-    if report is not None:
-        manifest["labels"] = report.labels
-        manifest["training"] = {
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tensors:
+        write_weights(out_dir, tensors)
+    for name, src in files.items():
+        shutil.copyfile(src, out_dir / name)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def head_fields(head: torch.nn.Linear, report: FitReport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest fields and tensors of a fitted linear head."""
+    fields = {
+        "head": {"type": "linear"},
+        "labels": report.labels,
+        "training": {
             "rows": report.rows,
             "train_accuracy": round(report.train_accuracy, 4),
             "holdout_accuracy": None if report.holdout_accuracy is None else round(report.holdout_accuracy, 4),
-        }
-    if head is not None:
-        write_weights(out_dir, {"head.weight": head.weight.detach(), "head.bias": head.bias.detach()})
-    write_manifest(out_dir, manifest)
+        },
+    }
+    return fields, {"head.weight": head.weight.detach(), "head.bias": head.bias.detach()}

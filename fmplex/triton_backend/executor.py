@@ -3,8 +3,15 @@
 The executor knows torch and the backbone but nothing of Triton or of
 scheduling: it gets work items (one per request), fills in each one's result
 or error, and never raises for a single bad item. Rows of all tasks go through
-the backbone in one padded forward pass (inter-task batching); then the rows
-of each task go through its extension together (intra-task batching).
+the backbone in one padded forward pass (inter-task batching), with each
+task's body applied to its own rows only:
+
+- soft prompts: the row's input embeddings are ``[prompt ; tokens]``;
+- LoRA / adapters: per-row deltas inside the shared Linears (:mod:`.segments`);
+- forks: below a task's fork point its rows run the shared layers, above it
+  the task's own copies, all rows of that task together (intra-task batching).
+
+Then each task's head runs once on all of its rows.
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any
+
 import numpy as np
 import torch
+from transformers.masking_utils import create_bidirectional_mask
 
-from fmplex.backbones import BackboneSpec, load_backbone, pool
+from fmplex.backbones import BackboneSpec, load_backbone
 
-from .extensions import Extension
+from . import segments
+from .extensions import Extension, SlotOutputs
 from .validation import Rows
 
 
@@ -25,7 +35,7 @@ from .validation import Rows
 class WorkItem:
     rows: Rows
     extension: Extension | None
-    result: tuple[np.ndarray, np.ndarray | None] | None = None
+    result: SlotOutputs | None = None
     error: str | None = None
     client_fault: bool = False  # the request was bad (vs. the task or the host failing)
     tokens: list[np.ndarray] | None = None
@@ -44,8 +54,11 @@ class Executor:
         self.spec = spec
         self.device = torch.device(device)
         self.tokenizer, self.model = load_backbone(spec.name, device)
+        self.config = self.model.config
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.vocab_size = int(self.model.config.vocab_size)
+        self.vocab_size = int(self.config.vocab_size)
+        self.ctx = segments.SegmentContext()
+        self.targets = segments.install(self.model, self.ctx)
 
     # --- steps ---------------------------------------------------------------
     def tokenize(self, items: list[WorkItem]) -> None:
@@ -54,17 +67,15 @@ class Executor:
         owners: list[WorkItem] = []
         for item in items:
             if item.rows.texts is not None:
+                item.tokens = []
                 texts.extend(item.rows.texts)
                 owners.extend([item] * len(item.rows.texts))
             else:
                 item.tokens = list(item.rows.ids or [])
-        if not texts:
-            return
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
-        for item in {id(o): o for o in owners}.values():
-            item.tokens = []
-        for owner, ids in zip(owners, enc):
-            owner.tokens.append(np.asarray(ids, dtype=np.int64))  # type: ignore[union-attr]
+        if texts:
+            enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
+            for owner, ids in zip(owners, enc):
+                owner.tokens.append(np.asarray(ids, dtype=np.int64))  # type: ignore[union-attr]
         for item in items:
             longest = max((len(t) for t in item.tokens or []), default=0)
             if longest > self.spec.max_tokens:
@@ -72,29 +83,70 @@ class Executor:
                 item.error = f"input has {longest} tokens, more than the backbone's limit of {self.spec.max_tokens}"
 
     @torch.inference_mode()
-    def encode(self, rows: list[np.ndarray]) -> torch.Tensor:
-        """Pooled sentence vectors for token-id rows, padded to the longest."""
-        length = max(len(r) for r in rows)
+    def forward(self, rows: list[np.ndarray], owners: list[Extension | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [rows, length, hidden] and mask of one shared pass.
+
+        Row i is ``[prompt of owners[i] ; rows[i]]``, right-padded to the
+        longest; positions count from 0 at the first prompt vector, as PEFT's
+        prompt tuning does.
+        """
+        prompts = [0 if o is None else o.prompt_len for o in owners]
+        total = [p + len(r) for p, r in zip(prompts, rows)]
+        length = max(total)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.from_numpy(r)
-            mask[i, : len(r)] = 1
+            ids[i, prompts[i] : total[i]] = torch.from_numpy(r)
+            mask[i, : total[i]] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        return pool(self.spec, hidden, mask)
+        embeds = self.model.embeddings.word_embeddings(ids)
+        for i, o in enumerate(owners):
+            if prompts[i]:
+                embeds[i, : prompts[i]] = o.prompt  # type: ignore[union-attr]
+        hidden = self.model.embeddings(inputs_embeds=embeds, token_type_ids=torch.zeros_like(ids))
+        forks = sorted({o.fork_point for o in owners if o is not None and o.fork_point is not None})
+        everyone = torch.arange(len(rows), device=self.device)
+        for j, layer in enumerate(self.model.encoder.layer):
+            forked = [o is not None and o.fork_point is not None and o.fork_point <= j for o in owners]
+            if not any(forked) or not forks:
+                hidden = self._layer(layer, hidden, mask, owners)
+                continue
+            shared = everyone[~torch.tensor(forked)]
+            out = torch.empty_like(hidden)
+            if len(shared):
+                out[shared] = self._layer(layer, hidden[shared], mask[shared], [owners[int(i)] for i in shared])
+            for ext, idx in _groups(owners, forked, self.device):
+                own = ext.fork_layers[j - ext.fork_point]
+                out[idx] = self._layer(own, hidden[idx], mask[idx], [None] * len(idx))
+            hidden = out
+        return hidden, mask
 
-    def embed(self, texts: list[str], batch_size: int = 32, progress: Any = None) -> torch.Tensor:
-        """Pooled vectors of many texts, truncated to the token limit.
+    def _layer(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor, owners: list[Any]) -> torch.Tensor:
+        self.ctx.set_rows(owners)
+        attn = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        out = layer(hidden, attn)
+        return out[0] if isinstance(out, tuple) else out
+
+    def encode(self, rows: list[np.ndarray], extension: Extension | None = None) -> torch.Tensor:
+        """Pooled sentence vectors of token-id rows (one task, or the plain backbone)."""
+        from fmplex.backbones import pool  # noqa: PLC0415
+
+        hidden, mask = self.forward(rows, [extension] * len(rows))
+        p = 0 if extension is None else extension.prompt_len
+        return pool(self.spec, hidden[:, p:], mask[:, p:])
+
+    def embed(self, texts: list[str], batch_size: int = 32, progress: Any = None, extension: Extension | None = None) -> torch.Tensor:
+        """Pooled vectors of many texts (truncated to the token limit).
 
         The control plane fits task heads on exactly what the host computes,
         so it uses this same path rather than its own copy of the pooling.
         """
         out = []
+        limit = self.spec.max_tokens - (0 if extension is None else extension.prompt_len)
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
-            enc = self.tokenizer(chunk, truncation=True, max_length=self.spec.max_tokens, padding=False)["input_ids"]
-            out.append(self.encode([np.asarray(e, dtype=np.int64) for e in enc]))
+            enc = self.tokenizer(chunk, truncation=True, max_length=limit, padding=False)["input_ids"]
+            out.append(self.encode([np.asarray(e, dtype=np.int64) for e in enc], extension))
             if progress is not None:
                 progress(len(chunk))
         return torch.cat(out) if out else torch.zeros((0, self.spec.hidden_size))
@@ -103,10 +155,20 @@ class Executor:
         t0 = time.perf_counter()
         self.tokenize(items)
         live = [it for it in items if it.error is None and it.extension is not None]
+        for it in live:
+            longest = max(len(t) for t in it.tokens or [])
+            if longest + it.extension.prompt_len > self.spec.max_tokens:  # type: ignore[union-attr]
+                it.client_fault = True
+                it.error = (
+                    f"input has {longest} tokens; with this task's {it.extension.prompt_len} prompt vectors "  # type: ignore[union-attr]
+                    f"that is more than the backbone's limit of {self.spec.max_tokens}"
+                )
+        live = [it for it in live if it.error is None]
         if not live:
             return BatchReport(0, 0, 0, time.perf_counter() - t0)
         rows = [r for it in live for r in it.tokens or []]
-        pooled = self.encode(rows)
+        owners = [it.extension for it in live for _ in it.tokens or []]
+        hidden, mask = self.forward(rows, owners)
         # Segments: each item's row range in the batch, grouped by extension.
         groups: dict[int, list[tuple[WorkItem, int, int]]] = {}
         start = 0
@@ -115,20 +177,23 @@ class Executor:
             groups.setdefault(id(it.extension), []).append((it, start, start + n))
             start += n
         for segs in groups.values():
-            self._apply(segs, pooled)
-        padded = len(rows) * max(len(r) for r in rows)
-        return BatchReport(len(rows), padded, len(groups), time.perf_counter() - t0)
+            self._apply(segs, hidden, mask)
+        return BatchReport(len(rows), int(hidden.shape[0] * hidden.shape[1]), len(groups), time.perf_counter() - t0)
 
     @staticmethod
-    def _apply(segs: list[tuple[WorkItem, int, int]], pooled: torch.Tensor) -> None:
-        """One extension call for all rows of one task; its failure is its own."""
+    def _apply(segs: list[tuple[WorkItem, int, int]], hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        """One head call for all rows of one task; its failure is its own."""
         ext = segs[0][0].extension
         assert ext is not None
-        index = torch.tensor([i for _, a, b in segs for i in range(a, b)], dtype=torch.long, device=pooled.device)
+        index = torch.tensor([i for _, a, b in segs for i in range(a, b)], dtype=torch.long, device=hidden.device)
+        h, m = hidden.index_select(0, index), mask.index_select(0, index)
+        p = ext.prompt_len
         try:
-            out, txt = ext.outputs(pooled.index_select(0, index))
-            if not np.isfinite(out).all():
-                raise FloatingPointError("extension produced NaN or Inf")
+            with torch.inference_mode():
+                res = ext.outputs(h[:, p:], m[:, p:], h[:, 0])
+            for arr in [res.out, *(res.tok or [])]:
+                if arr is not None and not np.isfinite(arr).all():
+                    raise FloatingPointError("extension produced NaN or Inf")
         except Exception as exc:  # noqa: BLE001 - any task fault stays with the task
             for it, _, _ in segs:
                 it.error = f"task extension failed: {type(exc).__name__}: {exc}"
@@ -136,8 +201,21 @@ class Executor:
         pos = 0
         for it, a, b in segs:
             n = b - a
-            it.result = (out[pos : pos + n], None if txt is None else txt[pos : pos + n])
+            it.result = SlotOutputs(
+                out=None if res.out is None else res.out[pos : pos + n],
+                txt=None if res.txt is None else res.txt[pos : pos + n],
+                tok=None if res.tok is None else res.tok[pos : pos + n],
+            )
             pos += n
+
+
+def _groups(owners: list[Any], forked: list[bool], device: torch.device) -> list[tuple[Any, torch.Tensor]]:
+    """Rows of each forked extension, together (intra-task batching)."""
+    out: dict[int, tuple[Any, list[int]]] = {}
+    for i, (o, f) in enumerate(zip(owners, forked)):
+        if f:
+            out.setdefault(id(o), (o, []))[1].append(i)
+    return [(o, torch.tensor(rows, dtype=torch.long, device=device)) for o, rows in out.values()]
 
 
 def set_threads(n: int) -> None:
@@ -148,3 +226,12 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already set in this process
+
+
+def pad_tokens(rows: list[np.ndarray]) -> np.ndarray:
+    """Per-token outputs of one request as one array [rows, longest, d], zero-padded."""
+    longest = max(r.shape[0] for r in rows)
+    out = np.zeros((len(rows), longest, rows[0].shape[1]), dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out

@@ -28,11 +28,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fmplex.backbones import backbone_for_host
-from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, slot_of_output
+from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, TOKEN_PREFIX, slot_of_output
 from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.artifacts import ArtifactError, version_dir
 
-from .executor import Executor, WorkItem, set_threads
+from .executor import Executor, WorkItem, pad_tokens, set_threads
 from .extensions import Extension, load_extension
 from .metrics import HostMetrics
 from .scheduler import Pending, QueueFull, TaskPolicy, make_scheduler
@@ -234,15 +234,23 @@ class TritonPythonModel:
                 code = pb_utils.TritonError.INVALID_ARG if item.client_fault else pb_utils.TritonError.INTERNAL
                 self._fail(job, item.error or "no result", code)
                 continue
-            out, txt = item.result
-            tensors = []
-            if f"{FLOAT_PREFIX}{job.slot}" in job.wanted:
-                tensors.append(pb_utils.Tensor(f"{FLOAT_PREFIX}{job.slot}", np.ascontiguousarray(out)))
-            if f"{TEXT_PREFIX}{job.slot}" in job.wanted:
-                if txt is None:
-                    self._fail(job, f"task '{job.entry.name}' has no text output", pb_utils.TritonError.INVALID_ARG)
-                    continue
-                tensors.append(pb_utils.Tensor(f"{TEXT_PREFIX}{job.slot}", np.asarray(txt, dtype=np.object_)))
+            res = item.result
+            produced = {
+                FLOAT_PREFIX: None if res.out is None else np.ascontiguousarray(res.out),
+                TEXT_PREFIX: None if res.txt is None else np.asarray(res.txt, dtype=np.object_),
+                TOKEN_PREFIX: None if res.tok is None else pad_tokens(res.tok),
+            }
+            tensors, missing = [], []
+            for prefix, value in produced.items():
+                name = f"{prefix}{job.slot}"
+                if name in job.wanted:
+                    if value is None:
+                        missing.append(name)
+                    else:
+                        tensors.append(pb_utils.Tensor(name, value))
+            if missing:
+                self._fail(job, f"task '{job.entry.name}' does not produce {', '.join(missing)}", pb_utils.TritonError.INVALID_ARG)
+                continue
             self._send(job, pb_utils.InferenceResponse(output_tensors=tensors))
 
     def _extension(self, entry: TaskEntry) -> tuple[Extension | None, str | None]:
@@ -251,7 +259,7 @@ class TritonPythonModel:
         if ext is not None:
             return ext, None
         try:
-            ext = load_extension(version_dir(self.view.repo, *key), self.spec)
+            ext = load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config)
         except (ArtifactError, OSError) as exc:
             return None, f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}"
         # Older versions of the task are no longer routed to: drop them.

@@ -63,7 +63,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_task_lifecycle_in_the_repository(repo: Path, data: Path) -> None:
     out = run("task", "create", "mood", "--repo", str(repo), "--train", str(data), "--weight", "3")
-    assert "task mood v1 (classifier on minilm)" in out.stdout
+    assert "task mood v1 (classifier on minilm, classifier outputs" in out.stdout
     assert "training accuracy: 1.000" in out.stdout
     manifest = json.loads((repo / "mood" / "1" / "manifest.json").read_text())
     assert manifest["labels"] == ["happy", "sad"] and manifest["kind"] == "classifier"

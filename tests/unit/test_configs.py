@@ -11,7 +11,7 @@ from fmplex import registry as R
 from fmplex.artifacts import ArtifactError, version_dir, write_manifest
 from fmplex.control import repository as repo_mod
 from fmplex.control.repository import host_config, init_repository, vfm_config, write_vfm
-from fmplex.kinds import HOST_INPUTS, KINDS, get_kind, slot_of_output
+from fmplex.kinds import HOST_INPUTS, OUTPUT_SETS, outputs_of, slot_of_output
 from fmplex.registry import TaskEntry
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -47,13 +47,15 @@ def test_host_config_parses_and_has_slot_outputs(slots):
     assert cfg.backend == "fmplex"
     assert cfg.max_batch_size == 0
     names = [o.name for o in cfg.output]
-    assert len(names) == 2 * slots
-    assert len(set(names)) == 2 * slots
-    assert set(names) == {f"OUT_{k}" for k in range(slots)} | {f"TXT_{k}" for k in range(slots)}
+    assert len(names) == 3 * slots
+    assert len(set(names)) == 3 * slots
+    assert set(names) == {f"{p}_{k}" for k in range(slots) for p in ("OUT", "TXT", "TOK")}
     types = {o.name: o.data_type for o in cfg.output}
+    dims = {o.name: list(o.dims) for o in cfg.output}
     for k in range(slots):
         assert types[f"OUT_{k}"] == model_config_pb2.TYPE_FP32
         assert types[f"TXT_{k}"] == model_config_pb2.TYPE_STRING
+        assert types[f"TOK_{k}"] == model_config_pb2.TYPE_FP32 and dims[f"TOK_{k}"] == [-1, -1, -1]
     assert params(cfg)["slots"] == str(slots)
 
 
@@ -80,9 +82,9 @@ def test_host_config_unknown_backbone():
 
 # --- vFM config ------------------------------------------------------------------------------------------
 
-def entry(name="sentiment", kind="classifier", slot=17, deployed_version=3, version=4) -> TaskEntry:
+def entry(name="sentiment", kind="classifier", slot=17, deployed_version=3, version=4, family="") -> TaskEntry:
     return TaskEntry(name=name, backbone="minilm", kind=kind, version=version,
-                     deployed_version=deployed_version, slot=slot)
+                     deployed_version=deployed_version, slot=slot, family=family)
 
 
 def step_of(cfg):
@@ -112,15 +114,15 @@ def test_vfm_embedding_maps_slot_output():
     assert [o.name for o in cfg.output] == ["EMBEDDING"]
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_vfm_inputs_and_input_map(kind):
-    cfg = parse(vfm_config(entry(kind=kind, slot=5), "fm.minilm"))
+@pytest.mark.parametrize("family", sorted(OUTPUT_SETS))
+def test_vfm_inputs_and_input_map(family):
+    cfg = parse(vfm_config(entry(kind="lora", slot=5, family=family), "fm.minilm"))
     assert [i.name for i in cfg.input] == [n for n, _, _ in HOST_INPUTS]
     assert all(i.optional for i in cfg.input)
     assert dict(step_of(cfg).input_map) == {n: n for n, _, _ in HOST_INPUTS}
     # every public output is produced by exactly one host output of the task's own slot
     om = dict(step_of(cfg).output_map)
-    assert sorted(om.values()) == sorted(o.name for o in get_kind(kind).outputs)
+    assert sorted(om.values()) == sorted(o.name for o in outputs_of(family))
     assert all(slot_of_output(k) == 5 for k in om)
 
 
@@ -135,9 +137,15 @@ def test_vfm_step_uses_given_host():
     assert step_of(cfg).model_name == "fm.other"
 
 
-def test_vfm_config_unknown_kind():
-    with pytest.raises(KeyError, match="unknown task kind"):
-        vfm_config(entry(kind="regressor"), "fm.minilm")
+def test_vfm_token_family_maps_token_output():
+    cfg = parse(vfm_config(entry(kind="fork", slot=9, family="token"), "fm.minilm"))
+    assert dict(step_of(cfg).output_map) == {"TOK_9": "TOKEN_LOGITS"}
+    assert [list(o.dims) for o in cfg.output] == [[-1, -1, -1]]
+
+
+def test_vfm_config_unknown_family():
+    with pytest.raises(KeyError, match="unknown output family"):
+        vfm_config(entry(kind="lora", family="regressor"), "fm.minilm")
 
 
 # --- repository init / write_vfm ------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def test_init_repository_creates_layout(tmp_path):
     assert (repo / "fm.minilm" / "1").is_dir()
     assert R.registry_path(repo).is_file()
     cfg = parse((repo / "fm.minilm" / "config.pbtxt").read_text(encoding="utf-8"))
-    assert len(cfg.output) == 8
+    assert len(cfg.output) == 12  # OUT_k, TXT_k, TOK_k for 4 slots
     assert reg.hosts["minilm"].model == "fm.minilm"
     assert reg.hosts["minilm"].slots == 4
     loaded = R.load(repo)

@@ -1,18 +1,18 @@
 """The interface every task extension implements.
 
-An extension is what turns shared backbone states into one task's answer. The
-executor hands it only the rows of its own task (intra-task batching), already
-pooled by the shared forward pass (inter-task batching), and gets back the two
-slot outputs: a float matrix and, for kinds that name things, one text per row.
-One small module per kind, like LoRAX's adapters: weights live here, batch
-metadata (which rows belong to whom) stays with the executor.
+A task = an optional change to the shared backbone's forward pass (its *body*:
+LoRA deltas, bottleneck adapters, a soft prompt, forked top layers) plus a
+*head* that turns hidden states into the task's answer. The executor runs the
+shared forward once for all rows of a batch and asks each extension only for
+the parts that apply to its own rows (LoRAX-style segments): weights live
+here, batch metadata (which rows belong to whom) stays with the executor.
+One small module per kind; :mod:`.heads` holds the heads they share.
 """
 
 from __future__ import annotations
 
-import abc
-from pathlib import Path
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -20,32 +20,67 @@ import torch
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec
 
+from .heads import Head, make_head
 
-class Extension(abc.ABC):
-    kind: ClassVar[str]
+# delta(x, y) -> what to add to y = base(x) for this task's rows of one Linear.
+LinearDelta = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> None:
+
+@dataclasses.dataclass
+class SlotOutputs:
+    """A group of rows' answers: float matrix, one text per row, per-token floats."""
+
+    out: np.ndarray | None = None  # [rows, d]
+    txt: np.ndarray | None = None  # [rows] of bytes
+    tok: list[np.ndarray] | None = None  # per row [tokens_i, d]
+
+
+class Extension:
+    kind: ClassVar[str] = ""
+
+    # Body: what this task changes in the shared forward (defaults: nothing).
+    prompt: torch.Tensor | None = None  # [virtual tokens, hidden] prepended to the input embeddings
+    fork_point: int | None = None  # layers >= fork_point are the task's own copies
+    fork_layers: list[torch.nn.Module]
+
+    def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: BackboneSpec, **context: Any) -> None:
         self.manifest = manifest
         self.spec = spec
         self.tensors = tensors
-        self.check(tensors)
+        self.where = f"task '{manifest.get('task', '?')}'"
+        self.deltas: dict[str, LinearDelta] = {}
+        self.fork_layers = []
+        self.load_body(tensors, **context)
+        self.head: Head = make_head(manifest, tensors, spec, self.where, **context)
 
-    def check(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Refuse weights that do not fit the backbone (at load, not per request)."""
+    def load_body(self, tensors: dict[str, torch.Tensor], **context: Any) -> None:
+        """Build the body from the artifact; raise ArtifactError if it does not fit."""
 
-    @abc.abstractmethod
-    def outputs(self, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(float output [rows, d], text output [rows] of bytes or None)."""
+    @property
+    def prompt_len(self) -> int:
+        return 0 if self.prompt is None else int(self.prompt.shape[0])
+
+    def outputs(self, hidden: torch.Tensor, mask: torch.Tensor, first: torch.Tensor) -> SlotOutputs:
+        """Answers for this task's rows: ``hidden``/``mask`` cover the input
+        tokens only (soft-prompt positions removed); ``first`` is the state at
+        position 0 of the full sequence (what a BERT pooler reads)."""
+        return self.head(hidden, mask, first)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    @staticmethod
-    def require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...], where: Path | str) -> torch.Tensor:
-        t = tensors.get(name)
-        if t is None:
-            raise ArtifactError(f"{where}: tensor '{name}' missing")
-        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-            raise ArtifactError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
-        return t.float()
+    def require(self, name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+        return require(self.tensors, name, shape, self.where)
+
+
+def require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...], where: str) -> torch.Tensor:
+    """A tensor of the artifact with the shape the backbone needs, as fp32."""
+    t = tensors.get(name)
+    if t is None:
+        raise ArtifactError(f"{where}: tensor '{name}' missing")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise ArtifactError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"{where}: tensor '{name}' holds NaN or Inf")
+    return t.float()
