@@ -61,6 +61,7 @@ class TaskEntry:
     slot: int | None = None
     description: str = ""
     family: str = ""  # embedding | classifier | token (public outputs); "" = derived from kind
+    pinned: bool = False  # keep its extension resident whatever the host's memory budget
 
     @property
     def outputs_family(self) -> str:

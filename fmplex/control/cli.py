@@ -314,6 +314,42 @@ def task_set_weight(name: str, weight: float, queue_limit: int | None, deadline_
     click.echo(f"task {name}: weight {old:g} -> {weight:g}")
 
 
+@task.command("pin")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Unpin instead.")
+@repo_option
+@_friendly
+def task_pin(name: str, off: bool, repo: Path) -> None:
+    """Keep a task's extension resident whatever the host's memory budget.
+
+    Unpinned extensions are evicted least-recently-used first when the host's
+    extension_budget_mb is exceeded, and reloaded on their next request.
+    """
+    with registry.editing(repo) as reg:
+        reg.task(name).pinned = not off
+    click.echo(f"task {name}: {'unpinned' if off else 'pinned'}")
+
+
+@task.command("export-onnx")
+@click.argument("name")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@repo_option
+@_friendly
+def task_export_onnx(name: str, out: Path, repo: Path) -> None:
+    """Export a classifier task's linear head to ONNX (input: pooled [rows, hidden]).
+
+    The file can be served again as an 'onnx' task:
+    fmplex task create NAME2 --kind onnx --source OUT --labels ...
+    """
+    from .export_onnx import export_task  # noqa: PLC0415
+
+    try:
+        path = export_task(repo, name, out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {name} head to {path}")
+
+
 @task.command("delete")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Undeploy first if it is deployed.")
@@ -530,17 +566,36 @@ def status(repo: Path, url: str, metrics_url: str | None) -> None:
             state = index.get(h.model, {}).get("state", "UNKNOWN")
             used = len(reg.slot_map(h.backbone))
             click.echo(f"host {h.model}: {state}, {used}/{h.slots} slots used")
+        def metric(name: str, task: str) -> float:
+            return sum(v for (n, labels), v in metrics.items() if n == name and ("task", task) in labels)
+
         click.echo(
-            f"{'TASK':<20} {'STATE':<12} {'VER':>4} {'SLOT':>5} {'WEIGHT':>7} {'QUEUE':>6} {'OK':>8} {'FAIL':>6} {'AVG ms':>8}"
+            f"{'TASK':<20} {'KIND':<10} {'STATE':<12} {'VER':>4} {'SLOT':>5} {'WEIGHT':>7} {'QUEUE':>6} {'OK':>8} {'FAIL':>6} {'AVG ms':>8} {'EXT KiB':>9}"
         )
         for t in sorted(reg.tasks.values(), key=lambda t: t.name):
             state = index.get(t.name, {}).get("state", "") or ("NOT LOADED" if t.deployed else "-")
             st = triton.statistics(t.name) if t.deployed else {}
-            queue = sum(v for (n, labels), v in metrics.items() if n == "fmplex_task_queue_depth" and ("task", t.name) in labels)
+            queue = metric("fmplex_task_queue_depth", t.name)
+            ext = metric("fmplex_task_extension_bytes", t.name)
+            ext_text = f"{ext / 1024:.1f}" if ext else f"({_artifact_bytes(repo, t) / 1024:.1f})"
             click.echo(
-                f"{t.name:<20} {state:<12} {t.deployed_version or '-':>4} {t.slot if t.deployed else '-':>5} "
-                f"{t.weight:>7g} {int(queue):>6} {st.get('success', 0):>8} {st.get('fail', 0):>6} {st.get('ms_request', 0.0):>8.2f}"
+                f"{t.name:<20} {t.kind:<10} {state:<12} {t.deployed_version or '-':>4} {t.slot if t.deployed else '-':>5} "
+                f"{t.weight:>7g}{'*' if t.pinned else ' '}{int(queue):>5} {st.get('success', 0):>8} {st.get('fail', 0):>6} "
+                f"{st.get('ms_request', 0.0):>8.2f} {ext_text:>9}"
             )
+        res = sum(v for (n, _), v in metrics.items() if n == "fmplex_extension_resident_bytes")
+        budget = sum(v for (n, _), v in metrics.items() if n == "fmplex_extension_budget_bytes")
+        evictions = sum(v for (n, _), v in metrics.items() if n == "fmplex_extension_evictions_total")
+        reload_s = sum(v for (n, _), v in metrics.items() if n == "fmplex_extension_reload_seconds_total")
+        click.echo(
+            f"extensions: {res / 2**20:.1f} of {budget / 2**20:.0f} MiB resident, {evictions:.0f} evictions, "
+            f"{reload_s * 1000:.0f} ms reloading (* pinned; EXT KiB in parentheses: on disk, not resident)"
+        )
+
+
+def _artifact_bytes(repo: Path, entry: TaskEntry) -> int:
+    vdir = version_dir(repo, entry.name, entry.deployed_version or entry.version)
+    return sum(p.stat().st_size for p in vdir.iterdir() if p.is_file()) if vdir.is_dir() else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

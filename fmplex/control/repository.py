@@ -60,6 +60,7 @@ def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: in
         "max_queue_delay_us": 0,
         "max_rows_per_request": 256,
         "max_text_bytes": 16384,
+        "extension_budget_mb": 1024,
         "policy": "wfq",
     }
     out_text = ",\n".join(outs)

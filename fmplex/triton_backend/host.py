@@ -33,6 +33,7 @@ from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.artifacts import ArtifactError, version_dir
 
 from .executor import Executor, WorkItem, pad_tokens, set_threads
+from .extension_cache import ExtensionCache
 from .extensions import Extension, load_extension
 from .metrics import HostMetrics
 from .scheduler import Pending, QueueFull, TaskPolicy, make_scheduler
@@ -86,7 +87,9 @@ class TritonPythonModel:
             max_lag=float(_param(config, "max_lag", "4096")),
             max_queue_delay_s=float(_param(config, "max_queue_delay_us", "0")) / 1e6,
         )
-        self.extensions: dict[tuple[str, int], Extension] = {}
+        budget = int(float(_param(config, "extension_budget_mb", "1024")) * 2**20)
+        self.extensions = ExtensionCache(self._load_extension, budget)
+        self._live: tuple[set[tuple[str, int]], set[tuple[str, int]]] | None = None  # (deployed, pinned) for the worker
         self.metrics = HostMetrics(self.name)
         self._seen_generation = -1
         self._cv = threading.Condition()
@@ -160,7 +163,11 @@ class TritonPythonModel:
         return Job(request, sender, entry, slot, rows, wanted)
 
     def _apply_policies(self, reg: Registry) -> None:
+        mine = [t for t in reg.tasks.values() if t.backbone == self.spec.name and t.deployed]
+        live = {(t.name, int(t.deployed_version or t.version)) for t in mine}
+        pinned = {(t.name, int(t.deployed_version or t.version)) for t in mine if t.pinned}
         with self._cv:
+            self._live = (live, pinned)
             for entry in reg.tasks.values():
                 if entry.backbone == self.spec.name and entry.deployed:
                     self.scheduler.set_policy(
@@ -206,11 +213,16 @@ class TritonPythonModel:
             elif stopping and not expired:
                 return
             try:
-                self.metrics.maybe_flush(self.scheduler, self._cv)
+                self.metrics.maybe_flush(self.scheduler, self._cv, self.extensions)
             except Exception:  # noqa: BLE001 - metrics are best effort
                 traceback.print_exc()
 
     def _run(self, batch: list[Pending]) -> None:
+        with self._cv:
+            live, self._live = self._live, None
+        if live is not None:  # registry changed: forget undeployed tasks, honour pins
+            self.extensions.retain(live[0] | {(p.payload.entry.name, int(p.payload.entry.deployed_version or 0)) for p in batch})
+            self.extensions.pinned = set(live[1])
         items: list[WorkItem] = []
         jobs: list[Job] = []
         for p in batch:
@@ -255,18 +267,13 @@ class TritonPythonModel:
 
     def _extension(self, entry: TaskEntry) -> tuple[Extension | None, str | None]:
         key = (entry.name, int(entry.deployed_version or entry.version))
-        ext = self.extensions.get(key)
-        if ext is not None:
-            return ext, None
         try:
-            ext = load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config)
-        except (ArtifactError, OSError) as exc:
+            return self.extensions.get(key), None
+        except Exception as exc:  # noqa: BLE001 - a task that cannot load fails only its own requests
             return None, f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}"
-        # Older versions of the task are no longer routed to: drop them.
-        for old in [k for k in self.extensions if k[0] == entry.name]:
-            del self.extensions[old]
-        self.extensions[key] = ext
-        return ext, None
+
+    def _load_extension(self, key: tuple[str, int]) -> Extension:
+        return load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config)
 
     def _fail(self, job: Job, message: str, code: Any) -> None:
         self._send(job, _error(message, code))

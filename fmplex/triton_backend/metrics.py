@@ -78,7 +78,7 @@ class HostMetrics:
             self._batch["padded_tokens"] += report.padded_tokens
             self._batch["seconds"] += report.seconds
 
-    def maybe_flush(self, scheduler: Any, lock: Any) -> None:
+    def maybe_flush(self, scheduler: Any, lock: Any, cache: Any = None) -> None:
         now = time.monotonic()
         if now < self._next_flush:
             return
@@ -94,6 +94,20 @@ class HostMetrics:
             self._gauge("fmplex_task_weight", "scheduler weight of this task", task).set(st.get("weight", 0))
             for key, name in _TASK_COUNTERS.items():
                 self._bump(name, task, float(st.get(key, 0)), f"per-task scheduler counter: {key}")
+        if cache is not None:
+            resident = cache.resident()
+            for (task, _version), nbytes in resident.items():
+                self._gauge("fmplex_task_extension_bytes", "resident bytes of this task's extension", task).set(nbytes)
+            for (name, task), metric in self._metrics.items():
+                if name == "fmplex_task_extension_bytes" and task not in {k[0] for k in resident}:
+                    metric.set(0)
+            st = cache.stats
+            self._gauge("fmplex_extension_resident_bytes", "bytes of all resident task extensions").set(st.resident_bytes)
+            self._gauge("fmplex_extension_budget_bytes", "memory budget for task extensions").set(cache.budget)
+            self._bump("fmplex_extension_loads_total", "", float(st.loads), "extension loads (first loads and reloads)")
+            self._bump("fmplex_extension_evictions_total", "", float(st.evictions), "extensions evicted to stay within budget")
+            self._bump("fmplex_extension_reloads_total", "", float(st.reloads), "loads of previously evicted extensions")
+            self._bump("fmplex_extension_reload_seconds_total", "", st.reload_seconds, "time spent reloading evicted extensions")
         with self._lock:
             batch = dict(self._batch)
         for key, value in batch.items():

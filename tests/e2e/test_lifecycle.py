@@ -135,6 +135,9 @@ def test_status_reports_tasks_from_triton(server: Server, http: httpclient.Infer
     lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
     assert lines["host"][2].startswith("READY"), out
     for task in ("sentiment", "topic", "intent", "embed"):
-        assert lines[task][1] == "READY", out
-        assert int(lines[task][6]) >= 0
-    assert int(lines["sentiment"][6]) > 0, "status shows no requests for a task that served some"
+        assert lines[task][2] == "READY", out
+        assert int(lines[task][7]) >= 0
+    assert lines["sentiment"][1] == "classifier"
+    assert int(lines["sentiment"][7]) > 0, "status shows no requests for a task that served some"
+    assert float(lines["sentiment"][10].strip("()")) > 1.0, "a classifier head has kilobytes of weights"
+    assert lines["extensions:"], out

@@ -56,6 +56,10 @@ def build(source: Path, spec: BackboneSpec, options: dict[str, Any], echo: Echo)
     r_default, alpha_default = float(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     tensors, scales = {}, {}
     for path, ab in sorted(pairs.items()):
+        if path.startswith("pooler."):
+            # Mean-pooled tasks never run BERT's pooler (target_modules=["dense"] catches it too).
+            echo(f"note: ignoring LoRA on '{path}': fmplex's pooled heads do not use BERT's pooler")
+            continue
         pm = _PATH.match(path)
         if not pm or pm.group(2) not in TARGETS:
             raise SourceError(f"{source}: LoRA on '{path}' is not supported (targets: {', '.join(TARGETS)})")

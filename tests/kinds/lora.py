@@ -1,0 +1,34 @@
+"""A PEFT LoRA adapter on MiniLM, made by peft itself; reference = PeftModel alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import TaskSource, backbone_model, mean_pool, tokenizer
+
+
+def make(tmp: Path, seed: int = 0, rank: int = 4, targets: tuple[str, ...] = ("query", "value", "dense")) -> TaskSource:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(backbone_model(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero (a no-op adapter): make it do something
+            torch.nn.init.normal_(p, std=0.05)
+    out = tmp / f"lora_r{rank}_s{seed}"
+    model.save_pretrained(str(out))
+    ref = PeftModel.from_pretrained(backbone_model(), str(out)).eval()
+    tok = tokenizer()
+
+    def reference(texts: list[str]) -> dict[str, np.ndarray]:
+        rows = []
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            with torch.no_grad():
+                rows.append(mean_pool(ref(**enc).last_hidden_state, enc["attention_mask"])[0])
+        return {"EMBEDDING": np.stack(rows)}
+
+    return TaskSource("lora", ["--kind", "lora", "--source", str(out)], reference)
