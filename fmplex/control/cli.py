@@ -101,13 +101,20 @@ def main() -> None:
     help="Backbone(s) to host (repeatable).",
 )
 @click.option("--slots", default=registry.DEFAULT_SLOTS, show_default=True, type=click.IntRange(1, 4096), help="Slot pool per host.")
+@click.option(
+    "--extension-budget-mb",
+    default=1024.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Memory for resident task extensions per host; least recently used ones are evicted beyond it.",
+)
 @_friendly
-def init(repo: Path, backbones: tuple[str, ...], slots: int) -> None:
+def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float) -> None:
     """Create a model repository with one host entry per backbone.
 
     Safe to run again: existing hosts and tasks are kept.
     """
-    reg = repo_ops.init_repository(repo, list(backbones), slots)
+    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb)
     for name, host in sorted(reg.hosts.items()):
         click.echo(f"host {host.model}: backbone {name}, {host.slots} slots")
     click.echo(f"repository ready: {repo}")

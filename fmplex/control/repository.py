@@ -46,7 +46,7 @@ def _inputs(optional: bool) -> str:
     )
 
 
-def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: int = 1) -> str:
+def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: int = 1, extension_budget_mb: float = 1024) -> str:
     spec = get_backbone(backbone)
     outs = [
         f'  {{ name: "{prefix}{k}" data_type: {dtype} dims: {dims} }}' for k in range(slots) for prefix, dtype, dims in SLOT_OUTPUTS
@@ -60,7 +60,7 @@ def host_config(backbone: str, slots: int, torch_threads: int = 1, instances: in
         "max_queue_delay_us": 0,
         "max_rows_per_request": 256,
         "max_text_bytes": 16384,
-        "extension_budget_mb": 1024,
+        "extension_budget_mb": f"{extension_budget_mb:g}",
         "policy": "wfq",
     }
     out_text = ",\n".join(outs)
@@ -120,7 +120,9 @@ parameters {{ key: "fmplex_kind" value {{ string_value: "{entry.kind}" }} }}
 # --- repository operations (no server involved) --------------------------------
 
 
-def init_repository(repo: Path, backbones: list[str], slots: int = registry.DEFAULT_SLOTS) -> Registry:
+def init_repository(
+    repo: Path, backbones: list[str], slots: int = registry.DEFAULT_SLOTS, extension_budget_mb: float = 1024
+) -> Registry:
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     path = registry.registry_path(repo)
@@ -130,7 +132,7 @@ def init_repository(repo: Path, backbones: list[str], slots: int = registry.DEFA
         if name in reg.hosts:
             continue
         hdir = repo / spec.host_model
-        _write_atomic(hdir / CONFIG, host_config(name, slots))
+        _write_atomic(hdir / CONFIG, host_config(name, slots, extension_budget_mb=extension_budget_mb))
         (hdir / "1").mkdir(exist_ok=True)
         (hdir / "1" / ".keep").touch()  # git keeps no empty directories
         reg.hosts[name] = HostEntry(backbone=name, model=spec.host_model, slots=slots)
