@@ -90,7 +90,9 @@ def family_of(manifest: dict[str, Any]) -> str:
     kind = head_type(manifest)
     if kind == "onnx":
         fam = (manifest.get("head") or {}).get("family", "classifier")
-        return fam if fam in OUTPUT_SETS else "classifier"
+        if fam not in OUTPUT_SETS:
+            raise KeyError(f"unknown output family '{fam}' in an onnx head (known: {', '.join(sorted(OUTPUT_SETS))})")
+        return fam
     return HEAD_FAMILY.get(kind, "embedding")
 
 

@@ -352,7 +352,7 @@ def task_export_onnx(name: str, out: Path, repo: Path) -> None:
 
     try:
         path = export_task(repo, name, out)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"exported {name} head to {path}")
 
