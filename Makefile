@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
 	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
-	@echo "make bench  - vFM throughput vs raw batched forward; memory with 3 vs 30 tasks (perf/results/)"
+	@echo "make bench  - vFM throughput vs raw forward, memory 3 vs 30 tasks, cost of mixing extension kinds (perf/results/)"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
 $(STAMP): pyproject.toml
@@ -44,6 +44,7 @@ test-e2e: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) perf/bench_vfm.py $(if $(QUICK),--quick,)
+	$(PY) perf/bench_extensions.py $(if $(QUICK),--quick,)
 
 repo: $(STAMP)
 	rm -rf model_repository

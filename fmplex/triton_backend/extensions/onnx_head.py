@@ -161,6 +161,7 @@ class OnnxHead(Head):
         path = self.artifact_dir / file
         if not path.is_file():
             raise ArtifactError(f"{self.where}: ONNX head file {path} is missing")
+        self.file_bytes = path.stat().st_size  # the graph's weights live in the ONNX session
         self.names: np.ndarray | None = None
         count = None
         if self.family in ("classifier", "token"):
@@ -211,3 +212,7 @@ class OnnxExtension(Extension):
     """The backbone as it is; the head is the ONNX graph."""
 
     kind = "onnx"
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + int(getattr(self.head, "file_bytes", 0))
