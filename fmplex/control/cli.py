@@ -236,12 +236,8 @@ def task_create(
     where = f"trained on {train_csv.name}" if train_csv else ""
     src = ", ".join(x for x in (f"imported from {source}" if source else "", where) if x) or "backbone embedding"
     manifest = trainer.write_artifact(out, name, version, backbone, kind, fields, tensors, built.files, src)
-    try:  # the host will load it exactly like this: refuse now what it would refuse then
-        from transformers import AutoConfig  # noqa: PLC0415
-
-        from fmplex.triton_backend.extensions import load_extension  # noqa: PLC0415
-
-        ext = load_extension(out, spec, config=AutoConfig.from_pretrained(str(spec.locate()), local_files_only=True))
+    try:
+        ext = _check_artifact(out, backbone)
     except Exception:
         repo_ops.delete_version(repo, name, version)
         raise
@@ -379,6 +375,19 @@ def task_delete(name: str, force: bool, repo: Path, url: str) -> None:
 # --- deploy / undeploy ---------------------------------------------------------
 
 
+def _check_artifact(vdir: Path, backbone: str) -> Any:
+    """Load an artifact exactly as the host will, so that what the host would
+    refuse (truncated weights, shapes that do not fit, a broken ONNX graph) is
+    refused here, before anything reaches the running server."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from fmplex.triton_backend.extensions import load_extension  # noqa: PLC0415
+
+    spec = get_backbone(backbone)
+    return load_extension(vdir, spec, config=AutoConfig.from_pretrained(str(spec.locate()), local_files_only=True))
+
+
+
 @main.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--version", "version", type=click.IntRange(1), help="Version to serve (default: newest).")
@@ -393,6 +402,16 @@ def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Pat
     knows the slot before the first request can reach it. Redeploying a task
     rolls it to VERSION (or the newest) on a fresh slot.
     """
+    reg = registry.load(repo)
+    for name in names:  # check every artifact before touching the registry or the server
+        entry = reg.task(name)
+        target = version or entry.version
+        if target not in repo_ops.task_versions(repo, name):
+            raise RegistryError(f"task '{name}' has no version {target}")
+        try:
+            _check_artifact(version_dir(repo, name, target), entry.backbone)
+        except Exception as exc:  # noqa: BLE001 - any load failure means: do not deploy
+            raise ArtifactError(f"task '{name}' v{target} is not deployable: {exc}") from None
     triton = None if offline else _connect(url)
     try:
         for name in names:
