@@ -107,7 +107,7 @@ class TritonPythonModel:
         with self._cv:
             left = self.scheduler.drain()
         for p in left:
-            self._fail(p.payload, "host is shutting down", pb_utils.TritonError.UNAVAILABLE)
+            self._fail(p.payload, "host is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
 
     # --- request path ----------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
@@ -117,8 +117,15 @@ class TritonPythonModel:
         now = time.monotonic()
         for request in requests:
             sender = request.get_response_sender()
+            task = "-"  # until the slot is resolved
             try:
-                job = self._admit(request, sender, reg)
+                entry, slot, wanted = self._route(request, reg)
+                task = entry.name
+                self.metrics.received(task)
+                rows = decode_rows(
+                    _input(request, "TEXT"), _input(request, "INPUT_IDS"), _input(request, "ATTENTION_MASK"), self.limits
+                )
+                job = Job(request, sender, entry, slot, rows, wanted)
                 timeout_us = request.timeout()
                 tokens = min(job.rows.token_estimate(), self.spec.max_tokens)
                 pending = Pending(
@@ -134,15 +141,16 @@ class TritonPythonModel:
                     self.scheduler.submit(pending, now)
                     self._cv.notify()
             except RequestError as exc:
-                sender.send(_error(str(exc)), flags=FINAL)
+                self._reply(sender, task, _error(str(exc)), "invalid")
             except QueueFull as exc:
-                self.metrics.touch()
-                sender.send(_error(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+                self._reply(sender, task, _error(str(exc), pb_utils.TritonError.UNAVAILABLE), "queue_full")
             except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
-                sender.send(_error(f"internal error: {exc}", pb_utils.TritonError.INTERNAL), flags=FINAL)
+                self._reply(sender, task, _error(f"internal error: {exc}", pb_utils.TritonError.INTERNAL), "internal")
+        with self._cv:
+            self._cv.notify()  # the worker also publishes counts of what was refused here
         return None
 
-    def _admit(self, request: Any, sender: Any, reg: Registry) -> Job:
+    def _route(self, request: Any, reg: Registry) -> tuple[TaskEntry, int, frozenset[str]]:
         wanted = frozenset(request.requested_output_names())
         slots = {slot_of_output(n) for n in wanted}
         if not wanted or None in slots or len(slots) != 1:
@@ -157,10 +165,7 @@ class TritonPythonModel:
             entry = reg.slot_map(self.spec.name).get(slot)
         if entry is None:
             raise RequestError(f"no task is deployed on slot {slot} of {self.name}")
-        rows = decode_rows(
-            _input(request, "TEXT"), _input(request, "INPUT_IDS"), _input(request, "ATTENTION_MASK"), self.limits
-        )
-        return Job(request, sender, entry, slot, rows, wanted)
+        return entry, slot, wanted
 
     def _apply_policies(self, reg: Registry) -> None:
         mine = [t for t in reg.tasks.values() if t.backbone == self.spec.name and t.deployed]
@@ -201,7 +206,7 @@ class TritonPythonModel:
             if expired:
                 self.metrics.touch()
             for p in expired:
-                self._fail(p.payload, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE)
+                self._fail(p.payload, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE, "expired")
             if batch:
                 try:
                     self._run(batch)
@@ -209,7 +214,7 @@ class TritonPythonModel:
                     traceback.print_exc()
                     for p in batch:
                         if not p.payload.answered:
-                            self._fail(p.payload, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+                            self._fail(p.payload, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
             elif stopping and not expired:
                 return
             try:
@@ -228,7 +233,7 @@ class TritonPythonModel:
         for p in batch:
             job: Job = p.payload
             if job.request.is_cancelled():
-                self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED)
+                self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
                 continue
             ext, err = self._extension(job.entry)
             items.append(WorkItem(job.rows, ext, error=err))
@@ -238,13 +243,13 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - the batch failed as a whole
             traceback.print_exc()
             for job in jobs:
-                self._fail(job, f"batch failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+                self._fail(job, f"batch failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
             return
         self.metrics.batch(report)
         for job, item in zip(jobs, items):
             if item.error is not None or item.result is None:
                 code = pb_utils.TritonError.INVALID_ARG if item.client_fault else pb_utils.TritonError.INTERNAL
-                self._fail(job, item.error or "no result", code)
+                self._fail(job, item.error or "no result", code, "invalid" if item.client_fault else "task_error")
                 continue
             res = item.result
             produced = {
@@ -261,9 +266,9 @@ class TritonPythonModel:
                     else:
                         tensors.append(pb_utils.Tensor(name, value))
             if missing:
-                self._fail(job, f"task '{job.entry.name}' does not produce {', '.join(missing)}", pb_utils.TritonError.INVALID_ARG)
+                self._fail(job, f"task '{job.entry.name}' does not produce {', '.join(missing)}", pb_utils.TritonError.INVALID_ARG, "invalid")
                 continue
-            self._send(job, pb_utils.InferenceResponse(output_tensors=tensors))
+            self._send(job, pb_utils.InferenceResponse(output_tensors=tensors), "ok")
 
     def _extension(self, entry: TaskEntry) -> tuple[Extension | None, str | None]:
         key = (entry.name, int(entry.deployed_version or entry.version))
@@ -275,15 +280,24 @@ class TritonPythonModel:
     def _load_extension(self, key: tuple[str, int]) -> Extension:
         return load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config)
 
-    def _fail(self, job: Job, message: str, code: Any) -> None:
-        self._send(job, _error(message, code))
+    def _fail(self, job: Job, message: str, code: Any, outcome: str) -> None:
+        self._send(job, _error(message, code), outcome)
 
-    def _send(self, job: Job, response: Any) -> None:
+    def _send(self, job: Job, response: Any, outcome: str) -> None:
+        if job.answered:  # never a second final response (counted: must stay 0)
+            self.metrics.outcome(job.entry.name, "duplicate_suppressed")
+            return
         job.answered = True
+        self._reply(job.sender, job.entry.name, response, outcome)
+
+    def _reply(self, sender: Any, task: str, response: Any, outcome: str) -> None:
+        """The one place a final response leaves the host: counted per outcome."""
+        self.metrics.outcome(task, outcome)
         try:
-            job.sender.send(response, flags=FINAL)
+            sender.send(response, flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - e.g. the client went away
-            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{job.entry.name}': {exc}")
+            self.metrics.outcome(task, "send_failed")
+            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{task}': {exc}")
 
 
 def _input(request: Any, name: str) -> np.ndarray | None:

@@ -39,6 +39,8 @@ class HostMetrics:
         self._last: dict[tuple[str, str], float] = {}
         self._next_flush = 0.0
         self._dirty = False
+        self._received: dict[str, int] = {}
+        self._outcomes: dict[tuple[str, str], int] = {}
         self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
         self._lock = threading.Lock()
         self._gauge("fmplex_host_initialized_unixtime", "when this host instance loaded its backbone").set(time.time())
@@ -65,6 +67,17 @@ class HostMetrics:
     def flush_due(self) -> float | None:
         """When unpublished counts must go out (None: nothing new)."""
         return self._next_flush if self._dirty else None
+
+    def received(self, task: str) -> None:
+        with self._lock:
+            self._received[task] = self._received.get(task, 0) + 1
+
+    def outcome(self, task: str, outcome: str) -> None:
+        """One final response (or a suppressed/failed send) of ``task``."""
+        with self._lock:
+            key = (task, outcome)
+            self._outcomes[key] = self._outcomes.get(key, 0) + 1
+        self._dirty = True
 
     def touch(self) -> None:
         """Something changed that the next flush should publish."""
@@ -110,8 +123,25 @@ class HostMetrics:
             self._bump("fmplex_extension_reload_seconds_total", "", st.reload_seconds, "time spent reloading evicted extensions")
         with self._lock:
             batch = dict(self._batch)
+            received = dict(self._received)
+            outcomes = dict(self._outcomes)
+        for task, n in received.items():
+            self._bump("fmplex_task_received_total", task, float(n), "requests that reached the host, per task ('-': slot unresolved)")
+        for (task, outcome), n in outcomes.items():
+            self._bump_labelled("fmplex_task_responses_total", task, outcome, float(n))
         for key, value in batch.items():
             self._bump(f"fmplex_batch_{key}_total", "", value, f"host batches: {key}")
+
+    def _bump_labelled(self, name: str, task: str, outcome: str, total: float) -> None:
+        key = (name, f"{task}\0{outcome}")
+        last = self._last.get(key, 0.0)
+        if total > last:
+            m = self._metrics.get(key)
+            if m is None:
+                fam = self._family(name, COUNTER, "final responses sent by the host, per task and outcome (exactly one per request)")
+                m = self._metrics[key] = fam.Metric(labels={"host": self.host, "task": task, "outcome": outcome})
+            m.increment(total - last)
+            self._last[key] = total
 
     def _bump(self, name: str, task: str, total: float, doc: str) -> None:
         last = self._last.get((name, task), 0.0)

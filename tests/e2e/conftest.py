@@ -57,6 +57,18 @@ class Server:
                 total += float(value)
         return total
 
+    def wait_metric(self, name: str, at_least: float, timeout: float = 15.0, **labels: str) -> float:
+        """The metric once it reaches ``at_least`` (the host publishes every
+        0.25 s, later on a busy machine), or its value at the timeout."""
+        import time  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name, **labels)
+            if value >= at_least or time.monotonic() > deadline:
+                return value
+            time.sleep(0.2)
+
     def host_loads(self) -> int:
         """How often Triton started loading the backbone host (from its own log)."""
         return self.log.read_text(errors="replace").count('loading: fm.minilm:1"')

@@ -59,8 +59,7 @@ def test_evicted_extensions_reload_on_demand_and_pins_stay(small: tuple[Server, 
         client.close()
     import time
 
-    time.sleep(0.6)
-    assert server.metric("fmplex_extension_evictions_total") >= 2
+    assert server.wait_metric("fmplex_extension_evictions_total", 2) >= 2
     assert server.metric("fmplex_extension_reloads_total") >= 2
     assert server.metric("fmplex_extension_reload_seconds_total") > 0
     assert server.metric("fmplex_extension_resident_bytes") <= 5 * 2**20

@@ -115,9 +115,8 @@ def test_one_shared_batch_mixing_all_kinds_changes_no_answer(server: Server, tas
             check(result, want, tasks[name].atol)
         else:
             assert result.as_numpy("LABEL" if name == "sentiment" else "EMBEDDING") is not None
-    time.sleep(0.6)
+    rows = server.wait_metric("fmplex_batch_rows_total", rows0 + 3 * len(results)) - rows0
     batches = server.metric("fmplex_batch_batches_total") - batches0
-    rows = server.metric("fmplex_batch_rows_total") - rows0
     assert rows == 3 * len(results)
     assert rows / batches > 3.5, f"{rows:.0f} rows in {batches:.0f} batches: requests were not mixed into shared batches"
 
@@ -127,7 +126,7 @@ def test_status_reports_extension_memory_per_task(server: Server, tasks: dict[st
         c = httpclient.InferenceServerClient(server.http_url)
         c.infer(name, [text_input(httpclient, ["warm"])])
         c.close()
-    time.sleep(0.6)
+    server.wait_metric("fmplex_task_extension_bytes", 1, task="x_onnx_tok")
     result = CliRunner().invoke(
         fmplex_main,
         ["status", "--repo", str(server.repo), "--url", server.grpc_url, "--metrics-url", f"http://127.0.0.1:{server.ports.metrics}/metrics"],
