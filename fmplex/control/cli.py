@@ -353,19 +353,31 @@ def task_export_onnx(name: str, out: Path, repo: Path) -> None:
     click.echo(f"exported {name} head to {path}")
 
 
+def api_key_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--api-key`` of the commands that call the locked repository API."""
+    return click.option(
+        "--api-key",
+        envvar="FMPLEX_API_KEY",
+        default=None,
+        metavar="KEY",
+        help="Key of a locked server (env FMPLEX_API_KEY; default: REPO/fmplex.key as 'fmplex serve' wrote it).",
+    )(fn)
+
+
 @task.command("delete")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Undeploy first if it is deployed.")
 @repo_option
 @url_option
+@api_key_option
 @_friendly
-def task_delete(name: str, force: bool, repo: Path, url: str) -> None:
+def task_delete(name: str, force: bool, repo: Path, url: str, api_key: str | None) -> None:
     """Delete a task and all its versions."""
     entry = registry.load(repo).task(name)
     if entry.deployed:
         if not force:
             raise RegistryError(f"task '{name}' is deployed: 'fmplex undeploy {name}' first, or pass --force")
-        _undeploy(name, repo, url, offline=False)
+        _undeploy(name, repo, url, offline=False, api_key=api_key)
     with registry.editing(repo) as reg:
         reg.tasks.pop(name, None)
     repo_ops.delete_task_files(repo, name)
@@ -394,8 +406,9 @@ def _check_artifact(vdir: Path, backbone: str) -> Any:
 @click.option("--offline", is_flag=True, help="Only write the repository; a later 'fmplex serve' loads it.")
 @repo_option
 @url_option
+@api_key_option
 @_friendly
-def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Path, url: str) -> None:
+def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Path, url: str, api_key: str | None) -> None:
     """Make tasks live as vFMs: slot + registry, ensemble config, then load.
 
     The registry is written before Triton loads the ensemble, so the host
@@ -412,7 +425,7 @@ def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Pat
             _check_artifact(version_dir(repo, name, target), entry.backbone)
         except Exception as exc:  # noqa: BLE001 - any load failure means: do not deploy
             raise ArtifactError(f"task '{name}' v{target} is not deployable: {exc}") from None
-    triton = None if offline else _connect(url)
+    triton = None if offline else _connect(url, repo, api_key)
     try:
         for name in names:
             with registry.editing(repo) as reg:
@@ -460,34 +473,40 @@ def _forget(repo: Path, name: str) -> None:
 @click.option("--offline", is_flag=True, help="Only update the repository (no server).")
 @repo_option
 @url_option
+@api_key_option
 @_friendly
-def undeploy(names: tuple[str, ...], offline: bool, repo: Path, url: str) -> None:
+def undeploy(names: tuple[str, ...], offline: bool, repo: Path, url: str, api_key: str | None) -> None:
     """Take vFMs out of service; the shared host keeps running.
 
     Triton unloads the ensemble once its in-flight requests are answered;
     only then is the slot freed in the registry.
     """
     for name in names:
-        _undeploy(name, repo, url, offline)
+        _undeploy(name, repo, url, offline, api_key)
         click.echo(f"undeployed {name}")
 
 
-def _undeploy(name: str, repo: Path, url: str, offline: bool) -> None:
+def _undeploy(name: str, repo: Path, url: str, offline: bool, api_key: str | None = None) -> None:
     entry = registry.load(repo).task(name)
     if not entry.deployed:
         raise RegistryError(f"task '{name}' is not deployed")
     if not offline:
-        with _connect(url) as triton:
+        with _connect(url, repo, api_key) as triton:
             triton.unload(name)
     _forget(repo, name)
 
 
-def _connect(url: str) -> Any:
+def _connect(url: str, repo: Path | None = None, api_key: str | None = None) -> Any:
+    """A live server's control client, with the key of a locked server:
+    ``api_key`` (--api-key / FMPLEX_API_KEY), else REPO/fmplex.key if present."""
+    from .server import read_key_file  # noqa: PLC0415
     from .triton_api import Triton  # noqa: PLC0415
 
-    triton = Triton(url)
+    key = api_key or (read_key_file(repo) if repo is not None else None)
+    triton = Triton(url, key=key)
     try:
         triton.require_live()
+        triton.check_key()  # before any repository edit: a refused key changes nothing
     except Exception:
         triton.close()
         raise
@@ -513,6 +532,14 @@ def _connect(url: str) -> Any:
 @click.option("--torch-threads", type=click.IntRange(1), help="Torch threads per host (default: the host config's, 1).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the server log here.")
 @click.option("--verbose", is_flag=True, help="Print Triton's log to stdout.")
+@click.option(
+    "--api-key",
+    envvar="FMPLEX_API_KEY",
+    default=None,
+    metavar="KEY",
+    help="Key that unlocks the control APIs (env FMPLEX_API_KEY; default: a random one written to REPO/fmplex.key).",
+)
+@click.option("--no-lock", is_flag=True, help="Leave the control APIs open to anyone who reaches the ports (unsafe).")
 @_friendly
 def serve(
     repo: Path,
@@ -523,14 +550,46 @@ def serve(
     torch_threads: int | None,
     log_path: Path | None,
     verbose: bool,
+    api_key: str | None,
+    no_lock: bool,
 ) -> None:
     """Run tritonserver on REPO in the foreground (Ctrl-C stops it cleanly).
 
     Explicit model control: the hosts and every deployed vFM are loaded at
     start; later deploys load and unload vFMs through the repository API.
+
+    \b
+    Locked by default: loading, unloading and listing models, and shared
+    memory, trace and log settings, need the key (HTTP header fmplex-key,
+    gRPC metadata triton-grpc-protocol-fmplex-key). Without --api-key (or
+    FMPLEX_API_KEY) a random key is written to REPO/fmplex.key (mode 0600),
+    where deploy, undeploy, status and task delete find it. Inference,
+    health, metadata, model configs and statistics stay open.
     """
     from . import serving  # noqa: PLC0415
-    from .server import Ports  # noqa: PLC0415
+    from .server import KEY_FILE, Ports, generate_key, remove_key_file, restricted_api_args, write_key_file  # noqa: PLC0415
+
+    registry.load(repo)  # a missing or broken repository is reported before any key is written
+    if no_lock:
+        if click.get_current_context().get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("--api-key and --no-lock contradict each other")
+        api_key = None
+        remove_key_file(repo)  # a stale key would only mislead
+        click.secho(
+            "WARNING: --no-lock: the repository API is OPEN: anyone who reaches the ports can load, unload "
+            "and reconfigure models",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    elif api_key:
+        restricted_api_args(api_key)  # a malformed key is refused before anything starts
+        remove_key_file(repo)  # a stale key would only mislead
+        click.echo(f"repository API locked with the given key (header fmplex-key); {KEY_FILE} not written")
+    else:
+        api_key = generate_key()
+        path = write_key_file(repo, api_key)
+        click.echo(f"repository API locked: key written to {path} (mode 0600)")
 
     log = None if verbose else (log_path or Path(repo).resolve().parent / "fmplex-server.log")
     click.echo(f"starting tritonserver on {Path(repo).resolve()}: http :{http_port} grpc :{grpc_port} metrics :{metrics_port}")
@@ -550,6 +609,7 @@ def serve(
         torch_threads=torch_threads,
         inherit_output=verbose,
         echo=click.echo,
+        api_key=api_key,
     )
     old = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -572,8 +632,9 @@ def serve(
 @repo_option
 @url_option
 @click.option("--metrics-url", default=None, help="Triton metrics URL (default: same host, port 8002).")
+@api_key_option
 @_friendly
-def status(repo: Path, url: str, metrics_url: str | None) -> None:
+def status(repo: Path, url: str, metrics_url: str | None, api_key: str | None) -> None:
     """Per-task state, weight, slot, version, requests and latency.
 
     Counts and latencies are Triton's own statistics of each vFM; queue depth
@@ -582,7 +643,7 @@ def status(repo: Path, url: str, metrics_url: str | None) -> None:
     from .triton_api import scrape_metrics  # noqa: PLC0415
 
     reg = registry.load(repo)
-    with _connect(url) as triton:
+    with _connect(url, repo, api_key) as triton:
         index = triton.index()
         if metrics_url is None:
             host = url.rsplit(":", 1)[0]

@@ -11,12 +11,23 @@ there (the stub's own ``__pycache__`` included) makes it reload the backbone at
 the next load call. So every server gets a private *backend directory* with the
 Python backend and a one-line ``fmplex/model.py`` that imports the host from the
 installed package; host configs say ``backend: "fmplex"``.
+
+Locking: given an API key, the server restricts every API that can change it
+(the model repository: load/unload/index; shared memory, trace and logging
+settings) to requests carrying the key: HTTP header ``fmplex-key: <key>``,
+gRPC metadata ``triton-grpc-protocol-fmplex-key: <key>`` (Triton prefixes
+restricted gRPC headers) -- Triton's ``--http-restricted-api`` and
+``--grpc-restricted-protocol``.
+Inference, health, metadata, model configs and statistics stay open.
+``fmplex serve`` writes a generated key to ``REPO/fmplex.key`` (mode 0600) for
+the control plane to read; Triton ignores files at the repository root.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,8 +45,77 @@ SYSTEM_ROOT = Path("/opt/tritonserver")
 BACKEND_SHIM = "from fmplex.triton_backend.host import TritonPythonModel  # noqa: F401\n"
 
 
+# Locking the server's control APIs (see the module docstring).
+API_KEY_HEADER = "fmplex-key"  # the HTTP header
+# Triton prefixes the header of a restricted gRPC protocol: gRPC clients send
+# the key as this metadata key (``headers=`` in tritonclient.grpc).
+GRPC_API_KEY_HEADER = "triton-grpc-protocol-" + API_KEY_HEADER
+KEY_FILE = "fmplex.key"
+# Triton's API groups that can change the server: the model repository
+# (load, unload, index), shared-memory registration, trace and log settings.
+# Left open: health, metadata, inference, model-config (read-only, needed by
+# clients such as perf_analyzer) and statistics.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+
+
 class ServerError(RuntimeError):
     """A server could not be found, assembled or started."""
+
+
+def restricted_api_args(api_key: str, apis: tuple[str, ...] = RESTRICTED_APIS) -> list[str]:
+    """Triton flags that demand ``fmplex-key: api_key`` for ``apis`` (HTTP and gRPC)."""
+    if not api_key or not (api_key.isascii() and api_key.isprintable()) or any(c.isspace() or c in ",:=" for c in api_key):
+        raise ServerError("an API key must be non-empty printable text without spaces, ',', ':' or '='")
+    group = ",".join(apis)
+    return [
+        f"--http-restricted-api={group}:{API_KEY_HEADER}={api_key}",
+        f"--grpc-restricted-protocol={group}:{API_KEY_HEADER}={api_key}",
+    ]
+
+
+def generate_key() -> str:
+    """A fresh random key (URL-safe: fits headers and Triton's flag syntax)."""
+    return secrets.token_urlsafe(32)
+
+
+def key_path(repository: Path) -> Path:
+    return Path(repository) / KEY_FILE
+
+
+def write_key_file(repository: Path, api_key: str) -> Path:
+    """Write ``REPO/fmplex.key`` readable by its owner only (0600).
+
+    Any old file (or a link planted in its place) is removed first and the new
+    one is created exclusively, so the key never sits in a wider-open file.
+    """
+    path = key_path(repository)
+    remove_key_file(repository)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (api_key + "\n").encode("ascii"))
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_key_file(repository: Path) -> str | None:
+    """The key ``fmplex serve`` wrote for ``repository``, or None without one."""
+    path = key_path(repository)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServerError(f"cannot read the API key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return text or None
+
+
+def remove_key_file(repository: Path) -> None:
+    try:
+        os.unlink(key_path(repository))
+    except FileNotFoundError:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +230,9 @@ def server_command(
     load: list[str] | None = None,
     log_verbose: int = 0,
     extra_args: list[str] | None = None,
+    api_key: str | None = None,
 ) -> list[str]:
+    """The tritonserver command line; ``api_key`` locks the control APIs."""
     cmd = [
         str(install.binary),
         f"--model-repository={repository}",
@@ -167,6 +249,8 @@ def server_command(
     ]
     for name in load or []:
         cmd.append(f"--load-model={name}")
+    if api_key is not None:
+        cmd.extend(restricted_api_args(api_key))
     cmd.extend(extra_args or [])
     return cmd
 
@@ -177,6 +261,7 @@ class TritonProcess:
     Used as a context manager by tests and the demo; ``fmplex serve`` runs it in
     the foreground. Stopping sends SIGINT (Triton drains and unloads models),
     then SIGKILL after a grace period, and always removes the backend dir.
+    ``api_key`` locks the server's control APIs (None: unlocked).
     """
 
     def __init__(
@@ -190,14 +275,20 @@ class TritonProcess:
         torch_threads: int | None = None,
         extra_args: list[str] | None = None,
         inherit_output: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self.inherit_output = inherit_output
+        self.api_key = api_key
+        if api_key is not None:
+            restricted_api_args(api_key)  # refuse a malformed key before assembling anything
         self.repository = Path(repository).resolve()
         self.ports = ports
         self.install = find_triton(prefer)
         self._tmp = Path(tempfile.mkdtemp(prefix="fmplex-backends-"))
         self.backend_dir = assemble_backends(self.install, self._tmp)
-        self.cmd = server_command(self.install, self.repository, self.backend_dir, ports, load=load, extra_args=extra_args)
+        self.cmd = server_command(
+            self.install, self.repository, self.backend_dir, ports, load=load, extra_args=extra_args, api_key=api_key
+        )
         self.env = server_env(self.install, torch_threads)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None

@@ -28,8 +28,13 @@ def start(
     inherit_output: bool = False,
     ready_timeout: float = 300.0,
     echo: Callable[[str], None] = lambda _msg: None,
+    api_key: str | None = None,
 ) -> TritonProcess:
-    """Start tritonserver on ``repo`` and load what the registry says is deployed."""
+    """Start tritonserver on ``repo`` and load what the registry says is deployed.
+
+    ``api_key`` locks the server's control APIs (see ``server``); the vFMs are
+    then loaded with it. None serves unlocked.
+    """
     reg = registry.load(repo)
     proc = TritonProcess(
         repo,
@@ -39,12 +44,13 @@ def start(
         log_path=log_path,
         torch_threads=torch_threads,
         inherit_output=inherit_output,
+        api_key=api_key,
     )
     proc.start()
     try:
         proc.wait_ready(timeout=ready_timeout)
         echo(f"hosts ready: {', '.join(h.model for h in reg.hosts.values())}")
-        with Triton(f"127.0.0.1:{ports.grpc}") as triton:
+        with Triton(f"127.0.0.1:{ports.grpc}", key=api_key) as triton:
             for entry in sorted(reg.tasks.values(), key=lambda t: t.name):
                 if not entry.deployed:
                     continue

@@ -3,6 +3,10 @@
 Loads and unloads are synchronous in Triton's repository API; we still confirm
 readiness (or its absence) ourselves so that a deploy returns only once the
 vFM answers, and an undeploy only once Triton routes nothing more to it.
+
+A server started with an API key (``fmplex serve`` does by default) refuses
+the repository API without it: ``Triton(url, key=...)`` sends the key with
+every load, unload and index call.
 """
 
 from __future__ import annotations
@@ -14,16 +18,35 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from .server import API_KEY_HEADER, GRPC_API_KEY_HEADER
+
 
 class ControlError(RuntimeError):
     """The server refused or failed an operation."""
 
 
+class KeyRefused(ControlError):
+    """The server is locked and the request carried no key or a wrong one."""
+
+
+KEY_REFUSED = (
+    f"the server refused the repository API: wrong or missing key ({API_KEY_HEADER}); "
+    "pass --api-key or run on the repository whose fmplex.key the server wrote"
+)
+
+
+def _refused(exc: InferenceServerException) -> bool:
+    """Triton's answer to a restricted call without the right key."""
+    return "is restricted, expecting header" in (exc.message() or "")
+
+
 class Triton:
-    def __init__(self, url: str = "localhost:8001", timeout: float = 120.0) -> None:
+    def __init__(self, url: str = "localhost:8001", timeout: float = 120.0, key: str | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.client = grpcclient.InferenceServerClient(url=url)
+        # Sent with the restricted calls only (an unlocked server ignores it).
+        self.headers = {GRPC_API_KEY_HEADER: key} if key else None
 
     def close(self) -> None:
         self.client.close()
@@ -54,8 +77,10 @@ class Triton:
         """Load (or reload) a model and wait until it is ready; seconds taken."""
         t0 = time.monotonic()
         try:
-            self.client.load_model(name, config=config, client_timeout=self.timeout)
+            self.client.load_model(name, headers=self.headers, config=config, client_timeout=self.timeout)
         except InferenceServerException as exc:
+            if _refused(exc):
+                raise KeyRefused(KEY_REFUSED) from None
             raise ControlError(f"loading '{name}' failed: {exc.message()}") from None
         self._wait(name, True)
         return time.monotonic() - t0
@@ -63,8 +88,10 @@ class Triton:
     def unload(self, name: str) -> float:
         t0 = time.monotonic()
         try:
-            self.client.unload_model(name, unload_dependents=False, client_timeout=self.timeout)
+            self.client.unload_model(name, headers=self.headers, unload_dependents=False, client_timeout=self.timeout)
         except InferenceServerException as exc:
+            if _refused(exc):
+                raise KeyRefused(KEY_REFUSED) from None
             raise ControlError(f"unloading '{name}' failed: {exc.message()}") from None
         self._wait(name, False)
         return time.monotonic() - t0
@@ -76,9 +103,22 @@ class Triton:
                 raise ControlError(f"'{name}' did not become {'ready' if ready else 'unavailable'} in {self.timeout:.0f}s")
             time.sleep(0.05)
 
+    def check_key(self) -> None:
+        """Fail now (KeyRefused) if a locked server would refuse our repository calls.
+
+        The control plane calls it before editing the repository, so that a
+        wrong key never leaves the registry out of step with the server.
+        """
+        self.index()
+
     def index(self) -> dict[str, dict[str, Any]]:
         """Model name -> {state, version, reason} from the repository index."""
-        idx = self.client.get_model_repository_index(as_json=True, client_timeout=10)
+        try:
+            idx = self.client.get_model_repository_index(headers=self.headers, as_json=True, client_timeout=10)
+        except InferenceServerException as exc:
+            if _refused(exc):
+                raise KeyRefused(KEY_REFUSED) from None
+            raise ControlError(f"reading the repository index failed: {exc.message()}") from None
         out: dict[str, dict[str, Any]] = {}
         for m in idx.get("models", []):
             out[m["name"]] = {"state": m.get("state", ""), "version": m.get("version", ""), "reason": m.get("reason", "")}

@@ -82,7 +82,7 @@ class TritonPythonModel:
         )
         self.scheduler = make_scheduler(
             _param(config, "policy", "wfq"),
-            max_rows=int(_param(config, "max_batch_rows", "64")),
+            max_rows=int(_param(config, "max_batch_rows", "16")),
             max_tokens=int(_param(config, "max_batch_tokens", "8192")),
             max_lag=float(_param(config, "max_lag", "4096")),
             max_queue_delay_s=float(_param(config, "max_queue_delay_us", "0")) / 1e6,

@@ -96,7 +96,7 @@ def test_set_weight_takes_effect_without_reload(server: Server) -> None:
     tasks = ("sentiment", "intent")
 
     def window(seconds: float) -> dict[str, float]:
-        # 32-row requests against a 64-row batch budget: both queues stay
+        # 32-row requests against a 16-row batch budget (each served alone): both queues stay
         # backlogged, so the scheduler (not the clients) decides the split.
         streams = [Stream(server, t, "grpc", rows=32) for t in tasks for _ in range(3)]
         for s in streams:

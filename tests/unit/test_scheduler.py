@@ -371,3 +371,29 @@ def test_default_cost_model():
     r = Pending("t", 1, 8, 0.0)
     s.submit(r, 0.0)
     assert (r.cost, r.finish_tag) == (5.0, 5.0)
+
+
+# share cap ---------------------------------------------------------------------
+def _flood_and_light(share_cap: bool):
+    s = make_scheduler(max_rows=64, max_tokens=1 << 20, share_cap=share_cap)
+    for task in ("flood", "light"):
+        s.set_policy(task, TaskPolicy(queue_limit=10_000))
+    for _ in range(50):
+        s.submit(Pending("flood", rows=8, tokens=16, arrival=0.0), 0.0)
+    first = s.next_batch(0.0)  # only the flood is queued: a full batch
+    s.submit(Pending("light", rows=1, tokens=16, arrival=0.0), 0.0)
+    second = s.next_batch(0.0)
+    return first, second
+
+
+def test_light_task_batch_is_not_stretched_by_a_flood():
+    first, second = _flood_and_light(share_cap=True)
+    assert sum(r.rows for r in first) == 64  # work-conserving while alone
+    assert [r.task for r in second].count("light") == 1
+    flood_rows = sum(r.rows for r in second if r.task == "flood")
+    assert flood_rows <= 32, f"the flood took {flood_rows} rows of the light task's batch"
+
+
+def test_share_cap_can_be_switched_off():
+    _, second = _flood_and_light(share_cap=False)
+    assert sum(r.rows for r in second if r.task == "flood") == 56  # fills the batch

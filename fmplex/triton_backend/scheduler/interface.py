@@ -68,12 +68,20 @@ class BatchBudget:
     ``max_queue_delay_s`` lets a batch fill: ``next_batch`` returns [] while
     the oldest queued request is younger than this and the batch is not full.
     0 (default) is work-conserving.
+
+    ``share_cap``: while several tasks have requests queued, a task may fill
+    at most its weighted share of ``max_rows`` in one batch (its first
+    request always fits). A flooding task then cannot stretch the batch that
+    carries a light task's request to full size: the light task waits at
+    most the batch in flight plus a short one. With one task queued the
+    batch is filled as usual (work-conserving).
     """
 
     max_rows: int = 64
     max_tokens: int = 8192
     max_lag: float = 4096.0
     max_queue_delay_s: float = 0.0
+    share_cap: bool = True
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_tokens < 1:

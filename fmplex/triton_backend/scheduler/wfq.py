@@ -61,13 +61,34 @@ class WFQScheduler(QueueingScheduler):
         blocked = [False] * len(tasks)
         first = min(tasks, key=lambda t: (t.queue[0].finish_tag, t.order))
         limit = first.queue[0].finish_tag + self.budget.max_lag
-        self._merge(tasks, nxt, blocked, packer, limit, first.queue[0].batch_key, True)
-        self._merge(tasks, nxt, blocked, packer, float("inf"), None, False)
+        caps = self._caps(tasks)
+        taken = [0] * len(tasks)
+        self._merge(tasks, nxt, blocked, packer, limit, first.queue[0].batch_key, True, caps, taken)
+        self._merge(tasks, nxt, blocked, packer, float("inf"), None, False, caps, taken)
         return packer
+
+    def _caps(self, tasks: list[TaskState]) -> list[int] | None:
+        """Rows each queued task may take in this batch (None: no caps).
+
+        Caps apply only while some queued task is *light* (it queues fewer
+        rows than its weighted share of a batch): then the batch carrying
+        its request is not stretched to full size by the heavy ones, which
+        get their share each. When every queued task could fill its share
+        (saturation) nothing is capped, so fair shares of cost are exactly
+        those of plain WFQ.
+        """
+        if not self.budget.share_cap or len(tasks) < 2:
+            return None
+        total = sum(t.policy.weight for t in tasks)
+        caps = [max(1, int(self.budget.max_rows * t.policy.weight / total)) for t in tasks]
+        if all(sum(r.rows for r in t.queue) >= cap for t, cap in zip(tasks, caps)):
+            return None
+        return caps
 
     @staticmethod
     def _merge(tasks: list[TaskState], nxt: list[int], blocked: list[bool], packer: Packer,
-               limit: float, key: Hashable, match_key: bool) -> None:
+               limit: float, key: Hashable, match_key: bool, caps: list[int] | None = None,
+               taken: list[int] | None = None) -> None:
         """Offer untaken heads in finish-tag order up to ``limit`` (and ``key``)."""
         heap = [(t.queue[nxt[i]].finish_tag, t.order, i) for i, t in enumerate(tasks)
                 if not blocked[i] and nxt[i] < len(t.queue)]
@@ -78,10 +99,16 @@ class WFQScheduler(QueueingScheduler):
             req = queue[nxt[i]]
             if match_key and req.batch_key != key:
                 continue  # this task sits out the preference pass only
+            if caps is not None and taken is not None and taken[i] and taken[i] + req.rows > caps[i]:
+                blocked[i] = True  # its share of this batch is used up
+                packer.full = True
+                continue
             if not packer.offer(req):
                 blocked[i] = True  # nothing behind it may pass it; skip it in pass 2 too
                 continue
             nxt[i] += 1
+            if taken is not None:
+                taken[i] += req.rows
             if nxt[i] < len(queue):
                 heapq.heappush(heap, (queue[nxt[i]].finish_tag, order, i))
 

@@ -1,0 +1,152 @@
+"""Isolation under overload: does one task's flood hurt a well-behaved task?
+
+Side by side in one run, on one real server:
+
+1. ``unloaded``: the well-behaved task (1 sentence per request, one client,
+   back to back) alone -> its p50/p99 latency;
+2. ``flood``: the same, while another task of equal weight is flooded by
+   many clients sending 8-row requests back to back (over 10x its fair
+   share of the backbone);
+
+and the host's mean batch time during the flood. The target (issue "Never
+lose a request"): loaded p99 <= 1.25 x unloaded p99 + one batch time.
+Writes ``perf/results/overload_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _metric(metrics_url: str, name: str) -> float:
+    from fmplex.control.triton_api import scrape_metrics  # noqa: PLC0415
+
+    return sum(v for (n, _), v in scrape_metrics(metrics_url).items() if n == name)
+
+
+def _latencies(grpc_url: str, task: str, seconds: float) -> list[float]:
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    inp = grpcclient.InferInput("TEXT", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"The staff were friendly and the room was clean."], dtype=object))
+    out: list[float] = []
+    end = time.monotonic() + seconds
+    try:
+        client.infer(task, [inp], client_timeout=60)  # warm
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            client.infer(task, [inp], client_timeout=60)
+            out.append(time.perf_counter() - t0)
+            time.sleep(0.02)  # a well-behaved client: ~a few requests/s, far below its share
+    finally:
+        client.close()
+    return out
+
+
+def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds: float = 8.0, flood_clients: int = 10) -> dict[str, Any]:
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    unloaded = _latencies(grpc_url, victim, seconds)
+    stop = threading.Event()
+    flood_done = [0]
+    flood_errors: list[str] = []
+
+    def flood() -> None:
+        c = grpcclient.InferenceServerClient(grpc_url)
+        inp = grpcclient.InferInput("TEXT", [8], "BYTES")
+        inp.set_data_from_numpy(np.array([b"please book a table for four people tomorrow at eight"] * 8, dtype=object))
+        while not stop.is_set():
+            try:
+                c.infer(flooder, [inp], client_timeout=120)
+                flood_done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - queue-full refusals are expected under a flood
+                flood_errors.append(str(exc)[:120])
+        c.close()
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(flood_clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    b0, s0 = _metric(metrics_url, "fmplex_batch_batches_total"), _metric(metrics_url, "fmplex_batch_seconds_total")
+    r0 = _metric(metrics_url, "fmplex_batch_rows_total")
+    loaded = _latencies(grpc_url, victim, seconds)
+    time.sleep(0.5)
+    b1, s1 = _metric(metrics_url, "fmplex_batch_batches_total"), _metric(metrics_url, "fmplex_batch_seconds_total")
+    r1 = _metric(metrics_url, "fmplex_batch_rows_total")
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    batch_s = (s1 - s0) / max(1.0, b1 - b0)
+    p = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
+    res = {
+        "victim": victim,
+        "flooder": flooder,
+        "unloaded_ms": {"p50": p(unloaded, 50), "p99": p(unloaded, 99), "n": len(unloaded)},
+        "loaded_ms": {"p50": p(loaded, 50), "p99": p(loaded, 99), "n": len(loaded)},
+        "batch_ms_mean": batch_s * 1000,
+        "rows_per_batch": (r1 - r0) / max(1.0, b1 - b0),
+        "flood_requests_served": flood_done[0],
+        "victim_requests_per_s": len(loaded) / seconds,
+        "flood_rows_per_s": 8 * flood_done[0] / (seconds + 2.0),
+        "flood_errors": len(flood_errors),
+    }
+    res["target_ms"] = 1.25 * res["unloaded_ms"]["p99"] + res["batch_ms_mean"]
+    res["meets_target"] = res["loaded_ms"]["p99"] <= res["target_ms"]
+    return res
+
+
+def main() -> int:
+    from fmplex.control import serving  # noqa: PLC0415
+    from fmplex.control.server import free_ports  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-batch-rows", type=int, nargs="+", default=[64, 16],
+                    help="host batch budgets to compare, each on its own server (default: 64 16)")
+    args = ap.parse_args()
+    results = {}
+    for rows in args.max_batch_rows:
+        work = Path(tempfile.mkdtemp(prefix="fmplex-overload-"))
+        shutil.copytree(ROOT / "model_repository", work / "repo")
+        cfg = work / "repo" / "fm.minilm" / "config.pbtxt"
+        text = cfg.read_text()
+        cfg.write_text(re.sub(r'key: "max_batch_rows" value \{ string_value: "\d+" \}', f'key: "max_batch_rows" value {{ string_value: "{rows}" }}', text))
+        ports = free_ports()
+        proc = serving.start(work / "repo", ports, log_path=work / "server.log")
+        try:
+            res = measure(f"127.0.0.1:{ports.grpc}", f"http://127.0.0.1:{ports.metrics}/metrics", "sentiment", "intent",
+                          seconds=4.0 if args.quick else args.seconds)
+        finally:
+            proc.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        results[f"max_batch_rows_{rows}"] = res
+        print(f"== max_batch_rows {rows}")
+        print(f"   victim '{res['victim']}' alone:   p50 {res['unloaded_ms']['p50']:7.1f} ms  p99 {res['unloaded_ms']['p99']:7.1f} ms")
+        print(f"   while '{res['flooder']}' floods: p50 {res['loaded_ms']['p50']:7.1f} ms  p99 {res['loaded_ms']['p99']:7.1f} ms")
+        print(f"   mean batch {res['batch_ms_mean']:.1f} ms ({res['rows_per_batch']:.1f} rows); flood {res['flood_rows_per_s']:.0f} rows/s; "
+              f"target p99 <= {res['target_ms']:.1f} ms: {'met' if res['meets_target'] else 'MISSED'}")
+    out = ROOT / "perf" / "results" / "overload_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"== written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
