@@ -540,6 +540,11 @@ def _connect(url: str, repo: Path | None = None, api_key: str | None = None) -> 
     help="Key that unlocks the control APIs (env FMPLEX_API_KEY; default: a random one written to REPO/fmplex.key).",
 )
 @click.option("--no-lock", is_flag=True, help="Leave the control APIs open to anyone who reaches the ports (unsafe).")
+@click.option(
+    "--no-watchdog",
+    is_flag=True,
+    help="Do not reload a host whose Python stub process died (Triton itself leaves it failing every request).",
+)
 @_friendly
 def serve(
     repo: Path,
@@ -552,6 +557,7 @@ def serve(
     verbose: bool,
     api_key: str | None,
     no_lock: bool,
+    no_watchdog: bool,
 ) -> None:
     """Run tritonserver on REPO in the foreground (Ctrl-C stops it cleanly).
 
@@ -610,6 +616,7 @@ def serve(
         inherit_output=verbose,
         echo=click.echo,
         api_key=api_key,
+        watchdog=not no_watchdog,
     )
     old = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _interrupt)
     try:

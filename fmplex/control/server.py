@@ -291,6 +291,7 @@ class TritonProcess:
         )
         self.env = server_env(self.install, torch_threads)
         self.log_path = log_path
+        self.watchdog: Any = None  # set by serving.start(watchdog=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "TritonProcess":
@@ -321,6 +322,8 @@ class TritonProcess:
         return f" (log: {self.log_path})" if self.log_path else ""
 
     def stop(self, grace: float = 20.0) -> int | None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         code = None
         if self.proc is not None and self.proc.poll() is None:
             try:

@@ -29,6 +29,7 @@ def start(
     ready_timeout: float = 300.0,
     echo: Callable[[str], None] = lambda _msg: None,
     api_key: str | None = None,
+    watchdog: bool = False,
 ) -> TritonProcess:
     """Start tritonserver on ``repo`` and load what the registry says is deployed.
 
@@ -59,6 +60,17 @@ def start(
                     echo(f"  vFM {entry.name} v{entry.deployed_version} ({entry.kind}, slot {entry.slot}) ready")
                 except Exception as exc:  # noqa: BLE001 - report and keep serving the others
                     echo(f"  vFM {entry.name} failed to load: {exc}")
+        if watchdog:  # reload a host whose stub process died (Triton would not)
+            from .watchdog import HostWatchdog  # noqa: PLC0415
+
+            proc.watchdog = HostWatchdog(
+                f"127.0.0.1:{ports.grpc}",
+                f"http://127.0.0.1:{ports.metrics}/metrics",
+                [h.model for h in reg.hosts.values()],
+                echo=echo,
+                api_key=api_key,
+            )
+            proc.watchdog.start()
     except BaseException:
         proc.stop()
         raise
