@@ -10,11 +10,12 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test test-unit test-e2e bench repo clean
+.PHONY: help install system-deps demo test soak test-unit test-e2e bench repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
 	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
+	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
 	@echo "make bench  - vFM throughput vs raw forward, memory 3 vs 30 tasks, cost of mixing extension kinds (perf/results/)"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
@@ -34,7 +35,10 @@ demo: $(STAMP)
 	$(PY) -m fmplex.demo
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -m "not soak" tests
+
+soak: $(STAMP) system-deps
+	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m pytest -q -ra -s -m soak tests/soak
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -45,6 +49,7 @@ test-e2e: $(STAMP) system-deps
 bench: $(STAMP) system-deps
 	$(PY) perf/bench_vfm.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_extensions.py $(if $(QUICK),--quick,)
+	$(PY) perf/bench_overload.py $(if $(QUICK),--quick,)
 
 repo: $(STAMP)
 	rm -rf model_repository
