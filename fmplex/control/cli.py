@@ -108,13 +108,20 @@ def main() -> None:
     type=click.FloatRange(min=0.0),
     help="Memory for resident task extensions per host; least recently used ones are evicted beyond it.",
 )
+@click.option(
+    "--max-batch-rows",
+    default=repo_ops.DEFAULT_BATCH_ROWS,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Rows per shared batch (16 suits a CPU; raise it on a GPU).",
+)
 @_friendly
-def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float) -> None:
+def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float, max_batch_rows: int) -> None:
     """Create a model repository with one host entry per backbone.
 
     Safe to run again: existing hosts and tasks are kept.
     """
-    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb)
+    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb, max_batch_rows)
     for name, host in sorted(reg.hosts.items()):
         click.echo(f"host {host.model}: backbone {name}, {host.slots} slots")
     click.echo(f"repository ready: {repo}")
