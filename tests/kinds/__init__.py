@@ -44,3 +44,18 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     m = mask.unsqueeze(-1).float()
     pooled = (hidden * m).sum(1) / m.sum(1)
     return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+def embedding_reference(model, tok) -> Callable[[list[str]], dict[str, np.ndarray]]:  # noqa: ANN001
+    """EMBEDDING of each text run alone through ``model`` (masked mean, L2 norm)."""
+
+    def reference(texts: list[str]) -> dict[str, np.ndarray]:
+        rows = []
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            with torch.no_grad():
+                rows.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])[0])
+        return {"EMBEDDING": np.stack(rows)}
+
+    return reference
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import TaskSource, backbone_model, mean_pool, tokenizer
+from . import TaskSource, backbone_model, embedding_reference, tokenizer
 
 HIDDEN = 384
 # (layer, position): "attention" = after attention.output.dense, "output" = after output.dense
@@ -56,12 +56,6 @@ def make(
         model.get_submodule(f"encoder.layer.{j}.{_LINEAR[pos]}").register_forward_hook(hook)
     tok = tokenizer()
 
-    def reference(texts: list[str]) -> dict[str, np.ndarray]:
-        rows = []
-        for t in texts:
-            enc = tok(t, return_tensors="pt")
-            with torch.no_grad():
-                rows.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])[0])
-        return {"EMBEDDING": np.stack(rows)}
+    reference = embedding_reference(model, tok)
 
     return TaskSource("adapter", ["--kind", "adapter", "--source", str(out)], reference)

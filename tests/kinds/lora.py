@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import TaskSource, backbone_model, mean_pool, tokenizer
+from . import TaskSource, backbone_model, embedding_reference, tokenizer
 
 
 def make(tmp: Path, seed: int = 0, rank: int = 4, targets: tuple[str, ...] = ("query", "value", "dense")) -> TaskSource:
@@ -23,12 +23,6 @@ def make(tmp: Path, seed: int = 0, rank: int = 4, targets: tuple[str, ...] = ("q
     ref = PeftModel.from_pretrained(backbone_model(), str(out)).eval()
     tok = tokenizer()
 
-    def reference(texts: list[str]) -> dict[str, np.ndarray]:
-        rows = []
-        for t in texts:
-            enc = tok(t, return_tensors="pt")
-            with torch.no_grad():
-                rows.append(mean_pool(ref(**enc).last_hidden_state, enc["attention_mask"])[0])
-        return {"EMBEDDING": np.stack(rows)}
+    reference = embedding_reference(ref, tok)
 
     return TaskSource("lora", ["--kind", "lora", "--source", str(out)], reference)

@@ -74,15 +74,9 @@ def test_two_ranks_and_a_plain_task_in_one_batch_are_exact(executor: Executor, s
 
 def _plain(texts: list[str]) -> np.ndarray:
     """The plain backbone's sentence embeddings, by transformers alone."""
-    from ..kinds import backbone_model, tokenizer
+    from ..kinds import backbone_model, embedding_reference, tokenizer
 
-    tok, model = tokenizer(), backbone_model()
-    outs = []
-    for t in texts:
-        enc = tok(t, return_tensors="pt")
-        with torch.no_grad():
-            outs.append(lora_source.mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])[0])
-    return np.stack(outs)
+    return embedding_reference(backbone_model(), tokenizer())(texts)["EMBEDDING"]
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -40,21 +40,8 @@ MUST_MATCH = (
     "position_embedding_type",
 )
 
-# Parameters of one BertLayer (its state_dict names).
-LAYER_PARAMS = tuple(
-    f"{module}.{p}"
-    for module in (
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "attention.output.LayerNorm",
-        "intermediate.dense",
-        "output.dense",
-        "output.LayerNorm",
-    )
-    for p in ("weight", "bias")
-)
+# Parameters of one BertLayer (its state_dict names): the extension's own list.
+from fmplex.triton_backend.extensions.fork import LAYER_PARAMS  # noqa: E402
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 _IGNORED = ("embeddings.position_ids",)  # a buffer (arange), not a weight
