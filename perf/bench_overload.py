@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -62,35 +63,37 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     unloaded = _latencies(grpc_url, victim, seconds)
-    stop = threading.Event()
-    flood_done = [0]
-    flood_errors: list[str] = []
+    # The flood comes from perf_analyzer, another process: flood clients in
+    # this process would hold its GIL and delay the victim's own client.
+    from fmplex.control.server import perf_analyzer_command  # noqa: PLC0415
 
-    def flood() -> None:
-        c = grpcclient.InferenceServerClient(grpc_url)
-        inp = grpcclient.InferInput("TEXT", [8], "BYTES")
-        inp.set_data_from_numpy(np.array([b"please book a table for four people tomorrow at eight"] * 8, dtype=object))
-        while not stop.is_set():
-            try:
-                c.infer(flooder, [inp], client_timeout=120)
-                flood_done[0] += 1
-            except Exception as exc:  # noqa: BLE001 - queue-full refusals are expected under a flood
-                flood_errors.append(str(exc)[:120])
-        c.close()
-
-    threads = [threading.Thread(target=flood, daemon=True) for _ in range(flood_clients)]
-    for t in threads:
-        t.start()
-    time.sleep(1.5)
+    data = Path(tempfile.mkdtemp(prefix="fmplex-flood-")) / "flood.json"
+    data.write_text(json.dumps({"data": [{"TEXT": {"content": ["please book a table for four people tomorrow at eight"] * 8, "shape": [8]}}]}))
+    cmd, env = perf_analyzer_command()
+    flood = subprocess.Popen(
+        [*cmd, "-m", flooder, "-u", grpc_url, "-i", "grpc", "--input-data", str(data), "--shape", "TEXT:8",
+         "--concurrency-range", str(flood_clients), "--measurement-interval", str(int((seconds + 4) * 1000)),
+         "--measurement-mode", "time_windows", "--max-trials", "1", "--stability-percentage", "999"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    time.sleep(2.0)
     b0, s0 = _metric(metrics_url, "fmplex_batch_batches_total"), _metric(metrics_url, "fmplex_batch_seconds_total")
     r0 = _metric(metrics_url, "fmplex_batch_rows_total")
+    f0 = _metric(metrics_url, "fmplex_task_served_rows_total")
     loaded = _latencies(grpc_url, victim, seconds)
     time.sleep(0.5)
     b1, s1 = _metric(metrics_url, "fmplex_batch_batches_total"), _metric(metrics_url, "fmplex_batch_seconds_total")
     r1 = _metric(metrics_url, "fmplex_batch_rows_total")
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
+    f1 = _metric(metrics_url, "fmplex_task_served_rows_total")
+    flood.terminate()
+    try:
+        flood.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        flood.kill()
+        flood.communicate()
+    shutil.rmtree(data.parent, ignore_errors=True)
+    flood_done = [int((f1 - f0 - len(loaded)) / 8)]
+    flood_errors: list[str] = []
     batch_s = (s1 - s0) / max(1.0, b1 - b0)
     p = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
     res = {
@@ -102,7 +105,7 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
         "rows_per_batch": (r1 - r0) / max(1.0, b1 - b0),
         "flood_requests_served": flood_done[0],
         "victim_requests_per_s": len(loaded) / seconds,
-        "flood_rows_per_s": 8 * flood_done[0] / (seconds + 2.0),
+        "flood_rows_per_s": 8 * flood_done[0] / (seconds + 0.5),
         "flood_errors": len(flood_errors),
     }
     res["target_ms"] = 1.25 * res["unloaded_ms"]["p99"] + res["batch_ms_mean"]

@@ -46,10 +46,10 @@ def _inputs(optional: bool) -> str:
     )
 
 
-# Rows per batch: on the 2-core CPU a 16-row forward is as fast per row as a
-# 64-row one (302 vs 302 sentences/s) but 4x shorter, and a light task waits
-# for the batch in flight: 16 cut its p99 under a flood from 370 to 115 ms
-# (perf/bench_overload.py). Raise it on a GPU.
+# Rows per batch: a light task waits for the batch in flight, and 16-row
+# batches cut its p99 under a flood from ~370 to ~110 ms (perf/bench_overload.py)
+# for ~12% of saturated throughput (the raw forward is nearly flat on this CPU:
+# 273 vs 297 sentences/s). Raise it where throughput matters more, and on a GPU.
 DEFAULT_BATCH_ROWS = 16
 
 
