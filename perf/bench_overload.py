@@ -4,9 +4,9 @@ Side by side in one run, on one real server:
 
 1. ``unloaded``: the well-behaved task (1 sentence per request, one client,
    back to back) alone -> its p50/p99 latency;
-2. ``flood``: the same, while another task of equal weight is flooded by
-   many clients sending 8-row requests back to back (over 10x its fair
-   share of the backbone);
+2. ``flood``: the same, while perf_analyzer (another process) floods another
+   task of equal weight with 10 concurrent 8-row requests back to back
+   (over 10x its fair share of the backbone);
 
 and the host's mean batch time during the flood. The target (issue "Never
 lose a request"): loaded p99 <= 1.25 x unloaded p99 + one batch time.
@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,6 @@ def _latencies(grpc_url: str, task: str, seconds: float) -> list[float]:
 
 
 def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds: float = 8.0, flood_clients: int = 10) -> dict[str, Any]:
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
-
     unloaded = _latencies(grpc_url, victim, seconds)
     # The flood comes from perf_analyzer, another process: flood clients in
     # this process would hold its GIL and delay the victim's own client.
