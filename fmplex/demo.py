@@ -73,9 +73,15 @@ def run(repo: Path) -> int:
                 print(f"   {t.name:<10} slot {t.slot:<3} weight {t.weight:<4g} ok {st.get('success', 0):<3} avg {st.get('ms_request', 0):6.2f} ms")
             host = triton.statistics("fm.minilm")
             print(f"   fm.minilm  (host) requests {host.get('success', 0)} in {host.get('execution', 0)} execute() calls")
-        metrics = scrape_metrics(f"http://127.0.0.1:{ports.metrics}/metrics")
-        batches = sum(v for (n, _), v in metrics.items() if n == "fmplex_batch_batches_total")
-        rows = sum(v for (n, _), v in metrics.items() if n == "fmplex_batch_rows_total")
+        sent_rows = len(reviews) + len(headlines) + len(utterances) + len(pair)
+        deadline = time.monotonic() + 5  # the host publishes its counters every 0.25 s
+        while True:
+            metrics = scrape_metrics(f"http://127.0.0.1:{ports.metrics}/metrics")
+            batches = sum(v for (n, _), v in metrics.items() if n == "fmplex_batch_batches_total")
+            rows = sum(v for (n, _), v in metrics.items() if n == "fmplex_batch_rows_total")
+            if rows >= sent_rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         print(f"   host batches {batches:.0f}, rows {rows:.0f}")
         http.close()
         grpc.close()
