@@ -17,7 +17,6 @@ with bytes per task of each kind.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fmplex.backbones import get_backbone  # noqa: E402
+from perf.common import write_results  # noqa: E402
 from fmplex.control import importers  # noqa: E402
 from fmplex.triton_backend.executor import Executor, WorkItem, set_threads  # noqa: E402
 from fmplex.triton_backend.extensions import extension_class  # noqa: E402
@@ -127,10 +127,7 @@ def main() -> int:
     print("== bytes per task")
     for name, b in per_kind.items():
         print(f"   {name:<12} {b / 1024:10.1f} KiB")
-    out = ROOT / "perf" / "results" / "extensions_bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"== written {out}")
+    write_results("extensions_bench.json", results)
     return 0
 
 

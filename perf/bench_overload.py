@@ -16,7 +16,6 @@ Writes ``perf/results/overload_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -64,8 +63,9 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
     # this process would hold its GIL and delay the victim's own client.
     from fmplex.control.server import perf_analyzer_command  # noqa: PLC0415
 
-    data = Path(tempfile.mkdtemp(prefix="fmplex-flood-")) / "flood.json"
-    data.write_text(json.dumps({"data": [{"TEXT": {"content": ["please book a table for four people tomorrow at eight"] * 8, "shape": [8]}}]}))
+    from perf.common import text_input_file  # noqa: PLC0415
+
+    data = text_input_file(Path(tempfile.mkdtemp(prefix="fmplex-flood-")) / "flood.json", ["please book a table for four people tomorrow at eight"] * 8)
     cmd, env = perf_analyzer_command()
     flood = subprocess.Popen(
         [*cmd, "-m", flooder, "-u", grpc_url, "-i", "grpc", "--input-data", str(data), "--shape", "TEXT:8",
@@ -112,6 +112,7 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
 
 def main() -> int:
     from fmplex.control import serving  # noqa: PLC0415
+    from perf.common import write_results  # noqa: PLC0415
     from fmplex.control.server import free_ports  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,10 +142,7 @@ def main() -> int:
         print(f"   while '{res['flooder']}' floods: p50 {res['loaded_ms']['p50']:7.1f} ms  p99 {res['loaded_ms']['p99']:7.1f} ms")
         print(f"   mean batch {res['batch_ms_mean']:.1f} ms ({res['rows_per_batch']:.1f} rows); flood {res['flood_rows_per_s']:.0f} rows/s; "
               f"target p99 <= {res['target_ms']:.1f} ms: {'met' if res['meets_target'] else 'MISSED'}")
-    out = ROOT / "perf" / "results" / "overload_bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"== written {out}")
+    write_results("overload_bench.json", results)
     return 0
 
 

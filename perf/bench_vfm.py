@@ -18,7 +18,6 @@ Writes ``perf/results/vfm_bench.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import shutil
@@ -35,9 +34,9 @@ from fmplex import registry  # noqa: E402
 from fmplex.backbones import get_backbone  # noqa: E402
 from fmplex.control import serving  # noqa: E402
 from fmplex.control.server import free_ports, perf_analyzer_command  # noqa: E402
+from perf.common import text_input_file, write_results  # noqa: E402
 
 SENTENCE = "The service was quick and the food arrived hot."
-RESULTS = ROOT / "perf" / "results"
 
 
 def raw_forward(batches: list[int], seconds: float) -> dict[str, float]:
@@ -143,7 +142,7 @@ def main() -> int:
     repo = work / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     data = work / "input.json"
-    data.write_text(json.dumps({"data": [{"TEXT": {"content": [SENTENCE], "shape": [1]}}]}))
+    text_input_file(data, [SENTENCE])
     ports = free_ports()
     proc = serving.start(repo, ports, log_path=work / "server.log")
     url = f"127.0.0.1:{ports.grpc}"
@@ -190,10 +189,7 @@ def main() -> int:
     finally:
         proc.stop()
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "vfm_bench.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"== written {out}")
+    write_results("vfm_bench.json", results)
     return 0
 
 

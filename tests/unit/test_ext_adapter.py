@@ -33,11 +33,6 @@ TEXTS = ["a short one", "a considerably longer sentence, so the batch needs padd
 
 
 @pytest.fixture(scope="module")
-def executor() -> Executor:
-    return Executor(SPEC)
-
-
-@pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TaskSource]:
     tmp = tmp_path_factory.mktemp("adapter")
     return {

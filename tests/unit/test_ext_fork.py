@@ -40,11 +40,6 @@ CASES = {"cls": ("cls", 2), "token": ("token", 1), "emb": ("embedding", 3), "hea
 
 
 @pytest.fixture(scope="module")
-def executor() -> Executor:
-    return Executor(SPEC)
-
-
-@pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TaskSource]:
     tmp = tmp_path_factory.mktemp("fork_src")
     return {name: fork_kind.make(tmp, seed=i + 1, head=head, layers=n) for i, (name, (head, n)) in enumerate(CASES.items())}

@@ -38,11 +38,6 @@ TEXTS = ["a short one", "a considerably longer sentence, so the batch needs padd
 
 
 @pytest.fixture(scope="module")
-def executor() -> Executor:
-    return Executor(SPEC)
-
-
-@pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx")
 

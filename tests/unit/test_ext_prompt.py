@@ -35,11 +35,6 @@ SPEC = get_backbone("minilm")
 
 
 @pytest.fixture(scope="module")
-def executor() -> Executor:
-    return Executor(SPEC)
-
-
-@pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[int, TaskSource]:
     tmp = tmp_path_factory.mktemp("prompt_src")
     return {p: prompt_kind.make(tmp, seed=p, virtual_tokens=p) for p in (4, 12)}

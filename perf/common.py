@@ -1,0 +1,25 @@
+"""What every benchmark here shares: the results folder and perf_analyzer inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(name: str, results: Any) -> Path:
+    """perf/results/<name> as indented JSON; prints where it went."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / name
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"== written {out}")
+    return out
+
+
+def text_input_file(path: Path, texts: list[str]) -> Path:
+    """A perf_analyzer --input-data file with one TEXT request of these rows
+    (BYTES inputs need real text: random bytes are not UTF-8)."""
+    path.write_text(json.dumps({"data": [{"TEXT": {"content": texts, "shape": [len(texts)]}}]}))
+    return path
