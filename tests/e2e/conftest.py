@@ -69,6 +69,22 @@ class Server:
                 return value
             time.sleep(0.2)
 
+    def settled(self, tasks: object, timeout: float = 15.0) -> None:
+        """Wait until the host has published a response for every request of
+        these tasks it received (its counters flush every 0.25 s)."""
+        import time  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(
+                self.metric("fmplex_task_received_total", task=t) == self.metric("fmplex_task_responses_total", task=t)
+                and self.metric("fmplex_task_served_requests_total", task=t)
+                == self.metric("fmplex_task_responses_total", task=t, outcome="ok")
+                for t in tasks  # type: ignore[attr-defined]
+            ):
+                return
+            time.sleep(0.2)
+
     def host_loads(self) -> int:
         """How often Triton started loading the backbone host (from its own log)."""
         return self.log.read_text(errors="replace").count('loading: fm.minilm:1"')

@@ -114,6 +114,7 @@ def test_concurrent_mixed_tasks_share_batches_and_stay_exact(server: Server, ref
     together (the host's batch counter shows fewer batches than requests) and
     every answer still equals its standalone reference."""
     wants = {task: expected(server, reference, task, texts) for task, texts in TEXTS.items()}
+    server.settled(TEXTS)  # earlier tests' last responses are published before the baseline
     batches0 = server.metric("fmplex_batch_batches_total")
     reqs0 = sum(server.metric("fmplex_task_served_requests_total", task=t) for t in TEXTS)
 
