@@ -699,5 +699,11 @@ def _artifact_bytes(repo: Path, entry: TaskEntry) -> int:
     return sum(p.stat().st_size for p in vdir.iterdir() if p.is_file()) if vdir.is_dir() else 0
 
 
+# Multimodal backbones as stage hosts (fmplex/multimodal/cli.py).
+from fmplex.multimodal.cli import multimodal as _multimodal  # noqa: E402 - needs the helpers above
+
+main.add_command(_multimodal)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

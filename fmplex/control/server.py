@@ -44,6 +44,13 @@ SYSTEM_ROOT = Path("/opt/tritonserver")
 # backend directory, and it pulls the host from the installed package.
 BACKEND_SHIM = "from fmplex.triton_backend.host import TritonPythonModel  # noqa: F401\n"
 
+# Python-based backends of the multimodal stage hosts (fmplex/multimodal/):
+# backend name -> its model.py, assembled beside the fmplex backend.
+MULTIMODAL_SHIMS = {
+    "fmplex_mm_encode": "from fmplex.multimodal.encode_host import TritonPythonModel  # noqa: F401\n",
+    "fmplex_mm_lm": "from fmplex.multimodal.lm_host import TritonPythonModel  # noqa: F401\n",
+}
+
 
 # Locking the server's control APIs (see the module docstring).
 API_KEY_HEADER = "fmplex-key"  # the HTTP header
@@ -202,6 +209,9 @@ def assemble_backends(install: TritonInstall, into: Path) -> Path:
     fm = into / "fmplex"
     fm.mkdir(exist_ok=True)
     (fm / "model.py").write_text(BACKEND_SHIM)
+    for backend, shim in MULTIMODAL_SHIMS.items():
+        (into / backend).mkdir(exist_ok=True)
+        (into / backend / "model.py").write_text(shim)
     return into
 
 

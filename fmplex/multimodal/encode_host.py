@@ -1,0 +1,118 @@
+"""The ``encode`` stage host: vision tower + projector as its own Triton model.
+
+Triton's dynamic batcher forms the batches: every image arrives as (part of)
+a request ``PIXEL_VALUES [k, 3, H, W]`` -- the LM stage hosts send one image
+per request, so images of one prompt spread over batches and mix with images
+of other prompts and tasks -- and ``execute()`` runs the whole batch through
+the encoder in one forward, then answers each request with its own rows of
+``FEATURES [k, tokens, hidden]``. Images never interact inside the encoder,
+so batching does not change any result (tests/unit/test_multimodal_stages.py).
+
+Triton's statistics of this model say how it batched (``inference_count`` =
+images, ``execution_count`` = batches, ``batch_stats`` per batch size); the
+host also publishes ``fmplex_mm_encode_batches_total{host,size}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from .models import read_stage
+from .placement import apply_affinity, format_cpus, parse_cpus, resolve_device
+from .stages import EncodeStage
+
+
+def param(config: dict[str, Any], key: str, default: str) -> str:
+    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+class StageMetrics:
+    """Counters of one stage host (Prometheus, via Triton's metrics port)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._fam: dict[str, Any] = {}
+        self._m: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        # The watchdog of 'fmplex serve' reloads a host whose stub died, found by this pid.
+        self.metric("fmplex_host_pid", "process id of this host instance", "GAUGE").set(os.getpid())
+
+    def metric(self, name: str, doc: str, kind: str = "COUNTER", **labels: str) -> Any:
+        key = (name, tuple(sorted(labels.items())))
+        m = self._m.get(key)
+        if m is None:
+            fam = self._fam.get(name)
+            if fam is None:
+                mf = pb_utils.MetricFamily
+                fam = self._fam[name] = mf(name=name, description=doc, kind=getattr(mf, kind))
+            m = self._m[key] = fam.Metric(labels={"host": self.host, **labels})
+        return m
+
+
+def placement(config: dict[str, Any], name: str) -> tuple[str, set[int]]:
+    """Apply the stage's configured CPUs and threads; its torch device."""
+    cpus = apply_affinity(parse_cpus(param(config, "cpus", "")))
+    threads = int(os.environ.get("FMPLEX_TORCH_THREADS", param(config, "torch_threads", "1")))
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(param(config, "device", "cpu"))
+    return device, cpus
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        self.device, cpus = placement(config, self.name)
+        vdir = Path(args["model_repository"]) / str(args["model_version"])
+        files = read_stage(vdir, "encode")
+        self.stage = EncodeStage(files, self.device)
+        self.backbone = files.meta["backbone"]
+        self.metrics = StageMetrics(self.name)
+        self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(time.perf_counter() - t0)
+        pb_utils.Logger.log_info(
+            f"fmplex encode stage {self.name}: {self.backbone}, device {self.device}, cpus {format_cpus(cpus)}, "
+            f"pid {os.getpid()}, loaded in {time.perf_counter() - t0:.2f}s"
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        arrays: list[np.ndarray | None] = []
+        for request in requests:
+            tensor = pb_utils.get_input_tensor_by_name(request, "PIXEL_VALUES")
+            arr = None if tensor is None else tensor.as_numpy()
+            arrays.append(arr if arr is not None and arr.ndim == 4 and tuple(arr.shape[1:]) == self.stage.image_shape else None)
+        good = [a for a in arrays if a is not None]
+        responses: list[Any] = []
+        try:
+            t0 = time.perf_counter()
+            feats = self.stage.encode(torch.from_numpy(np.concatenate(good))).cpu().numpy() if good else None
+            spent = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - the batch failed: every request gets the error
+            err = pb_utils.TritonError(f"encode failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+            return [pb_utils.InferenceResponse(error=err) for _ in requests]
+        row = 0
+        for arr in arrays:
+            if arr is None:
+                shape = "[n, " + ", ".join(map(str, self.stage.image_shape)) + "]"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"PIXEL_VALUES must be FP32 {shape}", pb_utils.TritonError.INVALID_ARG)))
+                continue
+            k = arr.shape[0]
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("FEATURES", np.ascontiguousarray(feats[row : row + k]))]))
+            row += k
+        if good:
+            images = sum(a.shape[0] for a in good)
+            m = self.metrics
+            m.metric("fmplex_mm_encode_batches_total", "encoder batches by images per batch", size=str(images)).increment(1)
+            m.metric("fmplex_mm_encode_images_total", "images encoded").increment(images)
+            m.metric("fmplex_mm_encode_seconds_total", "time in encoder forwards").increment(spent)
+        return responses
+
+    def finalize(self) -> None:
+        pb_utils.Logger.log_info(f"fmplex encode stage {self.name}: unloaded")

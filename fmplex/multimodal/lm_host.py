@@ -1,0 +1,374 @@
+"""The ``lm`` stage host: the Triton model every multimodal vFM talks to.
+
+A multimodal vFM is an ensemble with one step on this host (slot routing, as
+for the MiniLM host: the task is known from the slot outputs Triton asks
+for). Per request -- ``TEXT`` plus optional ``IMAGES`` FP32 ``[n, 3, H, W]``:
+
+    execute():      slot -> task -> validate -> tokenize (task prompt + TEXT)
+      n == 0:       straight to the LM queue (the encoder never sees it)
+      n > 0:        one BLS request per image to the encode stage host, issued
+                    from a small thread pool, so a prompt's images spread over
+                    encoder batches and batch with other prompts' and tasks' images
+    LM worker:      prefill (features merged / cross-attended) + decode on the
+                    KV cache -> one final response through the response sender
+
+Non-decoupled: ``execute()`` returns ``None`` and each request is answered
+later with the FINAL flag (Triton >= 24.06), so plain HTTP/gRPC ``infer`` work.
+Every accepted request gets exactly one final response.
+
+Measured with Triton 2.51 (tests/e2e/test_multimodal.py): synchronous BLS
+``exec()`` from threads that are not ``execute()``'s own works, concurrently
+from several threads, and Triton's dynamic batcher of the encode host merges
+those BLS requests into one batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from fmplex.artifacts import ArtifactError, read_manifest, version_dir
+from fmplex.registry import Registry, RegistryView, TaskEntry
+
+from .encode_host import StageMetrics, param, placement
+from .interface import SLOT_OUTPUTS, slot_of
+from .models import EOS_ID, STAGE_FILE, ByteTokenizer, ModelError, check_pair, read_stage
+from .placement import format_cpus
+from .stages import LMStage
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+
+class RequestError(ValueError):
+    """The client's fault: INVALID_ARG with this message."""
+
+
+@dataclasses.dataclass
+class TaskSettings:
+    """What makes a multimodal task a task: its prompt and generation defaults."""
+
+    prompt: str = ""
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    request: Any
+    sender: Any
+    task: str
+    slot: int
+    wanted: frozenset[str]
+    ids: list[int]
+    images: np.ndarray | None
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+    arrival: float
+    features: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    pending: int = 0
+    error: str | None = None
+    answered: bool = False
+    encoded_at: float = 0.0
+
+
+def _input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _scalar(request: Any, name: str, kind: type) -> Any:
+    arr = _input(request, name)
+    if arr is None:
+        return None
+    if arr.size != 1:
+        raise RequestError(f"{name} must hold one value, got shape {list(arr.shape)}")
+    return kind(arr.reshape(-1)[0])
+
+
+class TritonPythonModel:
+    # --- lifecycle -------------------------------------------------------------
+    def initialize(self, args: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        self.device, cpus = placement(config, self.name)
+        model_dir = Path(args["model_repository"])
+        files = read_stage(model_dir / str(args["model_version"]), "lm")
+        self.backbone = files.meta["backbone"]
+        repo = Path(param(config, "repository", str(model_dir.resolve().parent)))
+        self.encode_model = param(config, "encode_model", f"fm.{self.backbone}.encode")
+        check_pair(self._encode_meta(repo), files.meta)  # never pair an LM with another model's encoder
+        self.lm = LMStage(files, self.device)
+        self.image_shape = (int(files.config.vision_config.num_channels), int(files.config.vision_config.image_size), int(files.config.vision_config.image_size))
+        self.slots = int(param(config, "slots", "64"))
+        self.max_images = int(param(config, "max_images", "8"))
+        self.max_new_tokens_limit = int(param(config, "max_new_tokens_limit", "256"))
+        self.max_text_bytes = int(param(config, "max_text_bytes", "4096"))
+        self.queue_limit = int(param(config, "queue_limit", "256"))
+        self.images_per_call = max(1, int(param(config, "images_per_encode_request", "1")))
+        self.view = RegistryView(repo)
+        self._settings: dict[tuple[str, int], TaskSettings] = {}
+        self.metrics = StageMetrics(self.name)
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._in_encode = 0
+        self._running = True
+        self._pool = ThreadPoolExecutor(max(1, int(param(config, "encode_concurrency", "16"))), thread_name_prefix="fmplex-mm-bls")
+        self._worker = threading.Thread(target=self._loop, name="fmplex-mm-lm", daemon=True)
+        self._worker.start()
+        load_s = time.perf_counter() - t0
+        self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(load_s)
+        pb_utils.Logger.log_info(
+            f"fmplex lm stage {self.name}: {self.backbone}, encoder {self.encode_model}, {self.slots} slots, device "
+            f"{self.device}, cpus {format_cpus(cpus)}, pid {os.getpid()}, loaded in {load_s:.2f}s"
+        )
+
+    def _encode_meta(self, repo: Path) -> dict[str, Any]:
+        edir = repo / self.encode_model
+        versions = sorted((int(p.name) for p in edir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True) if edir.is_dir() else []
+        if not versions:
+            raise ModelError(f"no encode stage '{self.encode_model}' in {repo}")
+        try:
+            return json.loads((edir / str(versions[0]) / STAGE_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read the encode stage's {STAGE_FILE}: {exc}") from None
+
+    def finalize(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        self._worker.join(timeout=30)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cv:
+            left, self._queue = list(self._queue), collections.deque()
+        for job in left:
+            self._fail(job, "host is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
+
+    # --- request path ----------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        reg = self.view.current()
+        for request in requests:
+            sender = request.get_response_sender()
+            task = "-"
+            try:
+                entry, slot, wanted = self._route(request, reg)
+                task = entry.name
+                job = self._job(request, sender, entry, slot, wanted)
+                with self._cv:
+                    if len(self._queue) + self._in_encode >= self.queue_limit:
+                        raise OverflowError(f"{self.name} queue is full ({self.queue_limit} requests)")
+                    if job.images is None:
+                        self._queue.append(job)
+                        self._cv.notify()
+                    else:
+                        self._in_encode += 1
+                if job.images is not None:
+                    self._dispatch_encode(job)
+            except RequestError as exc:
+                self._reply(sender, task, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)), "invalid")
+            except OverflowError as exc:
+                err = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+                self._reply(sender, task, pb_utils.InferenceResponse(error=err), "queue_full")
+            except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
+                traceback.print_exc()
+                err = pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL)
+                self._reply(sender, task, pb_utils.InferenceResponse(error=err), "internal")
+        return None
+
+    def _route(self, request: Any, reg: Registry) -> tuple[TaskEntry, int, frozenset[str]]:
+        wanted = frozenset(request.requested_output_names())
+        slots = {slot_of(n) for n in wanted}
+        if not wanted or None in slots or len(slots) != 1:
+            raise RequestError(f"request the slot outputs of one task ({'/'.join(p + '<slot>' for p in SLOT_OUTPUTS)}), got {sorted(wanted)}")
+        slot = slots.pop()
+        assert slot is not None
+        entry = reg.slot_map(self.backbone).get(slot)
+        if entry is None:
+            entry = self.view.current().slot_map(self.backbone).get(slot)  # at once on an unknown slot
+        if entry is None:
+            raise RequestError(f"no task is deployed on slot {slot} of {self.name}")
+        return entry, slot, wanted
+
+    def _task_settings(self, entry: TaskEntry) -> TaskSettings:
+        key = (entry.name, int(entry.deployed_version or entry.version))
+        found = self._settings.get(key)
+        if found is None:
+            try:
+                manifest = read_manifest(version_dir(self.view.repo, *key))
+            except ArtifactError as exc:
+                raise RuntimeError(f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}") from None
+            found = self._settings[key] = TaskSettings(
+                prompt=str(manifest.get("prompt", "")),
+                max_new_tokens=int(manifest.get("max_new_tokens", 32)),
+                temperature=float(manifest.get("temperature", 0.0)),
+            )
+        return found
+
+    def _job(self, request: Any, sender: Any, entry: TaskEntry, slot: int, wanted: frozenset[str]) -> Job:
+        settings = self._task_settings(entry)
+        text_arr = _input(request, "TEXT")
+        if text_arr is None or text_arr.size != 1:
+            raise RequestError(f"TEXT must hold exactly one prompt, got {0 if text_arr is None else text_arr.size}")
+        raw = text_arr.reshape(-1)[0]
+        raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
+        if len(raw) > self.max_text_bytes:
+            raise RequestError(f"TEXT has {len(raw)} bytes, more than the limit of {self.max_text_bytes}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"TEXT is not valid UTF-8 ({exc})") from None
+        images = _input(request, "IMAGES")
+        n = 0
+        if images is not None:
+            if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+                shape = "[n, " + ", ".join(map(str, self.image_shape)) + "]"
+                raise RequestError(f"IMAGES must be FP32 {shape} for {self.backbone}, got {list(images.shape)}")
+            n = int(images.shape[0])
+            if n > self.max_images:
+                raise RequestError(f"{n} images in one request, more than the limit of {self.max_images}")
+            if not np.isfinite(images).all():
+                raise RequestError("IMAGES contains NaN or Inf")
+        max_new = _scalar(request, "MAX_NEW_TOKENS", int)
+        max_new = settings.max_new_tokens if max_new is None else max_new
+        if not 1 <= max_new <= self.max_new_tokens_limit:
+            raise RequestError(f"MAX_NEW_TOKENS must be 1..{self.max_new_tokens_limit}, got {max_new}")
+        temperature = _scalar(request, "TEMPERATURE", float)
+        temperature = settings.temperature if temperature is None else temperature
+        if not (temperature >= 0 and np.isfinite(temperature)):
+            raise RequestError(f"TEMPERATURE must be >= 0, got {temperature}")
+        seed = _scalar(request, "SEED", int)
+        try:
+            ids = self.lm.tokenizer.encode(settings.prompt + text, n)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if len(ids) + max_new > self.lm.max_positions:
+            raise RequestError(f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's {self.lm.max_positions} positions")
+        return Job(
+            request, sender, entry.name, slot, wanted, ids, np.ascontiguousarray(images, dtype=np.float32) if n else None,
+            max_new, float(temperature), seed, time.monotonic(),
+        )  # fmt: skip
+
+    # --- the encode stage (BLS) --------------------------------------------------
+    def _dispatch_encode(self, job: Job) -> None:
+        assert job.images is not None
+        groups = [job.images[i : i + self.images_per_call] for i in range(0, len(job.images), self.images_per_call)]
+        job.features = [None] * len(groups)
+        job.pending = len(groups)
+        for index, group in enumerate(groups):
+            self._pool.submit(self._encode_call, job, index, group)
+
+    def _encode_call(self, job: Job, index: int, pixels: np.ndarray) -> None:
+        error = None
+        feats = None
+        if job.error is None and not job.request.is_cancelled():
+            try:
+                req = pb_utils.InferenceRequest(
+                    model_name=self.encode_model,
+                    inputs=[pb_utils.Tensor("PIXEL_VALUES", pixels)],
+                    requested_output_names=["FEATURES"],
+                )
+                resp = req.exec()
+                if resp.has_error():
+                    error = resp.error().message()
+                else:
+                    feats = pb_utils.get_output_tensor_by_name(resp, "FEATURES").as_numpy()
+                    if feats.shape != (len(pixels), *self.lm.feature_shape):
+                        error = f"returned features of shape {list(feats.shape)}, expected {[len(pixels), *self.lm.feature_shape]}"
+            except Exception as exc:  # noqa: BLE001 - reported on the request
+                error = f"{type(exc).__name__}: {exc}"
+        with self._cv:
+            if error is not None and job.error is None:
+                job.error = f"encode stage {self.encode_model} failed: {error}"
+            job.features[index] = feats
+            job.pending -= 1
+            done = job.pending == 0
+            if done:
+                self._in_encode -= 1
+                job.encoded_at = time.monotonic()
+                if job.error is None and not job.request.is_cancelled():
+                    self._queue.append(job)
+                    self._cv.notify()
+        if done and job.error is not None:
+            self._fail(job, job.error, pb_utils.TritonError.UNAVAILABLE, "encode_error")
+        elif done and job.request.is_cancelled():
+            self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+
+    # --- the LM worker -------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and self._running:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            try:
+                self._run(job)
+            except Exception as exc:  # noqa: BLE001 - the worker survives any request
+                traceback.print_exc()
+                self._fail(job, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
+
+    def _run(self, job: Job) -> None:
+        if job.request.is_cancelled():
+            self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+            return
+        feats = None
+        if job.images is not None:
+            feats = torch.from_numpy(np.concatenate([f for f in job.features if f is not None]))
+        want_logits = any(n.startswith("LOGITS_") for n in job.wanted)
+        gen = self.lm.generate(
+            job.ids, feats, job.max_new_tokens, temperature=job.temperature, seed=job.seed, eos_id=EOS_ID, want_logits=want_logits
+        )
+        values = {
+            "GEN_TEXT_": np.array([ByteTokenizer.decode(gen.tokens).encode("utf-8")], dtype=np.object_),
+            "GEN_IDS_": np.array(gen.tokens, dtype=np.int64),
+            "PROMPT_IDS_": np.array(job.ids, dtype=np.int64),
+            "LOGITS_": None if gen.prefill_logits is None else np.ascontiguousarray(gen.prefill_logits.numpy(), dtype=np.float32),
+        }
+        tensors = [pb_utils.Tensor(f"{p}{job.slot}", v) for p, v in values.items() if f"{p}{job.slot}" in job.wanted and v is not None]
+        self._send(job, pb_utils.InferenceResponse(output_tensors=tensors), "ok")
+        m = self.metrics
+        m.metric("fmplex_mm_generated_tokens_total", "tokens generated", task=job.task).increment(len(gen.tokens))
+        m.metric("fmplex_mm_prompt_tokens_total", "prompt tokens prefilled", task=job.task).increment(gen.prompt_tokens)
+        m.metric("fmplex_mm_prefill_seconds_total", "time in prefill", task=job.task).increment(gen.prefill_s)
+        m.metric("fmplex_mm_decode_seconds_total", "time in decode", task=job.task).increment(gen.decode_s)
+        if job.images is not None:
+            m.metric("fmplex_mm_images_total", "images of served requests", task=job.task).increment(len(job.images))
+            m.metric("fmplex_mm_encode_wait_seconds_total", "time from arrival until all images were encoded", task=job.task).increment(
+                job.encoded_at - job.arrival
+            )
+
+    # --- answers -------------------------------------------------------------------
+    def _fail(self, job: Job, message: str, code: Any, outcome: str) -> None:
+        self._send(job, pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), outcome)
+
+    def _send(self, job: Job, response: Any, outcome: str) -> None:
+        with self._cv:
+            if job.answered:
+                outcome, response = "duplicate_suppressed", None
+            job.answered = True
+        if response is None:
+            self.metrics.metric("fmplex_mm_responses_total", "final responses by outcome", task=job.task, outcome=outcome).increment(1)
+            return
+        self._reply(job.sender, job.task, response, outcome)
+
+    def _reply(self, sender: Any, task: str, response: Any, outcome: str) -> None:
+        self.metrics.metric("fmplex_mm_responses_total", "final responses by outcome", task=task, outcome=outcome).increment(1)
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception as exc:  # noqa: BLE001 - e.g. the client went away
+            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{task}': {exc}")
