@@ -10,13 +10,14 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test soak test-unit test-e2e bench repo clean
+.PHONY: help install system-deps demo test soak test-unit test-e2e bench bench-more repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
 	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
-	@echo "make bench  - vFM throughput vs raw forward, memory 3 vs 30 tasks, cost of mixing extension kinds (perf/results/)"
+	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
+	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
 $(STAMP): pyproject.toml
@@ -49,7 +50,12 @@ test-unit: $(STAMP)
 test-e2e: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra tests/e2e
 
+# The comparison against the baselines (summary.json/.md + plots in perf/results/): <20 min, QUICK=1 <5 min.
 bench: $(STAMP) system-deps
+	$(PY) perf/bench_baselines.py $(if $(QUICK),--quick,)
+
+# The focused benchmarks: vFM vs raw forward, cost of mixing extension kinds, overload isolation.
+bench-more: $(STAMP) system-deps
 	$(PY) perf/bench_vfm.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_extensions.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_overload.py $(if $(QUICK),--quick,)

@@ -34,7 +34,7 @@ from fmplex import registry  # noqa: E402
 from fmplex.backbones import get_backbone  # noqa: E402
 from fmplex.control import serving  # noqa: E402
 from fmplex.control.server import free_ports, perf_analyzer_command  # noqa: E402
-from perf.common import text_input_file, write_results  # noqa: E402
+from perf.common import server_memory, text_input_file, write_results  # noqa: E402
 
 SENTENCE = "The service was quick and the food arrived hot."
 
@@ -82,30 +82,6 @@ def perf_analyzer(url: str, models: list[str], concurrency: int, data: Path, int
             out[f"{m}_p99_ms"] = int(lat.group(1)) / 1000
     out["total_rps"] = sum(v for k, v in out.items() if k.endswith("_rps"))
     return out
-
-
-def server_memory(pid: int) -> dict[str, float]:
-    """RSS and PSS (MiB) of tritonserver and every descendant (the stubs)."""
-    pids, frontier = [pid], [pid]
-    while frontier:
-        p = frontier.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            kids = []
-        pids += [int(k) for k in kids]
-        frontier += [int(k) for k in kids]
-    rss = pss = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            pass
-    return {"processes": len(pids), "rss_mib": rss / 1024, "pss_mib": pss / 1024}
 
 
 def clone_tasks(repo: Path, source: str, count: int) -> list[str]:

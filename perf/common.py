@@ -23,3 +23,27 @@ def text_input_file(path: Path, texts: list[str]) -> Path:
     (BYTES inputs need real text: random bytes are not UTF-8)."""
     path.write_text(json.dumps({"data": [{"TEXT": {"content": texts, "shape": [len(texts)]}}]}))
     return path
+
+
+def server_memory(pid: int) -> dict[str, float]:
+    """RSS and PSS (MiB) of tritonserver and every descendant (the stubs)."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        pids += [int(k) for k in kids]
+        frontier += [int(k) for k in kids]
+    rss = pss = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return {"processes": len(pids), "rss_mib": rss / 1024, "pss_mib": pss / 1024}

@@ -76,6 +76,7 @@ def host_config(
         "max_text_bytes": 16384,
         "extension_budget_mb": f"{extension_budget_mb:g}",
         "policy": "wfq",
+        "workers": "auto",
     }
     out_text = ",\n".join(outs)
     param_text = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())

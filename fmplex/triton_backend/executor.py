@@ -17,6 +17,7 @@ Then each task's head runs once on all of its rows.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -56,6 +57,8 @@ class Executor:
         self.tokenizer, self.model = load_backbone(spec.name, device)
         self.config = self.model.config
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # A fast tokenizer refuses concurrent calls ("Already borrowed"); workers share it.
+        self._tok_lock = threading.Lock()
         self.vocab_size = int(self.config.vocab_size)
         self.ctx = segments.SegmentContext()
         self.targets = segments.install(self.model, self.ctx)
@@ -73,7 +76,8 @@ class Executor:
             else:
                 item.tokens = list(item.rows.ids or [])
         if texts:
-            enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
+            with self._tok_lock:
+                enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
             for owner, ids in zip(owners, enc):
                 owner.tokens.append(np.asarray(ids, dtype=np.int64))  # type: ignore[union-attr]
         for item in items:
@@ -167,7 +171,8 @@ class Executor:
         limit = self.spec.max_tokens - (0 if extension is None else extension.prompt_len)
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
-            enc = self.tokenizer(chunk, truncation=True, max_length=limit, padding=False)["input_ids"]
+            with self._tok_lock:
+                enc = self.tokenizer(chunk, truncation=True, max_length=limit, padding=False)["input_ids"]
             out.append(self.encode([np.asarray(e, dtype=np.int64) for e in enc], extension))
             if progress is not None:
                 progress(len(chunk))

@@ -10,12 +10,14 @@ extension still referenced by a running batch stays alive until that batch
 ends (Python references), so eviction never pulls weights from under a batch.
 
 Pure Python (no torch/Triton): the loader is injected, so it is unit-tested alone.
+Thread-safe: a host's worker threads share one cache (a load holds the lock).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 from typing import Any, Callable, Hashable
 
@@ -40,27 +42,29 @@ class ExtensionCache:
         self._evicted: set[Hashable] = set()
         self.pinned: set[Hashable] = set()
         self.stats = CacheStats()
+        self._lock = threading.RLock()
 
     def get(self, key: Hashable) -> Any:
         """The extension for ``key``, loading (and evicting others) if needed."""
-        ext = self._items.get(key)
-        if ext is not None:
-            self._items.move_to_end(key)
+        with self._lock:
+            ext = self._items.get(key)
+            if ext is not None:
+                self._items.move_to_end(key)
+                return ext
+            t0 = self.clock()
+            ext = self.loader(key)  # may raise: nothing changes then
+            took = self.clock() - t0
+            self.stats.loads += 1
+            self.stats.load_seconds += took
+            if key in self._evicted:
+                self._evicted.discard(key)
+                self.stats.reloads += 1
+                self.stats.reload_seconds += took
+            self._items[key] = ext
+            self._bytes[key] = int(getattr(ext, "nbytes", 0))
+            self.stats.resident_bytes += self._bytes[key]
+            self._shrink(keep=key)
             return ext
-        t0 = self.clock()
-        ext = self.loader(key)  # may raise: nothing changes then
-        took = self.clock() - t0
-        self.stats.loads += 1
-        self.stats.load_seconds += took
-        if key in self._evicted:
-            self._evicted.discard(key)
-            self.stats.reloads += 1
-            self.stats.reload_seconds += took
-        self._items[key] = ext
-        self._bytes[key] = int(getattr(ext, "nbytes", 0))
-        self.stats.resident_bytes += self._bytes[key]
-        self._shrink(keep=key)
-        return ext
 
     def _shrink(self, keep: Hashable) -> None:
         for key in list(self._items):
@@ -78,14 +82,16 @@ class ExtensionCache:
 
     def retain(self, live: set[Hashable]) -> None:
         """Forget everything not in ``live`` (undeployed tasks, old versions)."""
-        for key in [k for k in self._items if k not in live]:
-            self._drop(key)
-        self._evicted &= live
-        self.pinned &= live
+        with self._lock:
+            for key in [k for k in self._items if k not in live]:
+                self._drop(key)
+            self._evicted &= live
+            self.pinned &= live
 
     def resident(self) -> dict[Hashable, int]:
         """Bytes of each resident extension, least recently used first."""
-        return {k: self._bytes[k] for k in self._items}
+        with self._lock:
+            return {k: self._bytes[k] for k in self._items}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items

@@ -55,6 +55,22 @@ class Job:
     answered: bool = False
 
 
+def worker_count(value: str, device: str) -> int:
+    """Batches run at once. On a CPU each worker is one torch thread running
+    its own batch (ops release the GIL), so "auto" = one per core this
+    process may use, up to 4: a single worker left the second core of a
+    2-core machine idle while isolated per-task models used both. On a GPU
+    one worker keeps the device busy with larger batches."""
+    if value != "auto":
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"workers must be >= 1 or 'auto', got {value}")
+        return n
+    if device != "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def _param(config: dict[str, Any], key: str, default: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
@@ -73,7 +89,8 @@ class TritonPythonModel:
         set_threads(int(os.environ.get("FMPLEX_TORCH_THREADS", _param(config, "torch_threads", "1"))))
         repo = Path(args["model_repository"]).resolve().parent
         self.view = RegistryView(Path(_param(config, "repository", str(repo))))
-        self.executor = Executor(self.spec, "cpu")
+        self.device = _param(config, "device", "cpu")  # cpu, or cuda[:n] on a GPU machine
+        self.executor = Executor(self.spec, self.device)
         self.limits = Limits(
             max_rows=int(_param(config, "max_rows_per_request", "256")),
             max_text_bytes=int(_param(config, "max_text_bytes", "16384")),
@@ -94,16 +111,22 @@ class TritonPythonModel:
         self._seen_generation = -1
         self._cv = threading.Condition()
         self._running = True
-        self._worker = threading.Thread(target=self._loop, name="fmplex-worker", daemon=True)
-        self._worker.start()
-        pb_utils.Logger.log_info(f"fmplex host {self.name}: {self.slots} slots, backbone {self.spec.name}, pid {os.getpid()}")
+        self.workers = worker_count(_param(config, "workers", "auto"), self.device)
+        self._threads = [threading.Thread(target=self._loop, name=f"fmplex-worker-{i}", daemon=True) for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+        pb_utils.Logger.log_info(
+            f"fmplex host {self.name}: {self.slots} slots, backbone {self.spec.name}, {self.workers} worker(s) on {self.device}, pid {os.getpid()}"
+        )
 
     def finalize(self) -> None:
         """Stop taking work, finish what is queued (bounded), fail the rest."""
         with self._cv:
             self._running = False
             self._cv.notify_all()
-        self._worker.join(timeout=30)
+        deadline = time.monotonic() + 30
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._cv:
             left = self.scheduler.drain()
         for p in left:
@@ -278,7 +301,7 @@ class TritonPythonModel:
             return None, f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}"
 
     def _load_extension(self, key: tuple[str, int]) -> Extension:
-        return load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config)
+        return load_extension(version_dir(self.view.repo, *key), self.spec, config=self.executor.config, device=self.device)
 
     def _fail(self, job: Job, message: str, code: Any, outcome: str) -> None:
         self._send(job, _error(message, code), outcome)

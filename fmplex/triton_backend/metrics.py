@@ -43,6 +43,7 @@ class HostMetrics:
         self._outcomes: dict[tuple[str, str], int] = {}
         self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._gauge("fmplex_host_initialized_unixtime", "when this host instance loaded its backbone").set(time.time())
         self._gauge("fmplex_host_pid", "process id of this host instance").set(os.getpid())
 
@@ -92,6 +93,14 @@ class HostMetrics:
             self._batch["seconds"] += report.seconds
 
     def maybe_flush(self, scheduler: Any, lock: Any, cache: Any = None) -> None:
+        if not self._flush_lock.acquire(blocking=False):  # another worker is publishing
+            return
+        try:
+            self._flush(scheduler, lock, cache)
+        finally:
+            self._flush_lock.release()
+
+    def _flush(self, scheduler: Any, lock: Any, cache: Any) -> None:
         now = time.monotonic()
         if now < self._next_flush:
             return

@@ -10,6 +10,7 @@ Punica/LoRAX, in plain torch). A batch without such tasks pays one empty loop.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -26,8 +27,12 @@ TARGETS = (
 )
 
 
-class SegmentContext:
-    """Which extension owns which rows of the batch the layers now see."""
+class SegmentContext(threading.local):
+    """Which extension owns which rows of the batch the layers now see.
+
+    Thread-local: a host runs several worker threads through the same wrapped
+    backbone at once, each with its own batch.
+    """
 
     def __init__(self) -> None:
         self.groups: list[tuple[Any, torch.Tensor]] = []

@@ -46,11 +46,16 @@ class Extension:
     def __init__(self, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: BackboneSpec, **context: Any) -> None:
         self.manifest = manifest
         self.spec = spec
+        device = context.get("device")
+        if device is not None and str(device) != "cpu":  # a GPU host: weights live beside the backbone
+            tensors = {k: v.to(device) for k, v in tensors.items()}
         self.tensors = tensors
         self.where = f"task '{manifest.get('task', '?')}'"
         self.deltas: dict[str, LinearDelta] = {}
         self.fork_layers = []
         self.load_body(tensors, **context)
+        if device is not None:
+            self.fork_layers = [layer.to(device) for layer in self.fork_layers]
         self.head: Head = make_head(manifest, tensors, spec, self.where, **context)
 
     def load_body(self, tensors: dict[str, torch.Tensor], **context: Any) -> None:

@@ -1,0 +1,130 @@
+"""One task on its own copy of the backbone: the deployment fmplex replaces.
+
+This is the baseline of ``perf/bench_baselines.py`` (what a platform team runs
+today: one full model per fine-tuned task) and it reuses the host's executor
+and extensions, so a baseline answer is the fmplex answer computed alone
+(tests check they agree). Triton's dynamic batcher forms its batches; each
+``execute()`` call runs them as one forward and answers synchronously.
+
+Config parameters:
+  ``artifact``      the task's version directory (manifest + weights)
+  ``torch_threads`` intra-op threads (default 1)
+  ``cpu_quota``     spatial partitioning on a CPU: this process's share of the
+                    machine in cores (e.g. ``0.25``), enforced with a CFS quota
+                    in its own cgroup (v1 ``cpu`` controller or v2); where no
+                    cgroup can be written it falls back to pinning the process
+                    to ``cpu_cores``
+  ``cpu_cores``     comma-separated cores for the affinity fallback
+  ``gpu_percent``   on a GPU: CUDA MPS active-thread percentage (needs the MPS
+                    control daemon; read by CUDA when the context is created)
+  ``device``        ``cpu`` (default) or ``cuda[:n]``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from fmplex.backbones import get_backbone
+from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, TOKEN_PREFIX, family_of, outputs_of
+
+from .executor import Executor, WorkItem, pad_tokens, set_threads
+from .extensions import load_extension
+from .validation import Limits, RequestError, decode_rows
+
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup"))  # v1 cpu controller, then unified v2
+CFS_PERIOD_US = 100_000
+
+
+def partition_cpu(name: str, quota_cores: float, fallback_cores: list[int]) -> str:
+    """Confine this process to ``quota_cores`` of CPU time; says how.
+
+    A CFS quota is the CPU analogue of an MPS thread percentage: a fixed
+    share of the whole machine that the process cannot exceed even when the
+    rest is idle (that is what spatial partitioning costs). Pinning to cores
+    is the fallback where cgroups are read-only.
+    """
+    quota = max(1000, int(quota_cores * CFS_PERIOD_US))
+    for root in CGROUP_ROOTS:
+        group = root / f"fmplex-partition-{name}"
+        try:
+            if (root / "cpu.cfs_quota_us").exists():  # cgroup v1
+                group.mkdir(exist_ok=True)
+                (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            elif (root / "cgroup.controllers").exists():  # cgroup v2
+                group.mkdir(exist_ok=True)
+                (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+            else:
+                continue
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+            return f"cgroup {group} quota {quota / CFS_PERIOD_US:.3f} cores"
+        except OSError:
+            continue
+    if fallback_cores:
+        os.sched_setaffinity(0, set(fallback_cores))
+        return f"affinity cores {fallback_cores} (no writable cgroup)"
+    return "none (no writable cgroup, no cores given)"
+
+
+def _param(config: dict[str, Any], key: str, default: str = "") -> str:
+    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        gpu_percent = _param(config, "gpu_percent")
+        if gpu_percent:  # must be set before this process creates its CUDA context
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = gpu_percent
+        self.partition = "none"
+        quota = _param(config, "cpu_quota")
+        if quota:
+            cores = [int(c) for c in _param(config, "cpu_cores").split(",") if c.strip()]
+            self.partition = partition_cpu(self.name, float(quota), cores)
+        set_threads(int(_param(config, "torch_threads", "1")))
+        artifact = Path(_param(config, "artifact"))
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        self.spec = get_backbone(manifest["backbone"])
+        self.executor = Executor(self.spec, _param(config, "device", "cpu"))
+        self.extension = load_extension(artifact, self.spec, config=self.executor.config, device=str(self.executor.device))
+        self.outputs = outputs_of(family_of(manifest))
+        self.limits = Limits(max_rows=256, max_text_bytes=16384, max_tokens=self.spec.max_tokens, vocab_size=self.executor.vocab_size)
+        pb_utils.Logger.log_info(f"fmplex baseline {self.name}: task {artifact}, pid {os.getpid()}, partition: {self.partition}")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """One forward for every request Triton's dynamic batcher handed over."""
+        items: list[WorkItem] = []
+        for request in requests:
+            try:
+                text = pb_utils.get_input_tensor_by_name(request, "TEXT")  # [1, rows] from the batcher: flatten
+                rows = decode_rows(None if text is None else text.as_numpy().reshape(-1), None, None, self.limits)
+                items.append(WorkItem(rows, self.extension))
+            except RequestError as exc:
+                items.append(WorkItem(None, None, error=str(exc), client_fault=True))  # type: ignore[arg-type]
+        live = [it for it in items if it.error is None]
+        if live:
+            self.executor.run(live)
+        responses = []
+        for item in items:
+            if item.error is not None or item.result is None:
+                code = pb_utils.TritonError.INVALID_ARG if item.client_fault else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(item.error or "no result", code)))
+                continue
+            produced = {
+                FLOAT_PREFIX: None if item.result.out is None else np.ascontiguousarray(item.result.out),
+                TEXT_PREFIX: None if item.result.txt is None else np.asarray(item.result.txt, dtype=np.object_),
+                TOKEN_PREFIX: None if item.result.tok is None else pad_tokens(item.result.tok),
+            }
+            responses.append(  # [1, rows, ...]: the request's batch of one (its rows are the dims)
+                pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(o.name, produced[o.host_prefix][None]) for o in self.outputs if produced[o.host_prefix] is not None]
+                )
+            )
+        return responses
