@@ -24,7 +24,9 @@ scales on its own, within its bounds, fast up and slow down:
   ``nv_inference_compute_infer_duration_us``, ``nv_inference_pending_request_count``)
   and, where the host publishes them, fmplex's (``fmplex_task_received_total``,
   ``fmplex_task_queue_depth``, ``fmplex_batch_seconds_total``,
-  ``fmplex_task_served_requests_total``). An fmplex host answers from its own
+  ``fmplex_task_served_requests_total``; a multimodal stage's
+  ``fmplex_mm_encode_seconds_total`` or prefill + decode seconds and
+  ``fmplex_mm_responses_total``). An fmplex host answers from its own
   queue after ``execute()`` has returned, so Triton's queue and compute times
   of the host do not see its real wait and service time: the fmplex metrics
   win where present.
@@ -310,10 +312,26 @@ def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int) -> S
         d = b - (a or 0.0)
         return d if d >= 0 else b  # a counter that went backwards was reset (host reloaded)
 
-    # fmplex host metrics, labelled host=<stage>
+    def first(*candidates: tuple[str, ...], **labels: str) -> float | None:
+        """The first candidate present; a candidate of several names sums them."""
+        for names in candidates:
+            parts = [delta(n, **labels) for n in names]
+            if any(p is not None for p in parts):
+                return sum(p or 0.0 for p in parts)
+        return None
+
+    # fmplex host metrics (labelled host=<stage>): the text host, or a
+    # multimodal stage host (encoder forwards; LM prefill + decode).
     received = delta("fmplex_task_received_total", host=stage)
+    busy = first(
+        ("fmplex_batch_seconds_total",),
+        ("fmplex_mm_encode_seconds_total",),
+        ("fmplex_mm_prefill_seconds_total", "fmplex_mm_decode_seconds_total"),
+        host=stage,
+    )
     served = delta("fmplex_task_served_requests_total", host=stage)
-    busy = delta("fmplex_batch_seconds_total", host=stage)
+    if served is None:
+        served = delta("fmplex_mm_responses_total", host=stage, outcome="ok")
     queue = _sum(cur.series, "fmplex_task_queue_depth", host=stage)
     # Triton's own, labelled model=<stage>
     success = delta("nv_inference_request_success", model=stage)
@@ -323,6 +341,8 @@ def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int) -> S
     if received is None and success is None:
         return None
     arrivals = (received if received is not None else success or 0.0) / dt
+    if served is None:
+        served = success
     service: float | None = None
     if busy is not None and served:
         service = busy / served

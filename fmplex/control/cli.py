@@ -705,5 +705,146 @@ from fmplex.multimodal.cli import multimodal as _multimodal  # noqa: E402 - need
 main.add_command(_multimodal)
 
 
+# --- scaling (fmplex/control/scale.py, autoscale.py) -----------------------------
+
+
+@main.command("scale")
+@click.argument("stage")
+@click.option("--instances", "-n", required=True, type=int, help="Instances the stage host should run (at least 1).")
+@repo_option
+@url_option
+@api_key_option
+@_friendly
+def scale_cmd(stage: str, instances: int, repo: Path, url: str, api_key: str | None) -> None:
+    """Set a stage host's instance count, in place (STAGE: a host model, e.g. fm.minilm).
+
+    Triton adds or removes instances of the running host; the others keep
+    serving and the vFMs stay loaded. Each instance is a process with its own
+    backbone copy and scheduler. The override is the host's config.pbtxt from
+    REPO with the new count (what Triton can apply in place); the count lasts
+    until the server restarts.
+    """
+    from .scale import check_count, scale  # noqa: PLC0415
+
+    check_count(instances)  # before connecting: a bad count is the first thing to hear about
+    with _connect(url, repo, api_key) as triton:
+        result = scale(triton, stage, instances, repository=repo if Path(repo).is_dir() else None)
+    click.echo(result.summary())
+
+
+@main.command("autoscale")
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    metavar="NAME[:MIN:MAX]",
+    help="A stage host to scale and its bounds (repeatable; default: every host in REPO's registry).",
+)
+@click.option("--min", "min_instances", default=1, show_default=True, type=click.IntRange(1), help="Default lower bound.")
+@click.option("--max", "max_instances", default=4, show_default=True, type=click.IntRange(1), help="Default upper bound.")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds between polls.")
+@click.option("--once", is_flag=True, help="Poll twice (one interval apart), decide and act once, then exit.")
+@click.option("--dry-run", is_flag=True, help="Print the decisions; change nothing.")
+@click.option("--down-window", default=60.0, show_default=True, type=click.FloatRange(min=0.0), help="Seconds of low load before a step down.")
+@click.option("--cooldown", default=60.0, show_default=True, type=click.FloatRange(min=0.0), help="Seconds after a change before a step down.")
+@click.option("--metrics-url", default=None, help="Triton metrics URL (default: same host, port 8002).")
+@repo_option
+@url_option
+@api_key_option
+@_friendly
+def autoscale_cmd(
+    stages: tuple[str, ...],
+    min_instances: int,
+    max_instances: int,
+    interval: float,
+    once: bool,
+    dry_run: bool,
+    down_window: float,
+    cooldown: float,
+    metrics_url: str | None,
+    repo: Path,
+    url: str,
+    api_key: str | None,
+) -> None:
+    """Scale each stage host within its bounds from Triton's metrics: fast up, slow down.
+
+    Every INTERVAL it reads per-stage arrivals, service time and queue depth
+    (Triton's metrics and the hosts' fmplex_* metrics), and scales a stage up
+    as soon as it runs hot or queues (several instances at once if needed),
+    down one instance at a time after DOWN-WINDOW seconds of low load and
+    COOLDOWN seconds after its last change. Ctrl-C stops it.
+    """
+    import dataclasses as _dc  # noqa: PLC0415
+
+    from . import autoscale as auto  # noqa: PLC0415
+    from .scale import current_instances, scale  # noqa: PLC0415
+
+    if max_instances < min_instances:
+        raise click.UsageError(f"--max {max_instances} is below --min {min_instances}")
+    default = auto.Bounds(min_instances, max_instances)
+    try:
+        bounds = auto.parse_stages(stages, default)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not bounds:
+        bounds = {h.model: default for h in registry.load(repo).hosts.values()}
+        if not bounds:
+            raise click.ClickException(f"no hosts in {repo}'s registry: name stages with --stage")
+    if metrics_url is None:
+        metrics_url = f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
+    config = _dc.replace(auto.PolicyConfig(), down_window_s=down_window, down_cooldown_s=cooldown)
+    with _connect(url, repo, api_key) as triton:
+        for name in bounds:
+            current_instances(triton, name)  # an unknown stage fails here, in one line
+        repository = repo if Path(repo).is_dir() else None
+        scaler = auto.Autoscaler(
+            bounds,
+            scrape_fn=lambda: auto.scrape(metrics_url),
+            instances_of=lambda name: current_instances(triton, name),
+            apply=lambda name, n: scale(triton, name, n, repository=repository),
+            config=config,
+            dry_run=dry_run,
+            echo=click.echo,
+        )
+        what = ", ".join(f"{n} [{b.min}..{b.max}]" for n, b in bounds.items())
+        click.echo(f"autoscaling {what} every {interval:g}s{' (dry run)' if dry_run else ''}; Ctrl-C stops")
+        try:
+            scaler.run(interval, once=once)
+        except KeyboardInterrupt:
+            click.echo("autoscaler stopped (a scale already sent to the server completes there)")
+        except OSError as exc:
+            raise click.ClickException(f"reading metrics from {metrics_url} failed: {exc}") from None
+
+
+@main.command("trace")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--duration", default=600.0, show_default=True, type=click.FloatRange(min=1.0), help="Seconds of trace.")
+@click.option("--rate", default=4.0, show_default=True, type=click.FloatRange(min=0.001), help="Calm arrival rate (requests/s).")
+@click.option("--burst-factor", default=5.0, show_default=True, type=click.FloatRange(min=1.0), help="Burst rate / calm rate.")
+@click.option("--text-share", default=(0.7, 0.3), show_default=True, type=(click.FloatRange(0, 1), click.FloatRange(0, 1)),
+              help="Share of text-only requests at the start and at the end.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def trace_cmd(out: Path, duration: float, rate: float, burst_factor: float, text_share: tuple[float, float], seed: int) -> None:
+    """Write a synthetic multimodal request trace (CSV) after the Azure LMM trace.
+
+    Columns: timestamp_s, task, num_images, context_tokens, generated_tokens.
+    Bursty arrivals, a text-only share that drifts, heavy-tailed image counts
+    and token lengths; the same seed gives the same trace.
+    """
+    from fmplex import trace  # noqa: PLC0415
+
+    cfg = trace.TraceConfig(
+        duration_s=duration, calm_rate=rate, burst_factor=burst_factor, text_share_start=text_share[0], text_share_end=text_share[1]
+    )
+    rows = trace.generate(cfg, seed=seed)
+    trace.write_csv(rows, out)
+    s = trace.summary(rows)
+    click.echo(
+        f"{out}: {len(rows)} requests over {duration:g}s ({s.get('rate_per_s', 0):.2f}/s, dispersion {s.get('dispersion', 0):.1f}), "
+        f"{100 * s.get('text_only_share', 0):.0f}% text-only, up to {s.get('images_max', 0):.0f} images, "
+        f"context p50/p99 {s.get('context_p50', 0):.0f}/{s.get('context_p99', 0):.0f} tokens"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -132,7 +132,7 @@ def _ensemble_hosts(config: dict[str, Any]) -> list[str]:
 
 
 def stub_processes(model: str, repository: Path | None = None) -> list[Stub]:
-    """Python-backend stubs serving ``model`` (optionally from ``repository``).
+    """Python-backend stubs serving ``model`` (from ``repository``; None: any).
 
     A stub's command line names the model file (``REPO/MODEL/VERSION/model.py``)
     and its instance (``MODEL_G_I``). Zombies (exited, not yet reaped) are skipped.
@@ -180,6 +180,19 @@ def file_config(repository: Path, model: str) -> dict[str, Any] | None:
     return dict(json_format.MessageToDict(msg, preserving_proto_field_name=True))
 
 
+def _same_model(file: dict[str, Any], served: dict[str, Any]) -> bool:
+    """Does the repository's config describe the model the server runs? (Its
+    backend, parameters and outputs; the server's copy has more fields filled.)"""
+    def outputs(c: dict[str, Any]) -> list[str]:
+        return [str(o.get("name")) for o in c.get("output", [])]
+
+    return (
+        file.get("backend", "") == served.get("backend", "")
+        and (file.get("parameters") or {}) == (served.get("parameters") or {})
+        and outputs(file) == outputs(served)
+    )
+
+
 def with_count(config: dict[str, Any], instances: int, model: str) -> dict[str, Any]:
     """``config`` with its one instance group set to ``instances`` (kind, devices
     and any other placement kept)."""
@@ -191,6 +204,13 @@ def with_count(config: dict[str, Any], instances: int, model: str) -> dict[str, 
     group["count"] = instances
     out["instance_group"] = [group]
     return out
+
+
+def check_count(instances: int) -> None:
+    if instances < 1:
+        raise ScaleError(f"instances must be at least 1, got {instances} (to stop a host, unload it)")
+    if instances > MAX_INSTANCES:
+        raise ScaleError(f"instances must be at most {MAX_INSTANCES}, got {instances}")
 
 
 def scale(
@@ -208,22 +228,22 @@ def scale(
     processes. Raises ScaleError (one line) for a bad count, an unknown model,
     a vFM (ensemble) or a refusal; KeyRefused when a locked server refuses.
     """
-    if instances < 1:
-        raise ScaleError(f"instances must be at least 1, got {instances} (to stop a host, unload it)")
-    if instances > MAX_INSTANCES:
-        raise ScaleError(f"instances must be at most {MAX_INSTANCES}, got {instances}")
+    check_count(instances)
     served = server_config(triton, model)
     if _is_ensemble(served):
         hosts = _ensemble_hosts(served)
         raise ScaleError(f"'{model}' is a vFM (an ensemble, no instances of its own); scale its host: {', '.join(hosts) or '?'}")
     before = instance_count(served)
-    base, source = None, "server"
+    base, source, note = None, "server", ""
     if repository is not None:
         base = file_config(repository, model)
+        if base is not None and not _same_model(base, served):
+            base, note = None, f"{Path(repository) / model / CONFIG} is not what the server loaded"
         source = "file" if base is not None else source
     if base is None:
         base = served
-    stubs_before = stub_processes(model, repository) or None
+    # Stubs only where we know the server's repository (another server here may run the same model).
+    stubs_before = (stub_processes(model, repository) or None) if repository is not None else None
     if before == instances:
         return ScaleResult(model, before, before, 0.0, source, stubs_before, stubs_before)
     override = json.dumps(with_count(base, instances, model))
@@ -231,7 +251,7 @@ def scale(
     after = current_instances(triton, model)
     if after != instances:
         raise ScaleError(f"'{model}' reports {after} instance(s) after asking for {instances}")
-    result = ScaleResult(model, before, after, seconds, source, stubs_before, None)
+    result = ScaleResult(model, before, after, seconds, source, stubs_before, None, note)
     if stubs_before is not None:
         # A removed instance's stub finishes its queue before it exits.
         deadline = time.monotonic() + verify_timeout
@@ -243,6 +263,6 @@ def scale(
         result.stubs_after = now
         if len(now) != instances:
             result.note = f"Triton reports {instances} instance(s) but {len(now)} stub process(es) run after {verify_timeout:.0f}s"
-    if source == "server" and result.in_place is not False:
-        result.note = (result.note + "; " if result.note else "") + "override from the server's config (no repository here)"
+    if source == "server" and not result.note:
+        result.note = "override from the server's config (Triton reloads every instance unless it was loaded with one)"
     return result

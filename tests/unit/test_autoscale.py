@@ -264,6 +264,32 @@ def test_collector_unknown_stage_and_counter_reset() -> None:
     assert s is not None and s.arrivals_per_s == pytest.approx(1.0)  # 5 new requests in 5 s, not negative
 
 
+def test_collector_reads_multimodal_stage_hosts() -> None:
+    """The encoder stage (Triton's dynamic batcher) and the LM stage publish
+    fmplex_mm_* metrics labelled host=<stage>."""
+    def text(n_enc: int, enc_s: float, n_lm: int, ok: int, pre: float, dec: float) -> str:
+        return "\n".join([
+            f'nv_inference_request_success{{model="fm.llava-tiny.encode",version="1"}} {n_enc}',
+            f'fmplex_mm_encode_seconds_total{{host="fm.llava-tiny.encode"}} {enc_s}',
+            f'nv_inference_request_success{{model="fm.llava-tiny.lm",version="1"}} {n_lm}',
+            f'fmplex_mm_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="ok"}} {ok}',
+            f'fmplex_mm_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="invalid"}} 3',
+            f'fmplex_mm_prefill_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {pre}',
+            f'fmplex_mm_decode_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {dec}',
+        ])
+
+    prev = a.Snapshot(0, a.parse_prometheus(text(10, 0.5, 10, 7, 1.0, 4.0)))
+    cur = a.Snapshot(10, a.parse_prometheus(text(110, 2.5, 30, 27, 2.0, 9.0)))
+    enc = a.stage_sample("fm.llava-tiny.encode", prev, cur, 1)
+    lm = a.stage_sample("fm.llava-tiny.lm", prev, cur, 2)
+    assert enc is not None and lm is not None
+    assert enc.arrivals_per_s == pytest.approx(10.0) and enc.service_s == pytest.approx(0.02)
+    assert enc.busy_s_per_s == pytest.approx(0.2)
+    assert lm.arrivals_per_s == pytest.approx(2.0)
+    assert lm.service_s == pytest.approx(6.0 / 20)  # prefill + decode seconds per ok response
+    assert lm.busy_s_per_s == pytest.approx(0.6) and lm.instances == 2
+
+
 # --- the loop ----------------------------------------------------------------------
 
 
