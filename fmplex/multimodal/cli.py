@@ -57,10 +57,11 @@ def multimodal() -> None:
 @click.option("--lm-device", default=None, help="Torch device of the lm stage.")
 @click.option("--encode-cpus", default=None, help="CPU list of the encode stage (e.g. 0-3); overrides --placement.")
 @click.option("--lm-cpus", default=None, help="CPU list of the lm stage; overrides --placement.")
-@click.option("--encode-instances", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--encode-instances", default=1, show_default=True, type=click.IntRange(1, 64), help="Encode stage processes.")
+@click.option("--lm-instances", default=1, show_default=True, type=click.IntRange(1, 64), help="LM stage processes.")
 @click.option("--slots", default=control.DEFAULT_SLOTS, show_default=True, type=click.IntRange(1, 1024), help="Task slots of the lm stage.")
 @click.option("--max-encode-batch", default=16, show_default=True, type=click.IntRange(1, 1024), help="Images per encoder batch.")
-@click.option("--encode-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0), help="How long the encoder's batcher waits to fill a batch.")
+@click.option("--encode-queue-delay-us", default=500, show_default=True, type=click.IntRange(0), help="How long the encoder's batcher waits to fill a batch.")
 @_clean
 def mm_init(
     backbone: str,
@@ -71,6 +72,7 @@ def mm_init(
     encode_cpus: str | None,
     lm_cpus: str | None,
     encode_instances: int,
+    lm_instances: int,
     slots: int,
     max_encode_batch: int,
     encode_queue_delay_us: int,
@@ -85,6 +87,7 @@ def mm_init(
             parse_cpus(cpus)
             places[stage] = control.StagePlacement(places[stage].device, cpus, places[stage].instances)
     places["encode"] = control.StagePlacement(places["encode"].device, places["encode"].cpus, encode_instances)
+    places["lm"] = control.StagePlacement(places["lm"].device, places["lm"].cpus, lm_instances)
     reg, fp = control.init_multimodal(repo, backbone, places, slots, max_encode_batch, encode_queue_delay_us)
     for key in (control.encode_key(backbone), backbone):
         host = reg.hosts[key]

@@ -126,6 +126,7 @@ class TritonPythonModel:
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._in_encode = 0
+        self._waiting: dict[str, int] = {}  # per task: accepted, not yet taken by the LM worker
         self._running = True
         self._pool = ThreadPoolExecutor(max(1, int(param(config, "encode_concurrency", "16"))), thread_name_prefix="fmplex-mm-bls")
         self._worker = threading.Thread(target=self._loop, name="fmplex-mm-lm", daemon=True)
@@ -167,10 +168,12 @@ class TritonPythonModel:
             try:
                 entry, slot, wanted = self._route(request, reg)
                 task = entry.name
+                self.metrics.metric("fmplex_task_received_total", "requests received", task=task).increment(1)
                 job = self._job(request, sender, entry, slot, wanted)
                 with self._cv:
                     if len(self._queue) + self._in_encode >= self.queue_limit:
                         raise OverflowError(f"{self.name} queue is full ({self.queue_limit} requests)")
+                    self._wait(task, +1)
                     if job.images is None:
                         self._queue.append(job)
                         self._cv.notify()
@@ -302,10 +305,18 @@ class TritonPythonModel:
                 if job.error is None and not job.request.is_cancelled():
                     self._queue.append(job)
                     self._cv.notify()
+                else:
+                    self._wait(job.task, -1)
         if done and job.error is not None:
             self._fail(job, job.error, pb_utils.TritonError.UNAVAILABLE, "encode_error")
         elif done and job.request.is_cancelled():
             self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+
+    def _wait(self, task: str, delta: int) -> None:
+        """Requests of ``task`` waiting here (encoding or queued for the LM), as
+        ``fmplex_task_queue_depth`` -- the queue the autoscaler reads. Under ``_cv``."""
+        self._waiting[task] = self._waiting.get(task, 0) + delta
+        self.metrics.metric("fmplex_task_queue_depth", "requests waiting in this stage host", "GAUGE", task=task).set(self._waiting[task])
 
     # --- the LM worker -------------------------------------------------------------
     def _loop(self) -> None:
@@ -316,6 +327,7 @@ class TritonPythonModel:
                 if not self._queue:
                     return
                 job = self._queue.popleft()
+                self._wait(job.task, -1)
             try:
                 self._run(job)
             except Exception as exc:  # noqa: BLE001 - the worker survives any request
@@ -342,6 +354,9 @@ class TritonPythonModel:
         tensors = [pb_utils.Tensor(f"{p}{job.slot}", v) for p, v in values.items() if f"{p}{job.slot}" in job.wanted and v is not None]
         self._send(job, pb_utils.InferenceResponse(output_tensors=tensors), "ok")
         m = self.metrics
+        # What fmplex's autoscaler reads from every fmplex host (received above, queue depth in _wait).
+        m.metric("fmplex_task_served_requests_total", "requests answered", task=job.task).increment(1)
+        m.metric("fmplex_batch_seconds_total", "time the LM worker was busy").increment(gen.prefill_s + gen.decode_s)
         m.metric("fmplex_mm_generated_tokens_total", "tokens generated", task=job.task).increment(len(gen.tokens))
         m.metric("fmplex_mm_prompt_tokens_total", "prompt tokens prefilled", task=job.task).increment(gen.prompt_tokens)
         m.metric("fmplex_mm_prefill_seconds_total", "time in prefill", task=job.task).increment(gen.prefill_s)

@@ -304,3 +304,25 @@ def test_status_undeploy_and_redeploy_through_the_cli(mm: MMServer) -> None:
     assert_exact(mm, "vqa", "back", _images(1, 5), ask(mm, "vqa", "back", _images(1, 5)))
     loads = mm.log.read_text(errors="replace")
     assert loads.count('loading: fm.llava-tiny.lm:1"') == 1 and loads.count('loading: fm.llava-tiny.encode:1"') == 1  # no stage reload
+
+
+def test_encoder_down_fails_only_requests_with_images(mm: MMServer) -> None:
+    """With the encode stage unloaded, image requests get a clear UNAVAILABLE
+    error and text-only requests are still served; loading it back heals it."""
+    mm.grpc.unload_model("fm.llava-tiny.encode")
+    try:
+        deadline = time.monotonic() + 30
+        while mm.grpc.is_model_ready("fm.llava-tiny.encode") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(InferenceServerException, match="encode stage fm.llava-tiny.encode failed") as err:
+            ask(mm, "caption", "What is shown?", _images(2, 3))
+        assert err.value.status() == "StatusCode.UNAVAILABLE"
+        assert_exact(mm, "caption", "text still works", None, ask(mm, "caption", "text still works", None))
+    finally:
+        mm.grpc.load_model("fm.llava-tiny.encode")
+    assert_exact(mm, "caption", "What is shown?", _images(2, 3), ask(mm, "caption", "What is shown?", _images(2, 3)))
+    served = mm.metric("fmplex_task_served_requests_total", host="fm.llava-tiny.lm", task="caption")
+    received = mm.metric("fmplex_task_received_total", host="fm.llava-tiny.lm", task="caption")
+    assert served > 0 and received >= served
+    assert mm.metric("fmplex_mm_responses_total", host="fm.llava-tiny.lm", outcome="encode_error") >= 1
+    assert mm.metric("fmplex_mm_responses_total", host="fm.llava-tiny.lm", outcome="duplicate_suppressed") == 0

@@ -40,7 +40,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_encode_config_batches_images_with_triton(repo: Path) -> None:
     cfg = parse((repo / "fm.llava-tiny.encode" / "config.pbtxt").read_text())
     assert cfg.name == "fm.llava-tiny.encode" and cfg.backend == "fmplex_mm_encode"
-    assert cfg.max_batch_size == 16 and cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert cfg.max_batch_size == 16 and cfg.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(cfg.input[0].dims) == [3, 32, 32] and list(cfg.output[0].dims) == [16, 64]
     assert params(cfg)["cpus"] == "0" and params(cfg)["device"] == "cpu"
     mcfg = parse(control.encode_config("mllama-tiny", control.StagePlacement()))
