@@ -60,6 +60,7 @@ def host_config(
     instances: int = 1,
     extension_budget_mb: float = 1024,
     max_batch_rows: int = DEFAULT_BATCH_ROWS,
+    workers: str = "auto",
 ) -> str:
     spec = get_backbone(backbone)
     outs = [
@@ -76,7 +77,7 @@ def host_config(
         "max_text_bytes": 16384,
         "extension_budget_mb": f"{extension_budget_mb:g}",
         "policy": "wfq",
-        "workers": "auto",
+        "workers": workers,
     }
     out_text = ",\n".join(outs)
     param_text = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
@@ -141,6 +142,7 @@ def init_repository(
     slots: int = registry.DEFAULT_SLOTS,
     extension_budget_mb: float = 1024,
     max_batch_rows: int = DEFAULT_BATCH_ROWS,
+    workers: str = "auto",
 ) -> Registry:
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -151,7 +153,7 @@ def init_repository(
         if name in reg.hosts:
             continue
         hdir = repo / spec.host_model
-        _write_atomic(hdir / CONFIG, host_config(name, slots, extension_budget_mb=extension_budget_mb, max_batch_rows=max_batch_rows))
+        _write_atomic(hdir / CONFIG, host_config(name, slots, extension_budget_mb=extension_budget_mb, max_batch_rows=max_batch_rows, workers=workers))
         (hdir / "1").mkdir(exist_ok=True)
         (hdir / "1" / ".keep").touch()  # git keeps no empty directories
         reg.hosts[name] = HostEntry(backbone=name, model=spec.host_model, slots=slots)
@@ -167,6 +169,10 @@ def task_versions(repo: Path, name: str) -> list[int]:
 
 
 def write_vfm(repo: Path, entry: TaskEntry, reg: Registry) -> Path:
+    from fmplex.generative import control as gen_ops  # noqa: PLC0415
+
+    if gen_ops.is_generative(entry.backbone):  # decoder LM: NAME (whole answers) + NAME.stream ensembles
+        return gen_ops.write_vfms(repo, entry, reg)[0]
     host = reg.hosts.get(entry.backbone)
     if host is None:
         raise RegistryError(f"no host for backbone '{entry.backbone}' (run 'fmplex init --backbone {entry.backbone}')")
@@ -178,6 +184,9 @@ def write_vfm(repo: Path, entry: TaskEntry, reg: Registry) -> Path:
 
 def remove_vfm(repo: Path, name: str) -> None:
     (Path(repo) / name / CONFIG).unlink(missing_ok=True)
+    from fmplex.generative.control import remove_stream_vfm  # noqa: PLC0415
+
+    remove_stream_vfm(repo, name)  # a generative task's NAME.stream (task names have no dots: nothing else matches)
 
 
 def delete_version(repo: Path, name: str, version: int) -> None:
