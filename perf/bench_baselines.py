@@ -42,7 +42,7 @@ from fmplex.control.server import Ports, free_ports, perf_analyzer_command  # no
 from fmplex.control.train import read_labelled_csv  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from perf import deployments as dep  # noqa: E402
-from perf.common import RESULTS, server_memory, text_input_file, write_results  # noqa: E402
+from perf.common import RESULTS, cpu_seconds, process_tree, server_memory, text_input_file, write_results  # noqa: E402
 from perf.load import Driver, Target, bursty, jain, poisson, read_trace, summarize, write_trace  # noqa: E402
 
 DEPLOYMENTS = ("fmplex", "isolated", "partitioned")
@@ -146,7 +146,7 @@ def perf_analyzer_runs(url: str, models: list[str], data: Path, concurrency: int
     for m in models:
         args = [*cmd, "-m", m, "-u", url, "-i", "grpc", "--input-data", str(data), "--shape", "TEXT:1",
                 "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-                "--stability-percentage", "50", "--max-trials", "4", "--percentile", "99"]
+                "--stability-percentage", "999", "--max-trials", "3", "--percentile", "99"]  # shared machine: take 3 windows as they come
         p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         thr = re.search(r"throughput: ([\d.]+) infer/sec", p.stdout)
         lat = re.search(r"p99 latency: (\d+) usec", p.stdout)
@@ -167,14 +167,24 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
         driver.closed_loop({t: 1 for t in tasks}, 2.0)
 
         d = cfg.duration
+        pids = process_tree(pid)
+        c0, own0, w0 = cpu_seconds(pids), time.process_time(), time.perf_counter()
         recs = driver.closed_loop({t: cfg.concurrency for t in tasks}, d)
+        c1, own1, w1 = cpu_seconds(pids), time.process_time(), time.perf_counter()
         sat = summarize(recs, (0.5, d))
         res["saturation"] = sat
+        # Where the cores went while saturated: the model processes (stubs), Triton's
+        # front end (tritonserver itself) and this client; in cores (1.0 = one core busy).
+        span = w1 - w0
+        stubs = sum(c1.get(p, 0) - c0.get(p, 0) for p in pids if p != pid and p in c0)
+        res["cpu_cores_busy"] = {"models": stubs / span, "triton_frontend": (c1.get(pid, 0) - c0.get(pid, 0)) / span,
+                                 "client": (own1 - own0) / span}
         mem = server_memory(pid)
         gpu = gpu_memory_mib()
         res["memory"] = {**mem, "gpu_mib": gpu}
         log(f"   saturation c={cfg.concurrency}/task: {sat['throughput_rps']:.1f} req/s, p50 {sat['p50_ms']:.0f} ms, "
             f"p99 {sat['p99_ms']:.0f} ms, failed {sat['failed']}; memory {mem['pss_mib']:.0f} MiB PSS in {mem['processes']} processes")
+        log("   cores busy while saturated: " + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_cores_busy"].items()))
 
         sweep = []
         for rate in loads:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ def text_input_file(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def server_memory(pid: int) -> dict[str, float]:
-    """RSS and PSS (MiB) of tritonserver and every descendant (the stubs)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant (tritonserver and its stub processes)."""
     pids, frontier = [pid], [pid]
     while frontier:
         p = frontier.pop()
@@ -36,6 +37,25 @@ def server_memory(pid: int) -> dict[str, float]:
             kids = []
         pids += [int(k) for k in kids]
         frontier += [int(k) for k in kids]
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds so far of each live process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def server_memory(pid: int) -> dict[str, float]:
+    """RSS and PSS (MiB) of tritonserver and every descendant (the stubs)."""
+    pids = process_tree(pid)
     rss = pss = 0
     for p in pids:
         try:
