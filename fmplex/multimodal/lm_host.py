@@ -126,6 +126,7 @@ class TritonPythonModel:
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._in_encode = 0
+        self._encoding: set[Job] = set()  # jobs whose images are at the encoder
         self._waiting: dict[str, int] = {}  # per task: accepted, not yet taken by the LM worker
         self._running = True
         self._pool = ThreadPoolExecutor(max(1, int(param(config, "encode_concurrency", "16"))), thread_name_prefix="fmplex-mm-bls")
@@ -153,9 +154,10 @@ class TritonPythonModel:
             self._running = False
             self._cv.notify_all()
         self._worker.join(timeout=30)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # cancelled encode calls leave their jobs unanswered: failed below
         with self._cv:
-            left, self._queue = list(self._queue), collections.deque()
+            left, self._queue = list(self._queue) + list(self._encoding), collections.deque()
+            self._encoding = set()
         for job in left:
             self._fail(job, "host is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
 
@@ -179,6 +181,7 @@ class TritonPythonModel:
                         self._cv.notify()
                     else:
                         self._in_encode += 1
+                        self._encoding.add(job)
                 if job.images is not None:
                     self._dispatch_encode(job)
             except RequestError as exc:
@@ -301,6 +304,7 @@ class TritonPythonModel:
             done = job.pending == 0
             if done:
                 self._in_encode -= 1
+                self._encoding.discard(job)
                 job.encoded_at = time.monotonic()
                 if job.error is None and not job.request.is_cancelled():
                     self._queue.append(job)
