@@ -24,6 +24,7 @@ from fmplex.kinds import KINDS, family_of, get_kind, outputs_of
 from fmplex.registry import RegistryError, TaskEntry
 
 from . import repository as repo_ops
+from fmplex.generative import control as gen_ops  # decoder-LM backbones (light: no torch at import)
 
 DEFAULT_REPO = os.environ.get("FMPLEX_REPO", "model_repository")
 DEFAULT_URL = os.environ.get("FMPLEX_URL", "localhost:8001")
@@ -97,7 +98,7 @@ def main() -> None:
     multiple=True,
     default=["minilm"],
     show_default=True,
-    type=click.Choice(sorted(BACKBONES)),
+    type=click.Choice(sorted(BACKBONES) + sorted(gen_ops.GENERATIVE_BACKBONES)),
     help="Backbone(s) to host (repeatable).",
 )
 @click.option("--slots", default=registry.DEFAULT_SLOTS, show_default=True, type=click.IntRange(1, 4096), help="Slot pool per host.")
@@ -121,7 +122,13 @@ def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb
 
     Safe to run again: existing hosts and tasks are kept.
     """
+    generative = [b for b in backbones if gen_ops.is_generative(b)]  # two hosts each: whole answers + streaming
+    backbones = tuple(b for b in backbones if b not in generative)
     reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb, max_batch_rows)
+    if generative:
+        reg = gen_ops.init_hosts(repo, generative, slots)
+        for b in generative:
+            click.echo(f"host {gen_ops.get_generative(b).stream_model}: streaming twin of {gen_ops.get_generative(b).host_model} (same slots)")
     for name, host in sorted(reg.hosts.items()):
         click.echo(f"host {host.model}: backbone {name}, {host.slots} slots")
     click.echo(f"repository ready: {repo}")
@@ -137,13 +144,14 @@ def task() -> None:
 
 @task.command("create")
 @click.argument("name")
-@click.option("--backbone", default="minilm", show_default=True, type=click.Choice(sorted(BACKBONES)))
+@click.option("--backbone", default="minilm", show_default=True, type=click.Choice(sorted(BACKBONES) + sorted(gen_ops.GENERATIVE_BACKBONES)))
 @click.option(
     "--kind",
     default="classifier",
     show_default=True,
-    type=click.Choice(list(KINDS)),
-    help="Task kind: " + "; ".join(f"{k.name}: {k.summary}" for k in KINDS.values()) + ".",
+    type=click.Choice(list(KINDS) + [k for k in gen_ops.KINDS if k not in KINDS]),
+    help="Task kind: " + "; ".join(f"{k.name}: {k.summary}" for k in KINDS.values())
+    + "; on a generative backbone (smollm2): " + "; ".join(f"{k}: {v}" for k, v in gen_ops.KINDS.items()) + ".",
 )
 @click.option(
     "--source",
@@ -202,6 +210,10 @@ def task_create(
     from . import train as trainer  # noqa: PLC0415 - torch-heavy
 
     registry.check_task_name(name)
+    if gen_ops.is_generative(backbone):  # decoder LM tasks: generate (the backbone) or lora --source PEFT_DIR
+        gen_ops.create_task(repo, name, backbone, kind, source, train_csv=train_csv, weight=weight, queue_limit=queue_limit,
+                            deadline_ms=deadline_ms, description=description, echo=click.echo)
+        return
     spec = get_backbone(backbone)
     reg = registry.load(repo)
     if backbone not in reg.hosts:
@@ -281,6 +293,9 @@ def task_list(repo: Path) -> None:
 def task_show(name: str, repo: Path) -> None:
     """Everything about one task: registry entry and artifact manifest."""
     entry = registry.load(repo).task(name)
+    if gen_ops.is_generative(entry.backbone):
+        gen_ops.show_task(repo, entry, click.echo)
+        return
     click.echo(f"task:        {entry.name}")
     click.echo(f"kind:        {entry.kind} ({get_kind(entry.kind).summary})")
     click.echo(f"backbone:    {entry.backbone}")
@@ -402,6 +417,8 @@ def _check_artifact(vdir: Path, backbone: str) -> Any:
 
     from fmplex.triton_backend.extensions import load_extension  # noqa: PLC0415
 
+    if gen_ops.is_generative(backbone):
+        return gen_ops.check_artifact(vdir, backbone)
     spec = get_backbone(backbone)
     return load_extension(vdir, spec, config=AutoConfig.from_pretrained(str(spec.locate()), local_files_only=True))
 
@@ -453,6 +470,8 @@ def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Pat
                         click.echo(f"loading host {host} ...")
                         triton.load(host)
                     secs = triton.load(name)
+                    for extra in gen_ops.companions(entry):  # a generative task's streaming vFM NAME.stream
+                        triton.load(extra)
                 except Exception:
                     # Leave the repository as the server sees it: not deployed.
                     _forget(repo, name)
@@ -499,6 +518,8 @@ def _undeploy(name: str, repo: Path, url: str, offline: bool, api_key: str | Non
         raise RegistryError(f"task '{name}' is not deployed")
     if not offline:
         with _connect(url, repo, api_key) as triton:
+            for extra in gen_ops.companions(entry):  # a generative task's streaming vFM NAME.stream
+                triton.unload(extra)
             triton.unload(name)
     _forget(repo, name)
 
@@ -625,6 +646,11 @@ def serve(
         api_key=api_key,
         watchdog=not no_watchdog,
     )
+    try:  # generative backbones: the streaming host and NAME.stream vFMs (serving.start loads hosts + NAME vFMs)
+        gen_ops.load_streams(f"127.0.0.1:{grpc_port}", repo, api_key, echo=click.echo)
+    except BaseException:
+        proc.stop()
+        raise
     old = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _interrupt)
     try:
         click.echo(f"{proc.install.kind} tritonserver {proc.install.binary} up in {time.monotonic() - t0:.1f}s")

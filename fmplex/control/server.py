@@ -52,6 +52,13 @@ MULTIMODAL_SHIMS = {
 }
 
 
+# Python-based backend of the generative (decoder LM) hosts (fmplex/generative/):
+# both the whole-answer host and its decoupled streaming twin run this code.
+GENERATIVE_SHIMS = {
+    "fmplex_gen": "from fmplex.generative.generate_host import TritonPythonModel  # noqa: F401\n",
+}
+
+
 # Locking the server's control APIs (see the module docstring).
 API_KEY_HEADER = "fmplex-key"  # the HTTP header
 # Triton prefixes the header of a restricted gRPC protocol: gRPC clients send
@@ -210,6 +217,9 @@ def assemble_backends(install: TritonInstall, into: Path) -> Path:
     fm.mkdir(exist_ok=True)
     (fm / "model.py").write_text(BACKEND_SHIM)
     for backend, shim in MULTIMODAL_SHIMS.items():
+        (into / backend).mkdir(exist_ok=True)
+        (into / backend / "model.py").write_text(shim)
+    for backend, shim in GENERATIVE_SHIMS.items():
         (into / backend).mkdir(exist_ok=True)
         (into / backend / "model.py").write_text(shim)
     return into

@@ -1,0 +1,289 @@
+"""The generative backbone (SmolLM2) in a real tritonserver, against transformers/peft ``generate``.
+
+One server for this module on a fresh repository made with the CLI:
+``fmplex init --backbone smollm2``, a base task (``chat``, kind generate) and
+a PEFT LoRA task (``pirate``, made here with peft's ``get_peft_model`` on the
+same weights), deployed offline, served with ``serving.start`` plus the
+streaming twins. Answers are compared with ``generate`` in this process on
+the same model (+ adapter): greedy text identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from fmplex.control import serving
+from fmplex.control.server import free_ports
+from fmplex.generative.control import OUTPUT, load_streams
+from fmplex.generative.smollm import load_smollm2, set_threads
+
+from .conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+FMPLEX = str(Path(sys.executable).parent / "fmplex")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+MAX_TOKENS = 10
+
+
+class LMServer(Server):
+    refs: dict[tuple[str, str, int], str]
+
+
+def _cli(*args: str) -> str:
+    out = subprocess.run([FMPLEX, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMServer]:
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    set_threads(1)
+    work = tmp_path_factory.mktemp("gen")
+    repo = work / "repo"
+    lm = load_smollm2()
+    peft_model = get_peft_model(copy.deepcopy(lm.model), LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.04 if "lora_B" in name else 0.05))
+    peft_model.eval()
+    peft_model.save_pretrained(str(work / "pirate_lora"))
+    _cli("init", str(repo), "--backbone", "smollm2", "--slots", "16")
+    _cli("task", "create", "chat", "--backbone", "smollm2", "--kind", "generate", "--repo", str(repo))
+    _cli("task", "create", "pirate", "--backbone", "smollm2", "--kind", "lora", "--source", str(work / "pirate_lora"), "--repo", str(repo))
+    _cli("deploy", "chat", "pirate", "--offline", "--repo", str(repo))
+    refs = {}
+    for task, model in (("chat", lm.model), ("pirate", peft_model)):
+        for prompt in PROMPTS:
+            ids = lm.tokenizer(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=lm.eos_token_id)
+            refs[(task, prompt, MAX_TOKENS)] = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    del peft_model
+    ports = free_ports()
+    log = work / "tritonserver.log"
+    t0 = time.monotonic()
+    proc = serving.start(repo, ports, log_path=log)
+    try:
+        load_streams(f"127.0.0.1:{ports.grpc}", repo, None)
+        print(f"server with both LM hosts and 4 vFMs ready in {time.monotonic() - t0:.1f} s")
+        server = LMServer(proc, repo, ports, log)
+        server.refs = refs
+        yield server
+    finally:
+        proc.stop()
+
+
+def _infer_http(server: Server, model: str, prompt: str, **params: Any) -> str:
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        inp = httpclient.InferInput("TEXT", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        res = client.infer(model, [inp], parameters=params or None)
+        return res.as_numpy(OUTPUT)[0].decode()
+    finally:
+        client.close()
+
+
+def _infer_grpc(server: Server, model: str, prompt: str, max_tokens: int = MAX_TOKENS, **params: Any) -> str:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        inp = grpcclient.InferInput("TEXT", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        mt = grpcclient.InferInput("MAX_TOKENS", [1], "INT32")
+        mt.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+        res = client.infer(model, [inp, mt], parameters=params or None, client_timeout=120)
+        return res.as_numpy(OUTPUT)[0].decode()
+    finally:
+        client.close()
+
+
+def _stream(server: Server, model: str, prompt: str, inputs: dict[str, np.ndarray] | None = None, **params: Any) -> list[tuple[str | None, bool, str | None]]:
+    """(text, final, error) of every response of one gRPC stream_infer request."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        arrays = {"TEXT": np.array([prompt.encode()], dtype=object), **(inputs or {})}
+        tensors = []
+        for name, arr in arrays.items():
+            t = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else {np.int32: "INT32", np.float32: "FP32", np.int64: "INT64"}[arr.dtype.type])
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        client.async_stream_infer(model, tensors, parameters=params or None)
+        out = []
+        while True:
+            result, error = got.get(timeout=120)
+            if error is not None:
+                out.append((None, True, str(error)))
+                return out
+            resp = result.get_response()
+            final = resp.parameters["triton_final_response"].bool_param
+            arr = result.as_numpy(OUTPUT)
+            out.append((None if arr is None else arr[0].decode(), final, None))
+            if final:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_whole_answers_equal_generate_while_sharing_batches(lm_server: LMServer) -> None:
+    """12 concurrent plain infers (HTTP and gRPC, base and LoRA tasks, 3 prompts): each
+    answer is transformers' greedy answer; the host ran steps with several rows."""
+    steps0 = lm_server.metric("fmplex_gen_multi_row_steps_total", host="fm.smollm2")
+    jobs = [(task, prompt, via) for task in ("chat", "pirate") for prompt in PROMPTS for via in ("http", "grpc")]
+    results: dict[int, Any] = {}
+
+    def run(i: int, task: str, prompt: str, via: str) -> None:
+        try:
+            if via == "http":
+                results[i] = _infer_http(lm_server, task, prompt, max_tokens=MAX_TOKENS)
+            else:
+                results[i] = _infer_grpc(lm_server, task, prompt)
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    took = time.monotonic() - t0
+    for i, (task, prompt, via) in enumerate(jobs):
+        assert results.get(i) == lm_server.refs[(task, prompt, MAX_TOKENS)], (task, prompt, via, results.get(i))
+    assert lm_server.refs[("pirate", PROMPTS[0], MAX_TOKENS)] != lm_server.refs[("chat", PROMPTS[0], MAX_TOKENS)] or any(
+        lm_server.refs[("pirate", p, MAX_TOKENS)] != lm_server.refs[("chat", p, MAX_TOKENS)] for p in PROMPTS
+    )
+    assert lm_server.wait_metric("fmplex_gen_multi_row_steps_total", steps0 + 1, host="fm.smollm2") > steps0
+    assert lm_server.wait_metric("fmplex_gen_max_rows", 4, host="fm.smollm2") >= 4
+    for task in ("chat", "pirate"):
+        assert lm_server.wait_metric("fmplex_task_responses_total", 6, task=task, outcome="ok") >= 6
+    assert lm_server.metric("fmplex_task_responses_total", outcome="duplicate_suppressed") == 0
+    print(f"12 concurrent requests x {MAX_TOKENS} tokens in {took:.1f} s")
+
+
+def test_grpc_stream_pieces_concatenate_to_the_whole_answer(lm_server: LMServer) -> None:
+    for task in ("chat", "pirate"):
+        prompt = PROMPTS[2]
+        responses = _stream(lm_server, f"{task}.stream", prompt, max_tokens=MAX_TOKENS)
+        assert all(err is None for _, _, err in responses), responses
+        texts = [t for t, _, _ in responses]
+        assert len(responses) >= 4 and [f for _, f, _ in responses] == [False] * (len(responses) - 1) + [True]
+        assert "".join(t or "" for t in texts) == lm_server.refs[(task, prompt, MAX_TOKENS)] == _infer_http(lm_server, task, prompt, max_tokens=MAX_TOKENS)
+
+
+def test_http_generate_stream_and_generate(lm_server: LMServer) -> None:
+    prompt = PROMPTS[0]
+    body = json.dumps({"TEXT": prompt, "max_tokens": MAX_TOKENS}).encode()
+    req = urllib.request.Request(f"http://{lm_server.http_url}/v2/models/pirate.stream/generate_stream", data=body)
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        events = [json.loads(line[len("data: "):]) for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert len(events) >= 3
+    assert "".join(e[OUTPUT] for e in events) == lm_server.refs[("pirate", prompt, MAX_TOKENS)]
+    req = urllib.request.Request(f"http://{lm_server.http_url}/v2/models/pirate/generate", data=body)
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert json.loads(resp.read())[OUTPUT] == lm_server.refs[("pirate", prompt, MAX_TOKENS)]
+
+
+def test_sampling_seed_stop_and_max_tokens(lm_server: LMServer) -> None:
+    lm = load_smollm2()
+    prompt = PROMPTS[2]
+    ids = lm.tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(42)
+    with torch.no_grad():
+        out = lm.model.generate(**ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=50, top_p=0.95, pad_token_id=lm.eos_token_id)
+    sampled = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    params = dict(max_tokens=8, temperature=0.7, top_k=50, top_p=0.95, seed=42)
+    assert _infer_http(lm_server, "chat", prompt, **params) == sampled
+    assert _infer_grpc(lm_server, "chat", prompt, max_tokens=8, temperature=0.7, top_k=50, top_p=0.95, seed=42) == sampled
+    greedy = lm_server.refs[("chat", PROMPTS[1], MAX_TOKENS)]
+    stop = greedy.split()[2]  # a word from the middle of the greedy answer
+    assert _infer_http(lm_server, "chat", PROMPTS[1], max_tokens=MAX_TOKENS, stop=stop) == greedy[: greedy.index(stop)]
+    pieces = _stream(lm_server, "chat.stream", PROMPTS[1], inputs={"STOP": np.array([b"nope", stop.encode()], dtype=object)}, max_tokens=MAX_TOKENS)
+    assert "".join(t or "" for t, _, _ in pieces) == greedy[: greedy.index(stop)]
+    short = _infer_http(lm_server, "chat", PROMPTS[1], max_tokens=2)
+    assert greedy.startswith(short) and len(lm.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 2
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"max_tokens": "x"}, "max_tokens must be an integer"),
+        ({"max_tokens": 100000}, "more than this host's limit of 512"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"top_p": 1.5}, "top_p must lie in (0, 1]"),
+        ({"stop": 7}, "the stop parameter must be a string"),
+    ],
+)
+def test_bad_parameters_are_invalid_arguments(lm_server: LMServer, params: dict, message: str) -> None:
+    with pytest.raises(InferenceServerException, match=r"\[400\].*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        _infer_http(lm_server, "chat", PROMPTS[0], **params)
+    responses = _stream(lm_server, "chat.stream", PROMPTS[0], **params)
+    assert len(responses) == 1 and responses[0][2] is not None and message in responses[0][2]
+
+
+def test_bad_inputs(lm_server: LMServer) -> None:
+    client = httpclient.InferenceServerClient(lm_server.http_url, network_timeout=60)
+    try:
+        two = httpclient.InferInput("TEXT", [2], "BYTES")
+        two.set_data_from_numpy(np.array([b"a", b"b"], dtype=object))
+        with pytest.raises(InferenceServerException, match=r"TEXT must hold exactly one prompt"):
+            client.infer("chat", [two])
+        bad = httpclient.InferInput("TEXT", [1], "BYTES")
+        bad.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=object))
+        with pytest.raises(InferenceServerException, match=r"not valid UTF-8"):
+            client.infer("chat", [bad])
+        ok = httpclient.InferInput("TEXT", [1], "BYTES")
+        ok.set_data_from_numpy(np.array([b"hi"], dtype=object))
+        with pytest.raises(InferenceServerException, match=r"decoupled transaction policy"):
+            client.infer("chat.stream", [ok])  # streaming vFMs refuse plain infer (Triton)
+        with pytest.raises(InferenceServerException, match=r"TXT_<slot>"):
+            client.infer("fm.smollm2", [ok])  # the host itself, without a slot output
+    finally:
+        client.close()
+    lm_server.settled(["chat", "pirate"])
+    for task in ("chat", "pirate"):
+        assert lm_server.metric("fmplex_task_received_total", task=task) == lm_server.metric("fmplex_task_responses_total", task=task)
+
+
+def test_live_deploy_and_undeploy_with_the_cli(lm_server: LMServer) -> None:
+    """`fmplex deploy` loads NAME and NAME.stream into the running server; undeploy unloads both."""
+    url = ["--url", lm_server.grpc_url, "--repo", str(lm_server.repo)]
+    _cli("task", "create", "scribe", "--backbone", "smollm2", "--kind", "generate", "--weight", "2", "--repo", str(lm_server.repo))
+    out = _cli("deploy", "scribe", *url)
+    assert "deployed scribe v1 on fm.smollm2" in out
+    assert _infer_grpc(lm_server, "scribe", PROMPTS[0]) == lm_server.refs[("chat", PROMPTS[0], MAX_TOKENS)]
+    pieces = _stream(lm_server, "scribe.stream", PROMPTS[0], max_tokens=MAX_TOKENS)
+    assert "".join(t or "" for t, _, _ in pieces) == lm_server.refs[("chat", PROMPTS[0], MAX_TOKENS)]
+    show = _cli("task", "show", "scribe", "--repo", str(lm_server.repo))
+    assert "scribe.stream (streamed)" in show and "weight:      2" in show
+    _cli("undeploy", "scribe", *url)
+    for model in ("scribe", "scribe.stream"):
+        with pytest.raises(InferenceServerException):
+            _infer_grpc(lm_server, model, PROMPTS[0])
+    assert not (lm_server.repo / "scribe.stream").exists()
+    assert _infer_http(lm_server, "chat", PROMPTS[0], max_tokens=MAX_TOKENS) == lm_server.refs[("chat", PROMPTS[0], MAX_TOKENS)]
