@@ -56,6 +56,7 @@ class Sample:
     service_s: float | None  # mean busy seconds per request (None: nothing served, unknown)
     queue_depth: float = 0.0  # requests waiting at the end of the interval
     busy_s_per_s: float | None = None  # busy seconds per second, all instances together
+    workers: float = 1.0  # batches one instance runs at once (an fmplex host: one worker per core)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +116,11 @@ class Decision:
 class StagePolicy:
     """The decisions for one stage; feed it samples in time order.
 
-    Load is measured in instances' worth of work (busy seconds per second):
+    Load is measured in busy seconds per second (workers' worth of work):
     arrivals x service time, or the measured busy time when that is higher (a
-    saturated stage serves less than arrives). It is independent of the
-    instance count, so samples from before a change still say what the load
+    saturated stage serves less than arrives); utilisation is load over
+    instances x workers per instance. Load is independent of the instance
+    count, so samples from before a change still say what the load
     was. A scale-up needs the last ``up_samples`` samples at the current count
     hot *and* either the smoothed load (time constant ``load_tau_s``) over the
     threshold or a queue: an overload builds a queue within one interval and
@@ -141,21 +143,21 @@ class StagePolicy:
 
     def utilization(self, s: Sample) -> float:
         """Load per instance over one sample."""
-        return self.load_of(s) / max(1, s.instances)
+        return self.load_of(s) / (max(1, s.instances) * s.workers)
 
     def needed(self, s: Sample, load: float | None = None) -> float:
         """Instances that serve ``load`` (default: the sample's) at the target
         utilisation and drain the sample's queue within ``drain_s``."""
         c = self.config
         drain = s.queue_depth * (self.service_s or 0.0) / c.drain_s
-        return ((self.load_of(s) if load is None else load) + drain) / c.target_utilization
+        return ((self.load_of(s) if load is None else load) + drain) / (c.target_utilization * s.workers)
 
     def _deep(self, s: Sample, seconds: float, requests: float) -> bool:
         """Is the queue deeper than ``seconds`` of work per instance (``requests``
         per instance while no service time is known)?"""
         n = max(1, s.instances)
         if self.service_s:
-            return s.queue_depth * self.service_s / n > seconds
+            return s.queue_depth * self.service_s / (n * s.workers) > seconds
         return s.queue_depth > requests * n
 
     def _hot(self, s: Sample) -> bool:
@@ -166,7 +168,7 @@ class StagePolicy:
         """Would ``n - 1`` instances have served this sample comfortably?"""
         if n <= 1 or s.queue_depth > 0.5:
             return False
-        return self.load_of(s) / (n - 1) < self.config.down_utilization
+        return self.load_of(s) / ((n - 1) * s.workers) < self.config.down_utilization
 
     def observe(self, sample: Sample) -> Decision:
         c = self.config
@@ -203,7 +205,7 @@ class StagePolicy:
         recent = settled[-c.up_samples :]
         burst = self._deep(sample, c.burst_backlog_s, c.burst_queue_per_instance)
         hot = len(recent) == c.up_samples and all(self._hot(s) for s in recent) and (
-            self.load / n > c.up_utilization or self._deep(sample, c.up_backlog_s, c.queue_per_instance)
+            self.load / (n * sample.workers) > c.up_utilization or self._deep(sample, c.up_backlog_s, c.queue_per_instance)
         )
         if (burst or hot) and n < self.bounds.max:
             # Size on the smoothed load, or on what every sample of the hot window
@@ -214,7 +216,7 @@ class StagePolicy:
             if since < c.up_cooldown_s:
                 return decide(n, f"hot, waiting {c.up_cooldown_s - since:.0f}s for the last change to settle", need)
             desired = self.bounds.clamp(min(max(n + 1, math.ceil(need - 1e-9)), n + c.max_step_up))
-            what = "queue burst" if burst else f"utilisation {self.load / n:.2f} > {c.up_utilization:.2f}"
+            what = "queue burst" if burst else f"utilisation {self.load / (n * sample.workers):.2f} > {c.up_utilization:.2f}"
             return decide(desired, f"{what}; needs {need:.1f}", need)
 
         window = [s for s in self.samples if s.t > sample.t - c.down_window_s]
@@ -299,8 +301,9 @@ class Snapshot:
     series: Series
 
 
-def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int) -> Sample | None:
-    """The sample of ``stage`` between two scrapes (None: the stage is not in the metrics)."""
+def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int, workers: float = 1.0) -> Sample | None:
+    """The sample of ``stage`` between two scrapes (None: the stage is not in the metrics).
+    ``workers``: batches one instance runs at once (busy time per instance can reach it)."""
     dt = cur.t - prev.t
     if dt <= 0:
         return None
@@ -359,6 +362,7 @@ def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int) -> S
         service_s=service,
         queue_depth=depth,
         busy_s_per_s=None if busy is None else busy / dt,
+        workers=workers,
     )
 
 
@@ -369,9 +373,10 @@ def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int) -> S
 class Autoscaler:
     """Polls metrics, decides per stage, applies the changes.
 
-    ``instances_of(stage)`` and ``apply(stage, n)`` are injected (the CLI wires
-    them to the gRPC API and :func:`scale.scale`); ``scrape_fn`` returns the
-    current metrics. ``dry_run``: decide and report, change nothing.
+    ``instances_of(stage)``, ``workers_of(stage)`` (batches an instance runs at
+    once) and ``apply(stage, n)`` are injected (the CLI wires them to the gRPC
+    API and :func:`scale.scale`); ``scrape_fn`` returns the current metrics.
+    ``dry_run``: decide and report, change nothing.
     """
 
     stages: Mapping[str, Bounds]
@@ -379,6 +384,7 @@ class Autoscaler:
     instances_of: Callable[[str], int]
     apply: Callable[[str, int], object]
     config: PolicyConfig = PolicyConfig()
+    workers_of: Callable[[str], float] = lambda _stage: 1.0
     dry_run: bool = False
     echo: Callable[[str], None] = print
     clock: Callable[[], float] = time.monotonic
@@ -403,7 +409,7 @@ class Autoscaler:
             except Exception as exc:  # noqa: BLE001 - one stage's trouble must not stop the others
                 self.echo(f"{name}: cannot read its instance count: {exc}")
                 continue
-            sample = stage_sample(name, prev, cur, n)
+            sample = stage_sample(name, prev, cur, n, self.workers_of(name))
             if sample is None:
                 self.echo(f"{name}: no metrics for this stage")
                 continue

@@ -803,7 +803,7 @@ def autoscale_cmd(
     import dataclasses as _dc  # noqa: PLC0415
 
     from . import autoscale as auto  # noqa: PLC0415
-    from .scale import current_instances, scale  # noqa: PLC0415
+    from .scale import current_instances, scale, server_config, workers_per_instance  # noqa: PLC0415
 
     if max_instances < min_instances:
         raise click.UsageError(f"--max {max_instances} is below --min {min_instances}")
@@ -829,6 +829,7 @@ def autoscale_cmd(
             instances_of=lambda name: current_instances(triton, name),
             apply=lambda name, n: scale(triton, name, n, repository=repository),
             config=config,
+            workers_of=lambda name: workers_per_instance(server_config(triton, name)),
             dry_run=dry_run,
             echo=click.echo,
         )

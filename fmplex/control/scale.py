@@ -119,6 +119,21 @@ def current_instances(triton: Triton, model: str) -> int:
     return instance_count(server_config(triton, model))
 
 
+def workers_per_instance(config: dict[str, Any]) -> int:
+    """Batches one instance runs at once: an fmplex host's ``workers`` parameter
+    ("auto": one per core on a CPU, up to 4 -- counted here, which assumes the
+    server runs on this machine; 1 on a GPU); 1 for other models."""
+    params = config.get("parameters") or {}
+    value = str((params.get("workers") or {}).get("string_value", "1"))
+    if value != "auto":
+        try:
+            return max(1, int(value))
+        except ValueError:
+            return 1
+    device = str((params.get("device") or {}).get("string_value", "cpu"))
+    return max(1, min(len(os.sched_getaffinity(0)), 4)) if device == "cpu" else 1
+
+
 def _is_ensemble(config: dict[str, Any]) -> bool:
     return config.get("platform") == "ensemble" or bool(config.get("ensemble_scheduling"))
 

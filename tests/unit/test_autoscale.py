@@ -171,6 +171,36 @@ def test_recorded_series_replay() -> None:
     assert ds[first_down].desired == 1
 
 
+def test_workers_per_instance_count_as_capacity() -> None:
+    """An fmplex host runs one batch per worker at once: busy 1.6 s/s on one
+    2-worker instance is 0.8 utilisation, not 1.6; sizing counts workers too."""
+    policy = StagePolicy("stage", Bounds(1, 8))
+    for t in (5, 10, 15):
+        assert not policy.observe(Sample(t, 1, 32.0, S, 0.0, 1.6, workers=2)).change
+    hot = [policy.observe(Sample(t, 1, 60.0, S, 30.0, 2.0, workers=2)) for t in (20, 25)]  # overloaded, 0.75 s queued per worker
+    assert hot[0].utilization == pytest.approx(1.5) and hot[-1].desired >= 2
+    # The same load on one-worker instances needs about twice the instances.
+    single = StagePolicy("stage", Bounds(1, 8))
+    for t in (5, 10, 15):
+        single.observe(Sample(t, 1, 32.0, S, 0.0, 1.0))
+    one = [single.observe(Sample(t, 1, 60.0, S, 60.0, 1.0)) for t in (20, 25)][-1]
+    assert one.desired > hot[-1].desired
+
+
+def test_workers_per_instance_from_the_host_config() -> None:
+    from fmplex.control.scale import workers_per_instance
+
+    def cfg(**params: str) -> dict:
+        return {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+
+    assert workers_per_instance(cfg(workers="3")) == 3
+    assert workers_per_instance(cfg()) == 1  # not an fmplex host: one execute at a time
+    assert workers_per_instance(cfg(workers="auto", device="cuda:0")) == 1
+    import os
+
+    assert workers_per_instance(cfg(workers="auto")) == max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def test_policy_config_validation() -> None:
     with pytest.raises(ValueError):
         PolicyConfig(down_utilization=0.7, target_utilization=0.6)
