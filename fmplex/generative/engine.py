@@ -350,6 +350,14 @@ class Engine:
         self._compact()
         return len(queued) + len(gone)
 
+    def fail_queued(self, reason: str, outcome: str = "shutdown") -> int:
+        """Fail every sequence still waiting for admission (running ones go on)."""
+        with self._lock:
+            queued = [p.payload for p in self.scheduler.drain()]
+        for seq in queued:
+            self._fail(seq, reason, outcome)
+        return len(queued)
+
     def abort_all(self, reason: str, outcome: str = "shutdown") -> int:
         """Fail everything queued or running (shutdown); call with the worker stopped."""
         with self._lock:

@@ -14,8 +14,20 @@ Two variants of the same code, told apart by the model config:
                 -> per-sequence updates -> response senders
 
 Every accepted request gets exactly one final response: its answer, or an
-error if it was refused, expired, cancelled, failed, its task was undeployed,
-or the host is shutting down. The code lives in the backend directory
+error if it was refused, expired, cancelled, failed, or the host is shutting
+down.
+
+Shutdown. Triton tells a model nothing until it unloads it, and at server
+shutdown it unloads only after in-flight requests finish or its exit timeout
+(10 s under ``fmplex serve``) expires — then it exits without calling
+``finalize``, and a 400-token answer (tens of seconds on a CPU) would simply
+be cut off (measured: clients saw 'Stream removed' / no final response). But
+``fmplex serve`` stops the server with SIGINT to its process group, which
+includes this stub: the host catches it (``signal.set_wakeup_fd``: the C-level
+handler writes to a socket a watcher thread reads, whatever the stub's main
+thread is doing), fails what is still queued at once, lets running sequences
+finish for ``shutdown_grace_s`` (default 5 s), then fails the rest — every
+client gets its final response before Triton's exit timeout. The code lives in the backend directory
 (``<backends>/fmplex_gen/model.py`` imports this module), never in a model
 directory.
 """
@@ -26,6 +38,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import socket
 import threading
 import time
 import traceback
@@ -110,6 +124,8 @@ class TritonPythonModel:
             policy=_param(config, "policy", "wfq"),
         )
         self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
+        self.shutdown_grace_s = float(_param(config, "shutdown_grace_s", "5"))
+        self._draining_since: float | None = None
         self.default_max_tokens = int(_param(config, "default_max_tokens", "16"))
         self.max_tokens_limit = int(_param(config, "max_tokens_limit", "512"))
         self.max_text_bytes = int(_param(config, "max_text_bytes", "16384"))
@@ -122,10 +138,38 @@ class TritonPythonModel:
         self._next_engine_flush = 0.0
         self._worker = threading.Thread(target=self._loop, name="fmplex-gen-worker", daemon=True)
         self._worker.start()
+        self._watch_shutdown_signals()
         pb_utils.Logger.log_info(
             f"fmplex host {self.name}: {'decoupled (streaming)' if self.decoupled else 'whole answers'}, {self.slots} slots, "
             f"backbone {self.spec.name} loaded in {time.perf_counter() - t0:.1f} s, {self.engine.max_rows} rows per step, pid {os.getpid()}"
         )
+
+    def _watch_shutdown_signals(self) -> None:
+        """SIGINT/SIGTERM to this stub = the server is stopping (see the module docstring)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        try:
+            r, w = socket.socketpair()
+            w.setblocking(False)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_a: None)  # the stub must not die: Triton stops it itself
+            signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError) as exc:
+            pb_utils.Logger.log_warn(f"fmplex {self.name}: no shutdown signal watch ({exc})")
+            return
+        self._signal_socks = (r, w)
+
+        def watch() -> None:
+            try:
+                r.recv(64)
+            except OSError:
+                return
+            with self._cv:
+                if self._draining_since is None:
+                    self._draining_since = time.monotonic()
+                    self._cv.notify_all()
+
+        threading.Thread(target=watch, name="fmplex-gen-signals", daemon=True).start()
 
     def finalize(self) -> None:
         """Stop the worker after its current step; fail what is still queued or running."""
@@ -148,6 +192,8 @@ class TritonPythonModel:
                 entry, output = self._route(request, reg)
                 task = entry.name
                 self.metrics.received(task)
+                if self._draining_since is not None:
+                    raise _ShuttingDown("host is shutting down")
                 job = Job(request, sender, task, output)
                 prompt = self._prompt(request)
                 params = self._sampling(request)
@@ -171,6 +217,9 @@ class TritonPythonModel:
                 continue
             except QueueFull as exc:
                 self._reply(sender, task, _error(str(exc), pb_utils.TritonError.UNAVAILABLE), "queue_full")
+                continue
+            except _ShuttingDown as exc:
+                self._reply(sender, task, _error(str(exc), pb_utils.TritonError.UNAVAILABLE), "shutdown")
                 continue
             except _TaskUnavailable as exc:
                 self._reply(sender, task, _error(str(exc), pb_utils.TritonError.INTERNAL), "task_error")
@@ -301,9 +350,19 @@ class TritonPythonModel:
 
     # --- worker ----------------------------------------------------------------
     def _loop(self) -> None:
+        failed_queue = False
         while True:
+            draining = self._draining_since
+            if draining is not None:
+                if not failed_queue:
+                    failed_queue = True
+                    self.engine.fail_queued("host is shutting down")
+                if time.monotonic() - draining >= self.shutdown_grace_s:
+                    self.engine.abort_all("host is shutting down")
             with self._cv:
                 while self._running and not self.engine.has_work():
+                    if self._draining_since is not None and not failed_queue:
+                        break
                     now = time.monotonic()
                     wake = self.engine.next_wakeup(now)
                     flush = self.metrics.flush_due()
@@ -374,6 +433,10 @@ class TritonPythonModel:
 
 class _TaskUnavailable(RuntimeError):
     """A task's artifact cannot be loaded: its requests fail, others are served."""
+
+
+class _ShuttingDown(RuntimeError):
+    """The server is stopping: no new work."""
 
 
 def _input(request: Any, name: str) -> np.ndarray | None:

@@ -287,3 +287,61 @@ def test_live_deploy_and_undeploy_with_the_cli(lm_server: LMServer) -> None:
             _infer_grpc(lm_server, model, PROMPTS[0])
     assert not (lm_server.repo / "scribe.stream").exists()
     assert _infer_http(lm_server, "chat", PROMPTS[0], max_tokens=MAX_TOKENS) == lm_server.refs[("chat", PROMPTS[0], MAX_TOKENS)]
+
+
+def test_shutdown_answers_every_request_in_flight(lm_server: LMServer) -> None:
+    """Last (it stops the module's server): long generations in flight when the server
+    is stopped each get one final response — 'host is shutting down' — before Triton's
+    exit timeout, and the server exits cleanly."""
+    results: dict[int, Any] = {}
+    started = threading.Event()
+
+    def plain(i: int) -> None:
+        try:
+            results[i] = _infer_grpc(lm_server, "chat", PROMPTS[2], max_tokens=400)
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    def stream(i: int) -> None:
+        client = grpcclient.InferenceServerClient(lm_server.grpc_url)
+        got: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        inp = grpcclient.InferInput("TEXT", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([PROMPTS[2].encode()], dtype=object))
+        client.async_stream_infer("pirate.stream", [inp], parameters={"max_tokens": 400})
+        pieces, finals = 0, []
+        try:
+            while True:
+                result, error = got.get(timeout=60)
+                if error is not None:
+                    finals.append(str(error))
+                    break
+                pieces += 1
+                started.set()
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    finals.append("complete")
+                    break
+        except queue.Empty:
+            finals.append("no final response")
+        results[i] = (pieces, finals)
+        try:
+            client.stop_stream()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)] + [threading.Thread(target=stream, args=(i,)) for i in (2, 3)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    code = lm_server.proc.stop()
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(timeout=60)
+    for i in (0, 1):
+        assert isinstance(results[i], InferenceServerException) and "host is shutting down" in str(results[i]), results[i]
+    for i in (2, 3):
+        pieces, finals = results[i]
+        assert pieces >= 1 and len(finals) == 1 and "host is shutting down" in finals[0], results[i]
+    assert code == 0 and took < 15, (code, took)
