@@ -409,7 +409,7 @@ class Engine:
             self.running = []
             self.cache.reset()
             return None
-        self.running = rows
+        self.running = list(rows)  # ``rows`` stays this step's batch; ``running`` shrinks as rows finish
         finished = 0
         for i, seq in enumerate(rows):
             try:

@@ -105,6 +105,7 @@ def test_greedy_shared_batches_equal_generate_alone(lm, tasks) -> None:  # noqa:
         assert seq.generated == ref, f"{seq.task} {seq.prompt_ids[:4]}: {seq.generated} != {ref}"
         assert seq.text == lm.tokenizer.decode(ref, skip_special_tokens=True)
     assert engine.stats.max_rows == 8  # the batch was full (9 requests, 8 rows)
+    assert engine.stats.rows == engine.stats.tokens_generated == sum(LENGTHS) * 3  # every row of a step made one token
     assert engine.stats.multi_row_steps >= engine.stats.steps - 2
     assert engine.cache.capacity >= 16  # it grew while rows were running
     # the adapters matter: each changes at least one answer
