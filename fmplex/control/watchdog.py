@@ -66,26 +66,32 @@ class HostWatchdog(threading.Thread):
         self._halt.set()
         self.join(timeout=10)
 
-    def stub_pids(self) -> dict[str, int]:
-        pids: dict[str, int] = {}
+    def stub_pids(self) -> dict[str, list[int]]:
+        """Each host's stub pids, one per instance (label ``instance``)."""
+        pids: dict[str, list[int]] = {}
         for (name, labels), value in scrape_metrics(self.metrics_url).items():
             if name == "fmplex_host_pid":
                 host = dict(labels).get("host", "")
                 if host in self.hosts and value > 0:
-                    pids[host] = int(value)
+                    pids.setdefault(host, []).append(int(value))
         return pids
 
     def check_once(self) -> list[Recovery]:
         done = []
-        for host, pid in self.stub_pids().items():
-            if _alive(pid) or any(r.dead_pid == pid for r in self.recoveries):
+        for host, pids in self.stub_pids().items():
+            dead = [p for p in pids if not _alive(p) and not any(r.dead_pid == p for r in self.recoveries)]
+            if not dead:
                 continue
+            pid = dead[0]
             t0 = time.monotonic()
             self.echo(f"watchdog: the stub of {host} (pid {pid}) is gone; reloading {host}")
             rec = Recovery(host, pid, time.time(), 0.0)
             try:
                 with Triton(self.grpc_url, key=self.api_key) as triton:
                     config = triton.client.get_model_config(host, as_json=True, client_timeout=30)["config"]
+                    # Triton ignores a load whose override equals the config it last
+                    # parsed (a second recovery was a no-op): make every one differ.
+                    config.setdefault("parameters", {})["fmplex_recovery"] = {"string_value": f"{pid}-{time.time():.3f}"}
                     triton.load(host, config=json.dumps(config))
                 rec.reloaded_s = time.monotonic() - t0
                 self.echo(f"watchdog: {host} is back after {rec.reloaded_s:.1f}s")

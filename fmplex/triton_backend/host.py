@@ -107,7 +107,7 @@ class TritonPythonModel:
         budget = int(float(_param(config, "extension_budget_mb", "1024")) * 2**20)
         self.extensions = ExtensionCache(self._load_extension, budget)
         self._live: tuple[set[tuple[str, int]], set[tuple[str, int]]] | None = None  # (deployed, pinned) for the worker
-        self.metrics = HostMetrics(self.name)
+        self.metrics = HostMetrics(self.name, instance=str(args.get("model_instance_name", "")))
         self._seen_generation = -1
         self._cv = threading.Condition()
         self._running = True
@@ -131,6 +131,10 @@ class TritonPythonModel:
             left = self.scheduler.drain()
         for p in left:
             self._fail(p.payload, "host is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
+        try:  # publish the last counts: a scaled-down instance takes its series with it
+            self.metrics.maybe_flush(self.scheduler, self._cv, self.extensions, force=True)
+        except Exception:  # noqa: BLE001 - metrics are best effort
+            traceback.print_exc()
 
     # --- request path ----------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:

@@ -31,8 +31,12 @@ _TASK_COUNTERS = {
 
 
 class HostMetrics:
-    def __init__(self, host: str, interval: float = 0.25) -> None:
+    def __init__(self, host: str, interval: float = 0.25, instance: str = "") -> None:
         self.host = host
+        # Each instance of a scaled host publishes its own series (label
+        # ``instance``): gauges such as the stub pid or the queue depth would
+        # otherwise show whichever instance wrote last. Sum them for the host.
+        self.instance = instance
         self.interval = interval
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, str], Any] = {}
@@ -58,7 +62,7 @@ class HostMetrics:
         key = (name, task)
         m = self._metrics.get(key)
         if m is None:
-            labels = {"host": self.host, **({"task": task} if task else {})}
+            labels = {"host": self.host, **({"instance": self.instance} if self.instance else {}), **({"task": task} if task else {})}
             m = self._metrics[key] = self._family(name, kind, doc).Metric(labels=labels)
         return m
 
@@ -92,9 +96,11 @@ class HostMetrics:
             self._batch["padded_tokens"] += report.padded_tokens
             self._batch["seconds"] += report.seconds
 
-    def maybe_flush(self, scheduler: Any, lock: Any, cache: Any = None) -> None:
-        if not self._flush_lock.acquire(blocking=False):  # another worker is publishing
+    def maybe_flush(self, scheduler: Any, lock: Any, cache: Any = None, force: bool = False) -> None:
+        if not self._flush_lock.acquire(blocking=not force):  # another worker is publishing
             return
+        if force:
+            self._next_flush = 0.0
         try:
             self._flush(scheduler, lock, cache)
         finally:

@@ -117,6 +117,27 @@ def test_killed_stub_is_reloaded_by_the_watchdog(locked: Server) -> None:
     assert int(locked.metric("fmplex_host_pid")) != pid
 
 
+def test_a_second_stub_death_is_recovered_too(locked: Server) -> None:
+    """Triton ignores a load whose override equals the config it last parsed,
+    so a watchdog that re-sent the same config recovered only the first death."""
+    assert probe(locked)
+    wd = locked.proc.watchdog
+    assert wd is not None
+    before = len(wd.recoveries)
+    for _ in range(2):
+        pid = int(locked.metric("fmplex_host_pid"))
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while not probe(locked):
+            assert time.monotonic() - t0 < 120, "the host did not come back"
+            time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while int(locked.metric("fmplex_host_pid")) == pid and time.monotonic() < deadline:
+            time.sleep(0.3)  # the new instance publishes its pid within a flush
+        assert int(locked.metric("fmplex_host_pid")) != pid
+    assert len(wd.recoveries) == before + 2 and all(r.error is None for r in wd.recoveries[before:])
+
+
 def test_host_unload_and_reload_with_requests_in_flight(locked: Server) -> None:
     headers = {GRPC_API_KEY_HEADER: KEY}
     c = grpcclient.InferenceServerClient(locked.grpc_url)
