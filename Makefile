@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test soak test-unit test-e2e bench bench-more repo clean
+.PHONY: help install system-deps demo test soak test-unit test-e2e bench bench-more bench-multimodal repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
@@ -18,6 +18,7 @@ help:
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
 	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
+	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
 $(STAMP): pyproject.toml
@@ -59,6 +60,11 @@ bench-more: $(STAMP) system-deps
 	$(PY) perf/bench_vfm.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_extensions.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_overload.py $(if $(QUICK),--quick,)
+
+# Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
+# perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
+bench-multimodal: $(STAMP)
+	$(PY) perf/bench_multimodal_trace.py $(if $(QUICK),--quick,)
 
 repo: $(STAMP)
 	rm -rf model_repository

@@ -22,13 +22,23 @@ SLOT_OUTPUTS = {
     "GEN_IDS_": "TOKEN_IDS",
     "PROMPT_IDS_": "PROMPT_IDS",
     "LOGITS_": "PREFILL_LOGITS",  # computed only when asked for
+    "TIMING_": "TIMING_MS",  # per-request timing measured in the host (see TIMING_FIELDS)
 }
 SLOT_TYPES = {
     "GEN_TEXT_": ("TYPE_STRING", "[ 1 ]"),  # the generated text (UTF-8, EOS dropped)
     "GEN_IDS_": ("TYPE_INT64", "[ -1 ]"),  # generated token ids (EOS included if it stopped there)
     "PROMPT_IDS_": ("TYPE_INT64", "[ -1 ]"),  # the prompt as tokenized (task prompt + TEXT, image tokens)
     "LOGITS_": ("TYPE_FP32", "[ -1, -1 ]"),  # prefill logits [prompt tokens, vocab]
+    "TIMING_": ("TYPE_FP32", "[ 3 ]"),  # TIMING_FIELDS, milliseconds
 }
+
+# TIMING_MS, milliseconds from the request's arrival in the host's execute():
+# until its prefill started (queueing, and encoding its images), until its first
+# token was chosen, until its answer was ready. The answer is one final
+# response, so a client gets time to first token as its own end-to-end latency
+# minus (total - first token): what the host spent decoding after the first
+# token (perf/bench_multimodal_trace.py). The monolithic baseline reports the same.
+TIMING_FIELDS = ("queue_ms", "first_token_ms", "total_ms")
 
 
 def slot_of(name: str) -> int | None:

@@ -346,14 +346,17 @@ class TritonPythonModel:
         if job.images is not None:
             feats = torch.from_numpy(np.concatenate([f for f in job.features if f is not None]))
         want_logits = any(n.startswith("LOGITS_") for n in job.wanted)
+        started = time.monotonic()
         gen = self.lm.generate(
             job.ids, feats, job.max_new_tokens, temperature=job.temperature, seed=job.seed, eos_id=EOS_ID, want_logits=want_logits
         )
+        timing = [started - job.arrival, started + gen.prefill_s - job.arrival, time.monotonic() - job.arrival]
         values = {
             "GEN_TEXT_": np.array([ByteTokenizer.decode(gen.tokens).encode("utf-8")], dtype=np.object_),
             "GEN_IDS_": np.array(gen.tokens, dtype=np.int64),
             "PROMPT_IDS_": np.array(job.ids, dtype=np.int64),
             "LOGITS_": None if gen.prefill_logits is None else np.ascontiguousarray(gen.prefill_logits.numpy(), dtype=np.float32),
+            "TIMING_": np.array([1e3 * t for t in timing], dtype=np.float32),  # interface.TIMING_FIELDS
         }
         tensors = [pb_utils.Tensor(f"{p}{job.slot}", v) for p, v in values.items() if f"{p}{job.slot}" in job.wanted and v is not None]
         self._send(job, pb_utils.InferenceResponse(output_tensors=tensors), "ok")
