@@ -7,6 +7,8 @@ Every error is one line on stderr and exit status 1; ``--help`` everywhere.
 
 from __future__ import annotations
 
+import json
+
 import functools
 import os
 import signal
@@ -90,6 +92,12 @@ def main() -> None:
 # --- init ----------------------------------------------------------------------
 
 
+def _workers(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 64):
+        raise click.BadParameter(f"'{value}' is neither 'auto' nor a number from 1 to 64")
+    return value
+
+
 @main.command()
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_REPO, required=False)
 @click.option(
@@ -116,15 +124,22 @@ def main() -> None:
     type=click.IntRange(1, 4096),
     help="Rows per shared batch (16 suits a CPU; raise it on a GPU).",
 )
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    callback=lambda _c, _p, v: _workers(v),
+    help="Batches an encoder host runs at once, one torch thread each ('auto': one per core up to 4 on a CPU, 1 on a GPU).",
+)
 @_friendly
-def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float, max_batch_rows: int) -> None:
+def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float, max_batch_rows: int, workers: str) -> None:
     """Create a model repository with one host entry per backbone.
 
     Safe to run again: existing hosts and tasks are kept.
     """
     generative = [b for b in backbones if gen_ops.is_generative(b)]  # two hosts each: whole answers + streaming
     backbones = tuple(b for b in backbones if b not in generative)
-    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb, max_batch_rows)
+    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb, max_batch_rows, workers)
     if generative:
         reg = gen_ops.init_hosts(repo, generative, slots)
         for b in generative:
@@ -297,7 +312,9 @@ def task_show(name: str, repo: Path) -> None:
         gen_ops.show_task(repo, entry, click.echo)
         return
     click.echo(f"task:        {entry.name}")
-    click.echo(f"kind:        {entry.kind} ({get_kind(entry.kind).summary})")
+    known = KINDS.get(entry.kind)
+    summary = known.summary if known else "a multimodal generation task: TEXT + optional IMAGES" if entry.kind == "multimodal" else "?"
+    click.echo(f"kind:        {entry.kind} ({summary})")
     click.echo(f"backbone:    {entry.backbone}")
     click.echo(f"versions:    {', '.join(map(str, repo_ops.task_versions(repo, name)))} (newest {entry.version})")
     click.echo(f"deployed:    {f'v{entry.deployed_version} on slot {entry.slot}' if entry.deployed else 'no'}")
@@ -307,6 +324,9 @@ def task_show(name: str, repo: Path) -> None:
     if entry.description:
         click.echo(f"description: {entry.description}")
     manifest = read_manifest(version_dir(repo, name, entry.deployed_version or entry.version))
+    if known is None:  # multimodal: its manifest says the rest
+        click.echo(f"manifest:    {json.dumps({k: v for k, v in manifest.items() if k not in ('created', 'source')})}")
+        return
     click.echo(f"outputs:     {', '.join(o.name for o in outputs_of(entry.outputs_family))}")
     if "labels" in manifest:
         click.echo(f"labels:      {', '.join(manifest['labels'])}")
