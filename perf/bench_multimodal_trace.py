@@ -565,6 +565,8 @@ def figures(res: RunResult, items: Sequence[Item]) -> dict[str, Any]:
     total_series = [(t, float(sum(c.values()))) for t, c in res.instances]
     stage_series = {s: [(t, float(c.get(s, 0))) for t, c in res.instances] for s in (res.instances[0][1] if res.instances else {})}
     inst_s = step_integral(total_series, 0.0, span)
+    procs = [(t, float(sum(c.values()))) for t, c in res.processes]
+    ups = [e for e in res.events if e["to"] > e["from"]]
     return {
         "requests": len(res.records),
         "answered": len(ok),
@@ -585,6 +587,11 @@ def figures(res: RunResult, items: Sequence[Item]) -> dict[str, Any]:
         "instances_max": int(max((v for _, v in total_series), default=0)),
         "instance_seconds_per_stage": {s: round(step_integral(ser, 0.0, span), 1) for s, ser in stage_series.items()},
         "instances_max_per_stage": {s: int(max((v for _, v in ser), default=0)) for s, ser in stage_series.items()},
+        # Stub processes (sampled every 2 s): a scaled-up instance's process exists from the scale call on.
+        "process_seconds": round(step_integral(procs, 0.0, span), 1),
+        "scale_ups": len(ups),
+        "scale_downs": sum(e["to"] < e["from"] for e in res.events),
+        "scale_up_ready_s": [round(e["done_s"] - e["t_s"], 1) for e in ups],
         "pss_peak_mib": round(max((m for _, m in res.memory), default=0.0), 1),
         "pss_end_mib": round(res.memory[-1][1], 1) if res.memory else None,
         "server_cpu_s": round(res.cpu_s, 1),
@@ -627,7 +634,7 @@ def series(res: RunResult) -> dict[str, Any]:
     }
 
 
-ROWS = (  # (label, key, lower is better)
+ROWS = (  # (label, key, lower is better; None: not a figure of merit)
     ("requests answered", "answered", False),
     ("failures", "failed", True),
     ("throughput (req/s)", "throughput_rps", False),
@@ -643,6 +650,7 @@ ROWS = (  # (label, key, lower is better)
     ("server queue p99 (ms)", "server_queue_p99_ms", True),
     ("instances mean / max", None, True),
     ("instance-seconds (cost)", "instance_seconds", True),
+    ("scale-ups / downs", "scale_ups", None),
     ("memory PSS peak (MiB)", "pss_peak_mib", True),
     ("server CPU ms / request", "server_cpu_ms_per_request", True),
 )
@@ -656,7 +664,9 @@ def table(figs: dict[str, dict[str, Any]]) -> str:
 
     lines = [f"{'':28s} {'staged':>12s} {'monolithic':>12s} {'staged/mono':>12s}"]
     for label, key, _ in ROWS:
-        if key is None:
+        if key == "scale_ups":
+            va, vb, r = f"{a['scale_ups']} / {a['scale_downs']}", f"{b['scale_ups']} / {b['scale_downs']}", None
+        elif key is None:
             va, vb = f"{a['instances_mean']:g} / {a['instances_max']}", f"{b['instances_mean']:g} / {b['instances_max']}"
             r = a["instances_mean"] / b["instances_mean"] if b["instances_mean"] else None
         else:
@@ -716,6 +726,13 @@ def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig,
         if name == "staged":
             for stage, color in zip(res.instances[0][1], stage_colors):
                 ax[1, 0].step(ts, [c.get(stage, 0) for _, c in res.instances], "--", where="post", color=color, label=f"staged: {stage}")
+            if res.processes:
+                ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
+                              lw=0.8, label="staged: stub processes")  # fmt: skip
+            for e in res.events:  # when the autoscaler asked (the instance serves once Triton counts it)
+                ax[1, 0].axvline(e["t_s"], color="tab:red", ls=":", lw=1)
+                ax[1, 0].annotate(f"{e['stage'].rsplit('.', 1)[-1]} {e['from']}->{e['to']}", (e["t_s"], 0.3), fontsize=7, rotation=90,
+                                  color="tab:red")  # fmt: skip
     ax[1, 0].set_xlabel("time (s)")
     ax[1, 0].set_ylabel("instances (Triton's count)")
     ax[1, 0].set_ylim(bottom=0)

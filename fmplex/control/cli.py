@@ -7,9 +7,8 @@ Every error is one line on stderr and exit status 1; ``--help`` everywhere.
 
 from __future__ import annotations
 
-import json
-
 import functools
+import json
 import os
 import signal
 import sys
