@@ -249,7 +249,10 @@ def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
     spec = get_multimodal(BACKBONE)
     names = task_names(cfg.tasks)
     staged = work / "staged-repo"
-    control.init_multimodal(staged, BACKBONE, control.placements("shared"), slots=max(8, cfg.tasks))
+    places = control.placements("shared")  # both stages on all CPUs, each starting at its lower bound
+    places["encode"] = dataclasses.replace(places["encode"], instances=cfg.encode_bounds[0])
+    places["lm"] = dataclasses.replace(places["lm"], instances=cfg.lm_bounds[0])
+    control.init_multimodal(staged, BACKBONE, places, slots=max(8, cfg.tasks))
     for i, name in enumerate(names):
         control.create_task(staged, name, BACKBONE, prompt=task_prompt(i), max_new_tokens=cfg.max_new_tokens)
         control.deploy_task(staged, name, None)
@@ -482,6 +485,21 @@ class RunResult:
     replay_s: float
     cpu_s: float
     send_lag_s: list[float]
+    client_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    import resource  # noqa: PLC0415
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, work: Path) -> RunResult:
@@ -507,6 +525,7 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
         prepared = replayer.prepare(items)
         monitor = Monitor(url, dep.repo, dep.stages, proc.proc.pid, clock)
         cpu0 = sum(cpu_seconds(process_tree(proc.proc.pid)).values())
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
         origin[0] = time.perf_counter()
         monitor.start()
         for stage, bounds in dep.autoscaled.items():
@@ -516,6 +535,9 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
         records = replayer.run(prepared, clock)
         replay_s = clock()
         cpu_s = sum(cpu_seconds(process_tree(proc.proc.pid)).values()) - cpu0
+        client_s = own_cpu_s() - own0
+        # Busy CPU that was neither this server nor this client: other jobs on a shared machine (noise).
+        other_s = busy_cpu_s() - busy0 - cpu_s - client_s
         replayer.close()
     finally:
         for s in scalers:
@@ -530,7 +552,7 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
         dep.name, records, monitor.instances, monitor.processes, monitor.memory,
         sorted((e for s in scalers for e in s.events), key=lambda e: e["t_s"]),
         [d for s in scalers for d in s.decisions],
-        [e for s in scalers for e in s.errors], ready_s, replay_s, cpu_s, replayer.lag_s,
+        [e for s in scalers for e in s.errors], ready_s, replay_s, cpu_s, replayer.lag_s, client_s, other_s,
     )  # fmt: skip
 
 
@@ -597,6 +619,8 @@ def figures(res: RunResult, items: Sequence[Item]) -> dict[str, Any]:
         "server_cpu_s": round(res.cpu_s, 1),
         "server_cpu_ms_per_request": round(1e3 * res.cpu_s / max(1, len(ok)), 2),
         "server_ready_s": round(res.ready_s, 1),
+        "client_cpu_s": round(res.client_cpu_s, 1),
+        "other_jobs_cpu_cores": round(res.other_cpu_s / max(res.replay_s, 1e-9), 2),  # noise: other processes' load meanwhile
         "client_send_lag_p99_ms": _pct(res.send_lag_s, 99),
         "scale_events": res.events,
         "autoscale_errors": res.autoscale_errors[:5],
@@ -653,6 +677,7 @@ ROWS = (  # (label, key, lower is better; None: not a figure of merit)
     ("scale-ups / downs", "scale_ups", None),
     ("memory PSS peak (MiB)", "pss_peak_mib", True),
     ("server CPU ms / request", "server_cpu_ms_per_request", True),
+    ("other jobs' CPU (cores)", "other_jobs_cpu_cores", None),
 )
 
 
@@ -663,7 +688,7 @@ def table(figs: dict[str, dict[str, Any]]) -> str:
         return "-" if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
     lines = [f"{'':28s} {'staged':>12s} {'monolithic':>12s} {'staged/mono':>12s}"]
-    for label, key, _ in ROWS:
+    for label, key, better in ROWS:
         if key == "scale_ups":
             va, vb, r = f"{a['scale_ups']} / {a['scale_downs']}", f"{b['scale_ups']} / {b['scale_downs']}", None
         elif key is None:
@@ -672,7 +697,7 @@ def table(figs: dict[str, dict[str, Any]]) -> str:
         else:
             va, vb = fmt(a.get(key)), fmt(b.get(key))
             x, y = a.get(key), b.get(key)
-            r = x / y if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else None
+            r = x / y if better is not None and isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else None
         lines.append(f"{label:28s} {va:>12s} {vb:>12s} {('-' if r is None else f'{r:.2f}x'):>12s}")
     return "\n".join(lines)
 
@@ -724,8 +749,8 @@ def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig,
         total = [sum(c.values()) for _, c in res.instances]
         ax[1, 0].step(ts, total, where="post", color=colors[name], lw=2, label=f"{name}: all instances")
         if name == "staged":
-            for stage, color in zip(res.instances[0][1], stage_colors):
-                ax[1, 0].step(ts, [c.get(stage, 0) for _, c in res.instances], "--", where="post", color=color, label=f"staged: {stage}")
+            for (stage, color), off in zip(zip(res.instances[0][1], stage_colors), (-0.04, 0.04)):  # offset: visible when equal
+                ax[1, 0].step(ts, [c.get(stage, 0) + off for _, c in res.instances], "--", where="post", color=color, label=f"staged: {stage}")
             if res.processes:
                 ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
                               lw=0.8, label="staged: stub processes")  # fmt: skip
@@ -735,9 +760,10 @@ def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig,
                                   color="tab:red")  # fmt: skip
     ax[1, 0].set_xlabel("time (s)")
     ax[1, 0].set_ylabel("instances (Triton's count)")
-    ax[1, 0].set_ylim(bottom=0)
+    top = max((sum(c.values()) for r in results.values() for _, c in r.instances), default=1)
+    ax[1, 0].set_ylim(0, top + 2)
     ax[1, 0].set_title("instances over time")
-    ax[1, 0].legend(fontsize=7)
+    ax[1, 0].legend(fontsize=7, loc="upper left", ncol=2)
     # (d) TTFT CDF
     for name, res in results.items():
         v = np.sort([1e3 * r.ttft_s for r in res.records if r.ttft_s is not None])
