@@ -47,14 +47,27 @@ and the client derives
 i.e. the time the host spent decoding after the first token is taken off the
 latency the client saw (network, Triton, queueing and prefill stay in TTFT).
 
+**Reading the figures.** Throughput is the offered load whenever both keep
+up (open loop); the differences are in latency and cost. Structural facts
+behind them: an lm stage instance runs one sequence at a time (no decode
+batching yet, see the README), so at one instance it serializes every task,
+while the monolithic deployment always has K workers (and K processes get K
+shares of a contended CPU from the kernel's scheduler); a scale-up starts a
+stub process (imports torch and transformers: seconds of CPU) on the same
+CPUs that are already overloaded, and the autoscaler decides after ``up_samples``
+hot polls. The cost side -- instance-seconds, memory -- is where staging wins:
+one encoder and one LM copy serve all K tasks. ``other jobs' CPU`` says how
+much of the machine other processes took during each replay: compare runs by it.
+
 Writes ``perf/results/multimodal_trace.json`` and ``multimodal_trace.png``
 (latency CDFs, p99 over time with the offered load, instances per stage over
 time) and prints the side-by-side table with ratios (staged / monolithic).
 
-    python perf/bench_multimodal_trace.py [--quick] [--tasks 4] [--rate 10] [--seed S]
+    python perf/bench_multimodal_trace.py [--quick] [--repeat N] [--tasks 4] [--rate 12] [--seed S] [--lm-min 1]
 
-On a shared machine run it when it is quiet, and read the ratios more than the
-absolute figures.
+On a shared machine run it when it is quiet, or with ``--repeat N`` (the
+deployments alternate; the table shows medians), and read the ratios more than
+the absolute figures.
 """
 
 from __future__ import annotations
@@ -537,7 +550,7 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
         cpu_s = sum(cpu_seconds(process_tree(proc.proc.pid)).values()) - cpu0
         client_s = own_cpu_s() - own0
         # Busy CPU that was neither this server nor this client: other jobs on a shared machine (noise).
-        other_s = busy_cpu_s() - busy0 - cpu_s - client_s
+        other_s = max(0.0, busy_cpu_s() - busy0 - cpu_s - client_s)
         replayer.close()
     finally:
         for s in scalers:
@@ -702,73 +715,113 @@ def table(figs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig, path: Path) -> Path:
+def _runs(results: dict[str, Any]) -> dict[str, list[RunResult]]:
+    """``{name: RunResult or [RunResult, ...]}`` -> lists (repetitions)."""
+    return {n: (list(r) if isinstance(r, (list, tuple)) else [r]) for n, r in results.items()}
+
+
+SUMMED = ("requests", "answered", "failed", "generated_tokens", "scale_ups", "scale_downs")
+
+
+def median_figures(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over repetitions: counts summed (requests, failures, scale events), the
+    most instances at once, the median of every other number; other values
+    listed per repetition."""
+    if len(reps) == 1:
+        return dict(reps[0])
+    out: dict[str, Any] = {}
+    for key, value in reps[0].items():
+        values = [r.get(key) for r in reps]
+        if key in SUMMED:
+            out[key] = sum(values)
+        elif key == "instances_max":
+            out[key] = max(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = round(float(np.median(values)), 2)
+        else:
+            out[key] = values
+    out["repetitions"] = len(reps)
+    return out
+
+
+def plot(results: dict[str, Any], items: Sequence[Item], cfg: BenchConfig, path: Path) -> Path:
+    """The figure; ``results`` maps a deployment to its run or its repetitions
+    (the first drawn full, the others fainter)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    runs = _runs(results)
     colors = {"staged": "tab:blue", "monolithic": "tab:orange"}
     stage_colors = ("tab:green", "tab:purple")
     fig, ax = plt.subplots(2, 2, figsize=(13, 8.5))
     spans = bursts(cfg)
-    # (a) end-to-end latency CDF, text-only dashed
-    for name, res in results.items():
+    each = [(name, k, res, 1.0 if k == 0 else 0.35) for name, rs in runs.items() for k, res in enumerate(rs)]
+
+    def lab(text: str, k: int) -> str | None:
+        return text if k == 0 else None
+
+    # (a) end-to-end latency CDF: all, text-only, with images
+    for name, k, res, alpha in each:
         for label, sel, style in (("all", lambda r: True, "-"), ("text-only", lambda r: r.n_images == 0, ":"),
                                   ("images", lambda r: r.n_images > 0, "--")):  # fmt: skip
             lat = np.sort([1e3 * r.e2e_s for r in res.records if r.e2e_s is not None and sel(r)])
             if len(lat):
-                ax[0, 0].plot(lat, np.arange(1, len(lat) + 1) / len(lat), style, color=colors[name], label=f"{name} {label}")
+                ax[0, 0].plot(lat, np.arange(1, len(lat) + 1) / len(lat), style, color=colors[name], alpha=alpha,
+                              label=lab(f"{name} {label}", k))  # fmt: skip
     ax[0, 0].set_xscale("log")
     ax[0, 0].set_xlabel("end-to-end latency (ms)")
     ax[0, 0].set_ylabel("fraction of requests")
     ax[0, 0].set_title("latency CDF")
     ax[0, 0].legend(fontsize=7)
-    # (b) p99 over time + offered load
+    # (b) p99 and p50 over time + offered load
     ax2 = ax[0, 1].twinx()
     edges = np.arange(0, cfg.duration_s + WINDOW_S, WINDOW_S)
     ax2.hist([it.at for it in items], bins=edges, color="0.85", weights=np.full(len(items), 1 / WINDOW_S), label="offered req/s")
     ax2.set_ylabel("offered load (req/s)")
     ax[0, 1].set_zorder(ax2.get_zorder() + 1)
     ax[0, 1].patch.set_visible(False)
-    for name, res in results.items():
-        w = windows(res, cfg.duration_s)
-        xs = [x["t_s"] + WINDOW_S / 2 for x in w if x["e2e_p99_ms"] is not None]
-        ax[0, 1].plot(xs, [x["e2e_p99_ms"] for x in w if x["e2e_p99_ms"] is not None], "o-", color=colors[name], label=f"{name} p99")
-        ax[0, 1].plot(xs, [x["e2e_p50_ms"] for x in w if x["e2e_p50_ms"] is not None], ".:", color=colors[name], label=f"{name} p50")
+    for name, k, res, alpha in each:
+        w = [x for x in windows(res, cfg.duration_s) if x["e2e_p99_ms"] is not None]
+        xs = [x["t_s"] + WINDOW_S / 2 for x in w]
+        ax[0, 1].plot(xs, [x["e2e_p99_ms"] for x in w], "o-", color=colors[name], alpha=alpha, label=lab(f"{name} p99", k))
+        ax[0, 1].plot(xs, [x["e2e_p50_ms"] for x in w], ".:", color=colors[name], alpha=alpha, label=lab(f"{name} p50", k))
     ax[0, 1].set_yscale("log")
     ax[0, 1].set_xlabel(f"time (s), {WINDOW_S:g} s windows")
     ax[0, 1].set_ylabel("end-to-end latency (ms)")
     ax[0, 1].set_title("latency over the trace (grey: offered load)")
     ax[0, 1].legend(fontsize=7, loc="upper left")
     # (c) instances per stage over time
-    for name, res in results.items():
+    for name, k, res, alpha in each:
         if not res.instances:
             continue
         ts = [t for t, _ in res.instances]
         total = [sum(c.values()) for _, c in res.instances]
-        ax[1, 0].step(ts, total, where="post", color=colors[name], lw=2, label=f"{name}: all instances")
-        if name == "staged":
-            for (stage, color), off in zip(zip(res.instances[0][1], stage_colors), (-0.04, 0.04)):  # offset: visible when equal
-                ax[1, 0].step(ts, [c.get(stage, 0) + off for _, c in res.instances], "--", where="post", color=color, label=f"staged: {stage}")
-            if res.processes:
-                ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
-                              lw=0.8, label="staged: stub processes")  # fmt: skip
-            for e in res.events:  # when the autoscaler asked (the instance serves once Triton counts it)
-                ax[1, 0].axvline(e["t_s"], color="tab:red", ls=":", lw=1)
-                ax[1, 0].annotate(f"{e['stage'].rsplit('.', 1)[-1]} {e['from']}->{e['to']}", (e["t_s"], 0.3), fontsize=7, rotation=90,
-                                  color="tab:red")  # fmt: skip
+        ax[1, 0].step(ts, total, where="post", color=colors[name], lw=2, alpha=alpha, label=lab(f"{name}: all instances", k))
+        if name != "staged":
+            continue
+        for (stage, color), off in zip(zip(res.instances[0][1], stage_colors), (-0.04, 0.04)):  # offset: visible when equal
+            ax[1, 0].step(ts, [c.get(stage, 0) + off for _, c in res.instances], "--", where="post", color=color, alpha=alpha,
+                          label=lab(f"staged: {stage}", k))  # fmt: skip
+        if res.processes:
+            ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
+                          lw=0.8, alpha=alpha, label=lab("staged: stub processes", k))  # fmt: skip
+        for e in res.events:  # when the autoscaler asked (the instance serves once Triton counts it)
+            ax[1, 0].axvline(e["t_s"], color="tab:red", ls=":", lw=1, alpha=alpha)
+            ax[1, 0].annotate(f"{e['stage'].rsplit('.', 1)[-1]} {e['from']}->{e['to']}", (e["t_s"], 0.3), fontsize=7, rotation=90,
+                              color="tab:red", alpha=alpha)  # fmt: skip
     ax[1, 0].set_xlabel("time (s)")
     ax[1, 0].set_ylabel("instances (Triton's count)")
-    top = max((sum(c.values()) for r in results.values() for _, c in r.instances), default=1)
+    top = max((sum(c.values()) for rs in runs.values() for r in rs for _, c in r.instances), default=1)
     ax[1, 0].set_ylim(0, top + 2)
-    ax[1, 0].set_title("instances over time")
+    ax[1, 0].set_title("instances over time (red: scale calls)")
     ax[1, 0].legend(fontsize=7, loc="upper left", ncol=2)
     # (d) TTFT CDF
-    for name, res in results.items():
+    for name, k, res, alpha in each:
         v = np.sort([1e3 * r.ttft_s for r in res.records if r.ttft_s is not None])
         if len(v):
-            ax[1, 1].plot(v, np.arange(1, len(v) + 1) / len(v), color=colors[name], label=f"{name} TTFT")
+            ax[1, 1].plot(v, np.arange(1, len(v) + 1) / len(v), color=colors[name], alpha=alpha, label=lab(f"{name} TTFT", k))
     ax[1, 1].set_xscale("log")
     ax[1, 1].set_xlabel("time to first token (ms)")
     ax[1, 1].set_ylabel("fraction of requests")
@@ -777,7 +830,9 @@ def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig,
     for a in (ax[0, 1], ax[1, 0]):
         for lo, hi in spans:
             a.axvspan(lo, hi, color="tab:red", alpha=0.06)
-    fig.suptitle(f"{BACKBONE}, {cfg.tasks} tasks, {len(items)} requests over {cfg.duration_s:g} s (red: trace bursts)")
+    reps = max(len(rs) for rs in runs.values())
+    more = f"; {reps} repetitions, first solid" if reps > 1 else ""
+    fig.suptitle(f"{BACKBONE}, {cfg.tasks} tasks, {len(items)} requests over {cfg.duration_s:g} s (red: trace bursts{more})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -791,17 +846,20 @@ def plot(results: dict[str, RunResult], items: Sequence[Item], cfg: BenchConfig,
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~25 s of trace instead of ~75 s")
+    ap.add_argument("--repeat", type=int, default=1, help="replays per deployment, alternating (the table shows medians)")
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--rate", type=float, default=None, help="calm arrival rate (requests/s; bursts: x burst factor)")
     ap.add_argument("--burst-factor", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--no-autoscale", action="store_true", help="staged stages stay at one instance each")
+    ap.add_argument("--no-autoscale", action="store_true", help="staged stages stay at their lower bound")
     ap.add_argument("--lm-min", type=int, default=None, help="fewest lm stage instances (default 1)")
     ap.add_argument("--lm-max", type=int, default=None, help="most lm stage instances (default 3)")
     ap.add_argument("--encode-max", type=int, default=None, help="most encode stage instances (default 2)")
     ap.add_argument("--only", choices=DEPLOYMENTS, default=None, help="run one deployment (no comparison)")
     ap.add_argument("--out", default="multimodal_trace", help="name of the result files in perf/results/")
     args = ap.parse_args(argv)
+    if args.repeat < 1 or args.tasks < 1:
+        ap.error("--repeat and --tasks must be at least 1")
 
     kw: dict[str, Any] = {"tasks": args.tasks, "autoscale": not args.no_autoscale}
     for key, value in (("calm_rate", args.rate), ("burst_factor", args.burst_factor), ("seed", args.seed)):
@@ -823,49 +881,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{tsum.get('dispersion', 0):.1f}), {100 * tsum.get('text_only_share', 0):.0f}% text-only, bursts at "
         + ", ".join(f"{a:.0f}-{b:.0f}s" for a, b in bursts(cfg)))  # fmt: skip
     names = [args.only] if args.only else list(DEPLOYMENTS)
-    results: dict[str, RunResult] = {}
+    runs: dict[str, list[RunResult]] = {n: [] for n in names}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fmplex-mm-trace-") as tmp:
         deps = prepare(Path(tmp), cfg)
-        for name in names:
-            log(f"== {name}")
-            results[name] = run_deployment(deps[name], items, cfg, Path(tmp))
-            f = figures(results[name], items)
-            log(f"  {name}: {f['answered']}/{f['requests']} answered, {f['failed']} failed, e2e p50/p99 {f['e2e_p50_ms']}/"
-                f"{f['e2e_p99_ms']} ms, instance-seconds {f['instance_seconds']}")  # fmt: skip
-    figs = {n: figures(r, items) for n, r in results.items()}
+        for k in range(args.repeat):
+            for name in names if k % 2 == 0 else names[::-1]:  # alternate, so that a noisy spell does not hit one side only
+                log(f"== {name}" + (f" (repetition {k + 1} of {args.repeat})" if args.repeat > 1 else ""))
+                res = run_deployment(deps[name], items, cfg, Path(tmp))
+                runs[name].append(res)
+                f = figures(res, items)
+                log(f"  {name}: {f['answered']}/{f['requests']} answered, {f['failed']} failed, e2e p50/p99 {f['e2e_p50_ms']}/"
+                    f"{f['e2e_p99_ms']} ms, instance-seconds {f['instance_seconds']}, other jobs {f['other_jobs_cpu_cores']} cores")  # fmt: skip
+    per_rep = {n: [figures(r, items) for r in rs] for n, rs in runs.items()}
+    figs = {n: median_figures(fs) for n, fs in per_rep.items()}
     same = None
-    if len(results) == 2:
-        a = {r.index: r.tokens for r in results["staged"].records if r.tokens is not None}
-        b = {r.index: r.tokens for r in results["monolithic"].records if r.tokens is not None}
-        both = set(a) & set(b)
-        same = {"compared": len(both), "identical": sum(a[i] == b[i] for i in both)}
+    if len(runs) == 2:
+        compared = identical = 0
+        for a_run, b_run in zip(runs["staged"], runs["monolithic"]):
+            a = {r.index: r.tokens for r in a_run.records if r.tokens is not None}
+            b = {r.index: r.tokens for r in b_run.records if r.tokens is not None}
+            both = set(a) & set(b)
+            compared += len(both)
+            identical += sum(a[i] == b[i] for i in both)
+        same = {"compared": compared, "identical": identical}
     out = {
         "benchmark": "multimodal trace: staged (encode + lm stage hosts, autoscaled) vs monolithic (one whole model per task)",
         "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_at_end": os.getloadavg()},  # fmt: skip
-        "config": {**dataclasses.asdict(cfg), "policy": dataclasses.asdict(policy(cfg)), "backbone": BACKBONE,
-                   "timing_fields": TIMING_FIELDS},  # fmt: skip
+        "config": {**dataclasses.asdict(cfg), "repetitions": args.repeat, "policy": dataclasses.asdict(policy(cfg)),
+                   "backbone": BACKBONE, "timing_fields": TIMING_FIELDS},  # fmt: skip
         "trace": {**{k: round(v, 3) for k, v in tsum.items()}, "bursts_s": [[round(a, 1), round(b, 1)] for a, b in bursts(cfg)]},
-        "figures": figs,
+        "figures": figs,  # medians over the repetitions
+        "figures_per_repetition": per_rep if args.repeat > 1 else None,
         "greedy_tokens_staged_vs_monolithic": same,
-        "windows": {n: windows(r, cfg.duration_s) for n, r in results.items()},
-        "series": {n: series(r) for n, r in results.items()},
-        "autoscaler_decisions": {n: r.decisions for n, r in results.items() if r.decisions},
+        "windows": {n: [windows(r, cfg.duration_s) for r in rs] for n, rs in runs.items()},
+        "series": {n: [series(r) for r in rs] for n, rs in runs.items()},
+        "autoscaler_decisions": {n: [r.decisions for r in rs] for n, rs in runs.items() if any(r.decisions for r in rs)},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     write_results(f"{args.out}.json", out)
-    png = plot(results, items, cfg, RESULTS / f"{args.out}.png")
+    png = plot(runs, items, cfg, RESULTS / f"{args.out}.png")
     log(f"== written {png}")
     if len(figs) == 2:
-        log("\n" + table(figs))
+        note = f"\n({args.repeat} repetitions: counts summed, max instances the most, other figures medians)" if args.repeat > 1 else ""
+        log("\n" + table(figs) + note)
         log(f"greedy tokens identical for {same['identical']}/{same['compared']} requests answered by both")  # type: ignore[index]
-    for name, f in figs.items():
-        for e in f["scale_events"]:
-            log(f"  {name} scale: {e['t_s']:.1f}s {e['stage']} {e['from']} -> {e['to']} (ready at {e['done_s']:.1f}s)")
-    failed = sum(f["failed"] for f in figs.values())
+    for name, fs in per_rep.items():
+        for k, f in enumerate(fs):
+            for e in f["scale_events"]:
+                rep = f" (repetition {k + 1})" if args.repeat > 1 else ""
+                log(f"  {name} scale{rep}: {e['t_s']:.1f}s {e['stage']} {e['from']} -> {e['to']} (ready at {e['done_s']:.1f}s)")
+    failed = sum(f["failed"] for fs in per_rep.values() for f in fs)
     if failed:
-        log(f"!! {failed} request(s) failed: {[f['errors'] for f in figs.values()]}")
+        log(f"!! {failed} request(s) failed: {[f['errors'] for fs in per_rep.values() for f in fs if f['errors']]}")
     return 0
 
 
