@@ -156,8 +156,11 @@ def summarize(records: Sequence[Record], window: tuple[float, float]) -> dict[st
     percentiles per task and overall; failures counted, never dropped."""
     lo, hi = window
     inside = [r for r in records if lo <= r.sent < hi]
-    span = max(hi - lo, 1e-9)
     ok = [r for r in inside if r.latency_s is not None]
+    # Served rate over the time it took to answer them: an overloaded server's
+    # last answers come long after the window, so this is its capacity, not the offer.
+    last = max((r.sent + (r.latency_s or 0.0) for r in ok), default=hi)
+    span = max(hi - lo, last - lo, 1e-9)
 
     def one(rs: list[Record], all_rs: list[Record]) -> dict[str, object]:
         return {

@@ -97,3 +97,11 @@ def test_percentiles_and_summary_count_failures():
     p = percentiles([0.001 * i for i in range(1, 101)])
     assert p["p50_ms"] == pytest.approx(50.5) and p["p99_ms"] == pytest.approx(99.01)
     assert math.isnan(percentiles([])["p99_ms"])
+
+
+def test_served_rate_of_an_overloaded_server_is_its_capacity_not_the_offer():
+    # 100 requests offered in 1 s, answered one per 20 ms: the last answer comes at ~2 s.
+    recs = [Record("a", 0.01 * i, 0.02 * (i + 1) - 0.01 * i) for i in range(100)]
+    s = summarize(recs, (0.0, 1.0))
+    assert s["answered"] == 100
+    assert s["throughput_rps"] == pytest.approx(50.0, rel=0.01)
