@@ -78,6 +78,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import threading
@@ -658,16 +659,22 @@ def windows(res: RunResult, duration: float, width: float = WINDOW_S) -> list[di
     return out
 
 
-def series(res: RunResult) -> dict[str, Any]:
-    """Instances per stage over time (every change, plus the first and last sample)."""
+def _changes(samples: list[tuple[float, dict[str, int]]]) -> list[dict[str, Any]]:
+    """The samples where a count changed, plus the first and the last."""
     keep: list[tuple[float, dict[str, int]]] = []
-    for i, (t, c) in enumerate(res.instances):
-        if not keep or c != keep[-1][1] or i == len(res.instances) - 1:
+    for i, (t, c) in enumerate(samples):
+        if not keep or c != keep[-1][1] or i == len(samples) - 1:
             keep.append((t, c))
+    return [{"t_s": round(t, 2), **c} for t, c in keep]
+
+
+def series(res: RunResult) -> dict[str, Any]:
+    """Instances per stage (Triton's count) and stub processes over time, as
+    changes; the server's PSS every ~2 s."""
     return {
-        "instances": [{"t_s": round(t, 2), **c} for t, c in keep],
-        "stub_processes": [{"t_s": round(t, 2), **c} for t, c in res.processes],
-        "pss_mib": [[round(t, 2), round(m, 1)] for t, m in res.memory],
+        "instances": _changes(res.instances),
+        "stub_processes": _changes(res.processes),
+        "pss_mib": [[round(t, 1), round(m, 1)] for t, m in res.memory],
     }
 
 
@@ -718,6 +725,12 @@ def table(figs: dict[str, dict[str, Any]]) -> str:
 def _runs(results: dict[str, Any]) -> dict[str, list[RunResult]]:
     """``{name: RunResult or [RunResult, ...]}`` -> lists (repetitions)."""
     return {n: (list(r) if isinstance(r, (list, tuple)) else [r]) for n, r in results.items()}
+
+
+def notable(decision: str) -> bool:
+    """An autoscaler line worth keeping: a change, a failure, or a poll at utilisation >= 0.5."""
+    m = re.search(r"util=([0-9.]+)", decision)
+    return "keep (steady)" not in decision or (m is not None and float(m.group(1)) >= 0.5)
 
 
 SUMMED = ("requests", "answered", "failed", "generated_tokens", "scale_ups", "scale_downs")
@@ -917,7 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "greedy_tokens_staged_vs_monolithic": same,
         "windows": {n: [windows(r, cfg.duration_s) for r in rs] for n, rs in runs.items()},
         "series": {n: [series(r) for r in rs] for n, rs in runs.items()},
-        "autoscaler_decisions": {n: [r.decisions for r in rs] for n, rs in runs.items() if any(r.decisions for r in rs)},
+        "autoscaler_decisions": {n: [[d for d in r.decisions if notable(d)] for r in rs] for n, rs in runs.items()
+                                 if any(r.decisions for r in rs)},  # fmt: skip
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     write_results(f"{args.out}.json", out)
