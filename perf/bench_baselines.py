@@ -188,7 +188,7 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
 
         sweep = []
         for rate in loads:
-            recs = driver.open_loop(poisson(rate, d, tasks, seed=int(rate)))
+            recs = driver.open_loop(poisson(rate, d, tasks, cfg.mix_weights, seed=int(rate)))
             s = summarize(recs, (0.0, d))
             s["offered_rps"] = rate
             sweep.append(s)
@@ -196,15 +196,17 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
                 f"p99 {s['p99_ms']:7.1f} ms, failed {s['failed']}")
         res["poisson_sweep"] = sweep
 
-        recs = driver.open_loop(poisson(matched, d, tasks, seed=7))
-        res["matched"] = {**summarize(recs, (0.0, d)), "offered_rps": matched}
-        recs = driver.open_loop(bursty(matched, d, tasks, seed=7))
+        recs = driver.open_loop(poisson(matched, d, tasks, cfg.mix_weights, seed=7))
+        res["matched"] = {**summarize(recs, (0.0, d)), "offered_rps": matched, "mix": cfg.mix}
+        recs = driver.open_loop(poisson(matched, d, tasks, seed=7))  # every task the same share
+        res["matched_uniform"] = {**summarize(recs, (0.0, d)), "offered_rps": matched, "mix": "uniform"}
+        recs = driver.open_loop(bursty(matched, d, tasks, cfg.mix_weights, seed=7))
         res["bursty"] = {**summarize(recs, (0.0, d)), "offered_rps": matched}
         replay = read_trace(trace, tasks)
         recs = driver.open_loop(replay)
         res["trace"] = {**summarize(recs, (0.0, replay[-1].at + 1e-3)), "requests": len(replay),
                         "rows": sum(a.size for a in replay), "span_s": replay[-1].at}
-        for k in ("matched", "bursty", "trace"):
+        for k in ("matched", "matched_uniform", "bursty", "trace"):
             s = res[k]
             log(f"   {k:<8} p50 {s['p50_ms']:7.1f} ms, p90 {s['p90_ms']:7.1f}, p99 {s['p99_ms']:7.1f} ms, served {s['throughput_rps']:.1f} req/s, failed {s['failed']}")
 
@@ -215,7 +217,7 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
             time.sleep(0.5)
         # Weights only matter with a backlog: far more requests outstanding than
         # the batches in flight can hold (2 workers x 16 rows on this CPU).
-        recs = driver.closed_loop({t: cfg.concurrency * 8 for t in fair_tasks}, d)
+        recs = driver.closed_loop({t: cfg.concurrency * 4 for t in fair_tasks}, d)
         if set_weights is not None:
             set_weights({t: 1.0 for t in fair_tasks})
         f = summarize(recs, (0.5, d))
@@ -228,9 +230,9 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
         driver.close()
     data = text_input_file(Path(tempfile.mkdtemp(prefix="fmplex-pa-")) / "input.json", [texts[0]])
     pa_models = [target.models[t] for t in (tasks if cfg.pa_all else tasks[:1])]
-    res["perf_analyzer"] = perf_analyzer_runs(target.grpc_url, pa_models, data, cfg.concurrency * 2, cfg.pa_interval_ms, target.batch_dim)
+    res["perf_analyzer"] = perf_analyzer_runs(target.grpc_url, pa_models, data, cfg.concurrency, cfg.pa_interval_ms, target.batch_dim)
     for m, r in res["perf_analyzer"].items():
-        log(f"   perf_analyzer {m} c={cfg.concurrency * 2}: " + (f"{r['throughput_rps']:.1f} infer/s, p99 {r['p99_ms']:.0f} ms" if "error" not in r else f"FAILED {r['error'][:200]}"))
+        log(f"   perf_analyzer {m} c={cfg.concurrency}: " + (f"{r['throughput_rps']:.1f} infer/s, p99 {r['p99_ms']:.0f} ms" if "error" not in r else f"FAILED {r['error'][:200]}"))
     shutil.rmtree(data.parent, ignore_errors=True)
     return res
 
@@ -242,7 +244,7 @@ def run_deployment(name: str, work: Path, names: list[str], texts: list[str], cf
     t0 = time.perf_counter()
     weights_fn = None
     if name == "fmplex":
-        repo = dep.fmplex_repo(work, names, device=cfg.device)
+        repo = dep.fmplex_repo(work, names, device=cfg.device, workers=cfg.fmplex_workers, max_batch_rows=cfg.fmplex_batch_rows)
         proc = serving.start(repo, ports, log_path=work / f"{name}.log")
         weights_fn = lambda w: dep.set_weights(repo, w)  # noqa: E731
         target = Target(name, f"127.0.0.1:{ports.grpc}", {t: t for t in names})
@@ -345,23 +347,27 @@ def budget_fmplex(work: Path, budget_mib: float, limit: int, step: int) -> dict[
 def write_outputs(summary: dict[str, Any], full: dict[str, Any]) -> None:
     write_results("summary.json", summary)
     write_results("baselines_bench.json", full)
-    rows = ["| deployment | throughput (req/s) | p50 ms | p90 ms | p99 ms | memory MiB (PSS) | fairness Jain 1:2:4 |", "|---|---|---|---|---|---|---|"]
+    rows = ["| deployment | throughput (req/s) | p50 ms | p90 ms | p99 ms | p99 ms, uniform mix | memory MiB (PSS) | fairness Jain 1:2:4 |",
+            "|---|---|---|---|---|---|---|---|"]
     for d in DEPLOYMENTS:
         s = summary.get(d)
         if s:
-            rows.append(f"| {d} | {s['throughput_rps']:.1f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['memory_mib']:.0f} | {s['fairness_jain']:.3f} |")
+            rows.append(f"| {d} | {s['throughput_rps']:.1f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
+                        f"{s['p99_ms_uniform_mix']:.1f} | {s['memory_mib']:.0f} | {s['fairness_jain']:.3f} |")
     tib = summary["tasks_in_budget"]
     md = [
         f"# fmplex vs baselines ({summary['when']})", "",
         f"Machine: {summary['machine']['cpus']} x {summary['machine']['cpu']}, device {summary['machine']['device']}"
         + (f" ({summary['machine'].get('gpu')})" if summary['machine'].get('gpu') else "") + f"; {summary['tasks']} tasks; "
-        f"latency at matched offered load {summary['matched_load_rps']:.0f} req/s (open-loop Poisson, 1 sentence per request); "
+        f"latency at matched offered load {summary['matched_load_rps']:.0f} req/s (open-loop Poisson, 1 sentence per request, "
+        f"{summary['mix']} mix over tasks); "
         "throughput = closed-loop saturation.", "",
         *rows, "",
         f"- raw batched forward limit: **{summary['raw_limit_rps']:.1f}** sentences/s; fmplex saturation = "
         f"**{summary['ratios']['fmplex_vs_raw']:.2f}x** raw",
         f"- p99 at matched load: fmplex / isolated = **{summary['ratios']['p99_fmplex_vs_isolated']:.2f}**, "
-        f"fmplex / partitioned = **{summary['ratios']['p99_fmplex_vs_partitioned']:.2f}**",
+        f"fmplex / partitioned = **{summary['ratios']['p99_fmplex_vs_partitioned']:.2f}**; with every task the same share: "
+        f"{summary['ratios']['p99_uniform_fmplex_vs_isolated']:.2f} / {summary['ratios']['p99_uniform_fmplex_vs_partitioned']:.2f}",
         f"- fairness (weights 1:2:4, saturated): Jain **{summary['fairness_jain']:.3f}**",
         f"- tasks in a {summary['budget_mib'] / 1024:g} GiB budget: fmplex **{tib['fmplex']}**"
         f"{' (projected from ' + str(tib['fmplex_measured']) + ' deployed)' if tib.get('fmplex_projected') else ''}, "
@@ -422,13 +428,19 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, help="tasks per deployment (default 8; quick 4)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:n] on a GPU machine")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 8; quick 3)")
-    ap.add_argument("--concurrency", type=int, default=4, help="closed-loop requests in flight per task")
+    ap.add_argument("--concurrency", type=int, default=8, help="closed-loop requests in flight per task")
     ap.add_argument("--loads", help="comma-separated offered loads as fractions of the raw limit (default 0.15,0.3,0.45,0.6,0.75)")
     ap.add_argument("--matched", type=float, default=0.45, help="matched offered load for the summary, fraction of the raw limit")
+    ap.add_argument("--mix", choices=("zipf", "uniform"), default="zipf",
+                    help="how open-loop requests spread over tasks: zipf (task i gets 1/(i+1) of the weight: a few hot tasks, "
+                         "as real multi-task traffic) or uniform; the matched load is also measured uniform")
     ap.add_argument("--budget-gib", type=float, help="memory budget for tasks_in_budget (default 8; quick 1)")
     ap.add_argument("--fmplex-max-tasks", type=int, help="vFMs deployed at most for the budget (host slot pool; default 1024; quick 128)")
     ap.add_argument("--trace", type=Path, help="replay this trace (timestamp_s,task,size) instead of a generated one")
     ap.add_argument("--only", help="comma-separated subset of deployments")
+    ap.add_argument("--fmplex-workers", default="auto", help="the fmplex host's workers (default auto: one per core)")
+    ap.add_argument("--fmplex-batch-rows", type=int, help="the fmplex host's max_batch_rows (default: fmplex's default, 16)")
+    ap.add_argument("--skip-budget", action="store_true", help="skip the tasks-in-budget measurement")
     cfg = ap.parse_args()
     cfg.tasks = cfg.tasks or (4 if cfg.quick else 8)
     if cfg.tasks < 3:
@@ -443,6 +455,7 @@ def main() -> int:
     t_start = time.perf_counter()
     texts = sentences()
     names = dep.task_names(cfg.tasks)
+    cfg.mix_weights = [1.0 / (i + 1) for i in range(cfg.tasks)] if cfg.mix == "zipf" else [1.0] * cfg.tasks
 
     log("== raw batched forward (this process, 1 torch thread)")
     raw = raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
@@ -454,7 +467,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fmplex-baselines-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     trace = cfg.trace or write_trace(RESULTS / "baselines_trace.csv", [
-        a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, seed=11))
+        a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, cfg.mix_weights, seed=11))
     ])
     full: dict[str, Any] = {"machine": machine(cfg.device), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "tasks": cfg.tasks,
                             "raw": raw, "raw_limit_rps": raw_rps, "loads_rps": loads, "matched_load_rps": matched,
@@ -462,9 +475,13 @@ def main() -> int:
     try:
         for d in only:
             full["deployments"][d] = run_deployment(d, work, names, texts, cfg, loads, matched, trace)
-        log(f"== tasks in a {budget_mib / 1024:g} GiB budget")
-        full["budget"]["isolated"] = budget_isolated(work, budget_mib, limit=64)
-        full["budget"]["fmplex"] = budget_fmplex(work, budget_mib, fmplex_max, step=max(16, fmplex_max // 8))
+        if cfg.skip_budget:
+            full["budget"] = {"isolated": {"tasks": 0, "budget_reached": False, "curve": []},
+                              "fmplex": {"tasks_measured": 0, "budget_reached": False, "curve": []}, "skipped": True}
+        else:
+            log(f"== tasks in a {budget_mib / 1024:g} GiB budget")
+            full["budget"]["isolated"] = budget_isolated(work, budget_mib, limit=64)
+            full["budget"]["fmplex"] = budget_fmplex(work, budget_mib, fmplex_max, step=max(16, fmplex_max // 8))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         dep.remove_partitions()
@@ -475,7 +492,8 @@ def main() -> int:
         if not r:
             return None
         return {"throughput_rps": r["saturation"]["throughput_rps"], "p50_ms": r["matched"]["p50_ms"], "p90_ms": r["matched"]["p90_ms"],
-                "p99_ms": r["matched"]["p99_ms"], "memory_mib": r["memory"]["pss_mib"], "gpu_memory_mib": r["memory"]["gpu_mib"],
+                "p99_ms": r["matched"]["p99_ms"], "p99_ms_uniform_mix": r["matched_uniform"]["p99_ms"],
+                "memory_mib": r["memory"]["pss_mib"], "gpu_memory_mib": r["memory"]["gpu_mib"],
                 "fairness_jain": r["fairness"]["jain"], "failed": r["matched"]["failed"] + r["saturation"]["failed"]}
 
     bf, bi = full["budget"]["fmplex"], full["budget"]["isolated"]
@@ -486,7 +504,7 @@ def main() -> int:
         "fairness_jain": (brief("fmplex") or {}).get("fairness_jain"),
         "tasks_in_budget": {"fmplex": fm_tasks, "isolated": bi["tasks"], "fmplex_measured": bf["tasks_measured"],
                             "fmplex_projected": not bf["budget_reached"]},
-        "budget_mib": budget_mib, "matched_load_rps": matched, "tasks": cfg.tasks,
+        "budget_mib": budget_mib, "matched_load_rps": matched, "tasks": cfg.tasks, "mix": cfg.mix,
         "machine": full["machine"], "when": full["when"], "quick": cfg.quick, "seconds": full["seconds"],
     }
 
@@ -498,6 +516,8 @@ def main() -> int:
         "fmplex_vs_raw": ratio(f.get("throughput_rps"), raw_rps),
         "p99_fmplex_vs_isolated": ratio(f.get("p99_ms"), i.get("p99_ms")),
         "p99_fmplex_vs_partitioned": ratio(f.get("p99_ms"), p.get("p99_ms")),
+        "p99_uniform_fmplex_vs_isolated": ratio(f.get("p99_ms_uniform_mix"), i.get("p99_ms_uniform_mix")),
+        "p99_uniform_fmplex_vs_partitioned": ratio(f.get("p99_ms_uniform_mix"), p.get("p99_ms_uniform_mix")),
         "throughput_fmplex_vs_isolated": ratio(f.get("throughput_rps"), i.get("throughput_rps")),
         "tasks_fmplex_vs_isolated": ratio(fm_tasks, bi["tasks"]),
     }

@@ -49,10 +49,10 @@ def source_of(i: int) -> Path:
 
 
 def fmplex_repo(work: Path, names: list[str], *, slots: int = registry.DEFAULT_SLOTS, max_batch_rows: int | None = None,
-                device: str = "cpu") -> Path:
+                device: str = "cpu", workers: str = "auto") -> Path:
     """A fresh repository with ``names`` as deployed classifier vFMs (offline)."""
     repo = work / "fmplex-repo"
-    kwargs = {} if max_batch_rows is None else {"max_batch_rows": max_batch_rows}
+    kwargs: dict = {"workers": workers} if max_batch_rows is None else {"max_batch_rows": max_batch_rows, "workers": workers}
     repo_ops.init_repository(repo, ["minilm"], slots, **kwargs)
     if device != "cpu":
         cfg = repo / "fm.minilm" / "config.pbtxt"
