@@ -369,9 +369,10 @@ def write_outputs(summary: dict[str, Any], full: dict[str, Any]) -> None:
         f"fmplex / partitioned = **{summary['ratios']['p99_fmplex_vs_partitioned']:.2f}**; with every task the same share: "
         f"{summary['ratios']['p99_uniform_fmplex_vs_isolated']:.2f} / {summary['ratios']['p99_uniform_fmplex_vs_partitioned']:.2f}",
         f"- fairness (weights 1:2:4, saturated): Jain **{summary['fairness_jain']:.3f}**",
-        f"- tasks in a {summary['budget_mib'] / 1024:g} GiB budget: fmplex **{tib['fmplex']}**"
-        f"{' (projected from ' + str(tib['fmplex_measured']) + ' deployed)' if tib.get('fmplex_projected') else ''}, "
-        f"isolated **{tib['isolated']}** -> **{summary['ratios']['tasks_fmplex_vs_isolated']:.0f}x**",
+        ("- tasks in a memory budget: skipped (--skip-budget)" if tib.get("skipped") else
+         f"- tasks in a {summary['budget_mib'] / 1024:g} GiB budget: fmplex **{tib['fmplex']}**"
+         f"{' (projected from ' + str(tib['fmplex_measured']) + ' deployed)' if tib.get('fmplex_projected') else ''}, "
+         f"isolated **{tib['isolated']}** -> **{summary['ratios']['tasks_fmplex_vs_isolated']:.0f}x**"),
         "", "Plots: [latency vs load](latency_vs_load.png), [memory vs tasks](memory_vs_tasks.png). Full figures: baselines_bench.json.", "",
     ]
     (RESULTS / "summary.md").write_text("\n".join(md))
@@ -503,7 +504,7 @@ def main() -> int:
         "raw_limit_rps": raw_rps,
         "fairness_jain": (brief("fmplex") or {}).get("fairness_jain"),
         "tasks_in_budget": {"fmplex": fm_tasks, "isolated": bi["tasks"], "fmplex_measured": bf["tasks_measured"],
-                            "fmplex_projected": not bf["budget_reached"]},
+                            "fmplex_projected": not bf["budget_reached"], "skipped": bool(full["budget"].get("skipped"))},
         "budget_mib": budget_mib, "matched_load_rps": matched, "tasks": cfg.tasks, "mix": cfg.mix,
         "machine": full["machine"], "when": full["when"], "quick": cfg.quick, "seconds": full["seconds"],
     }

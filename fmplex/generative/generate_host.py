@@ -131,7 +131,7 @@ class TritonPythonModel:
         self.max_text_bytes = int(_param(config, "max_text_bytes", "16384"))
         budget = int(float(_param(config, "adapter_budget_mb", "1024")) * 2**20)
         self.adapters = ExtensionCache(self._load_adapter, budget)
-        self.metrics = GenMetrics(self.name)
+        self.metrics = GenMetrics(self.name, instance=str(args.get("model_instance_name", "")))
         self._seen_generation = -1
         self._cv = threading.Condition()
         self._running = True

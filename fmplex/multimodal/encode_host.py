@@ -37,8 +37,9 @@ def param(config: dict[str, Any], key: str, default: str) -> str:
 class StageMetrics:
     """Counters of one stage host (Prometheus, via Triton's metrics port)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, instance: str = "") -> None:
         self.host = host
+        self.instance = instance  # each instance of a scaled stage publishes its own series (sum them)
         self._fam: dict[str, Any] = {}
         self._m: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         # The watchdog of 'fmplex serve' reloads a host whose stub died, found by this pid.
@@ -52,7 +53,8 @@ class StageMetrics:
             if fam is None:
                 mf = pb_utils.MetricFamily
                 fam = self._fam[name] = mf(name=name, description=doc, kind=getattr(mf, kind))
-            m = self._m[key] = fam.Metric(labels={"host": self.host, **labels})
+            base = {"host": self.host, **({"instance": self.instance} if self.instance else {})}
+            m = self._m[key] = fam.Metric(labels={**base, **labels})
         return m
 
 
@@ -75,7 +77,7 @@ class TritonPythonModel:
         files = read_stage(vdir, "encode")
         self.stage = EncodeStage(files, self.device)
         self.backbone = files.meta["backbone"]
-        self.metrics = StageMetrics(self.name)
+        self.metrics = StageMetrics(self.name, str(args.get("model_instance_name", "")))
         self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(time.perf_counter() - t0)
         pb_utils.Logger.log_info(
             f"fmplex encode stage {self.name}: {self.backbone}, device {self.device}, cpus {format_cpus(cpus)}, "

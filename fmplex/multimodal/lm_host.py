@@ -122,7 +122,7 @@ class TritonPythonModel:
         self.images_per_call = max(1, int(param(config, "images_per_encode_request", "1")))
         self.view = RegistryView(repo)
         self._settings: dict[tuple[str, int], TaskSettings] = {}
-        self.metrics = StageMetrics(self.name)
+        self.metrics = StageMetrics(self.name, str(args.get("model_instance_name", "")))
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._in_encode = 0
