@@ -412,7 +412,8 @@ def plots(full: dict[str, Any]) -> None:
         if curve:
             ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label=d)
     ax.axhline(full["budget_mib"], color="grey", ls=":", label="budget")
-    ax.set_xscale("symlog")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_xlabel("tasks deployed")
     ax.set_ylabel("server memory, MiB PSS (tritonserver + stubs)")
     ax.legend()
