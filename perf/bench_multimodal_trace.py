@@ -247,14 +247,7 @@ def _start_staged(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
 
 def _start_monolithic(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
     names = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
-    proc = TritonProcess(repo, ports, load=names, log_path=log_path)
-    proc.start()
-    try:
-        proc.wait_ready(timeout=600)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return TritonProcess(repo, ports, load=names, log_path=log_path).launch(timeout=600)
 
 
 def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:

@@ -172,11 +172,4 @@ def partition_report(names: list[str]) -> dict[str, str]:
 
 
 def start(repo: Path, ports: Ports, load: list[str], log: Path) -> TritonProcess:
-    proc = TritonProcess(repo, ports, load=load, log_path=log)
-    proc.start()
-    try:
-        proc.wait_ready(timeout=600)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return TritonProcess(repo, ports, load=load, log_path=log).launch(timeout=600)

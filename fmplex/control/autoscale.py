@@ -43,6 +43,9 @@ import urllib.request
 from collections import deque
 from typing import Callable, Iterable, Mapping, Sequence
 
+from fmplex.prometheus import Series
+from fmplex.prometheus import parse_prometheus as _parse
+
 # --- samples and the policy (pure) ----------------------------------------------
 
 
@@ -254,7 +257,13 @@ def replay(
 
 # --- the collector: Prometheus text -> samples ------------------------------------
 
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+PREFIXES = ("nv_inference_", "fmplex_")
+
+
+def parse_prometheus(text: str, prefixes: tuple[str, ...] = PREFIXES) -> Series:
+    """Triton's and the hosts' metric families of a Prometheus text."""
+    return _parse(text, prefixes)
+
 
 TRITON_METRICS = (
     "nv_inference_request_success",
@@ -263,26 +272,6 @@ TRITON_METRICS = (
     "nv_inference_compute_infer_duration_us",
     "nv_inference_pending_request_count",
 )
-
-
-def parse_prometheus(text: str, prefixes: tuple[str, ...] = ("nv_inference_", "fmplex_")) -> Series:
-    """Prometheus text exposition -> {(name, labels): value}, only the named families."""
-    out: Series = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#" or not line.startswith(prefixes):
-            continue
-        try:
-            head, value = line.rsplit(" ", 1)
-            name, _, labels = head.partition("{")
-            pairs = []
-            for part in labels.rstrip("}").split('",'):
-                if "=" in part:
-                    k, v = part.split("=", 1)
-                    pairs.append((k.strip(), v.strip().strip('"')))
-            out[(name, frozenset(pairs))] = float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def scrape(metrics_url: str, timeout: float = 5.0) -> Series:

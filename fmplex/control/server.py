@@ -359,14 +359,18 @@ class TritonProcess:
         shutil.rmtree(self._tmp, ignore_errors=True)
         return code
 
-    def __enter__(self) -> "TritonProcess":
+    def launch(self, timeout: float = 120.0) -> "TritonProcess":
+        """Start and wait until ready; a server that never gets ready is stopped again."""
         self.start()
         try:
-            self.wait_ready()
+            self.wait_ready(timeout=timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def __enter__(self) -> "TritonProcess":
+        return self.launch()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

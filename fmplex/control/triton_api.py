@@ -18,6 +18,8 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from fmplex.prometheus import Series, parse_prometheus
+
 from .server import API_KEY_HEADER, GRPC_API_KEY_HEADER
 
 
@@ -145,26 +147,11 @@ class Triton:
         return total
 
 
-def scrape_metrics(metrics_url: str, prefix: str = "fmplex_") -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Prometheus text from Triton's metrics port, filtered to fmplex's own."""
+def scrape_metrics(metrics_url: str, prefix: str = "fmplex_") -> Series:
+    """Prometheus text from Triton's metrics port, filtered to fmplex's own ({} if unreachable)."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=5) as resp:
             text = resp.read().decode("utf-8", "replace")
     except OSError:
         return {}
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for line in text.splitlines():
-        if not line.startswith(prefix):
-            continue
-        try:
-            head, value = line.rsplit(" ", 1)
-            name, _, labels = head.partition("{")
-            pairs = []
-            for part in labels.rstrip("}").split(","):
-                if "=" in part:
-                    k, v = part.split("=", 1)
-                    pairs.append((k.strip(), v.strip().strip('"')))
-            out[(name, frozenset(pairs))] = float(value)
-        except ValueError:
-            continue
-    return out
+    return parse_prometheus(text, (prefix,))
