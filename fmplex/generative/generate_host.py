@@ -55,16 +55,13 @@ from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.triton_backend.extension_cache import ExtensionCache
 from fmplex.triton_backend.metrics import COUNTER, GAUGE, HostMetrics
 from fmplex.triton_backend.scheduler import QueueFull, TaskPolicy
+from fmplex.triton_backend.validation import RequestError, decode_utf8
 
 from .control import TEXT_PREFIX, backbone_of_host, check_artifact
 from .engine import Engine, SamplingParams, Sequence, Update
 from .smollm import load_smollm2, set_threads
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class RequestError(ValueError):
-    """The client's request is invalid; the message goes back verbatim (INVALID_ARG)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -257,14 +254,7 @@ class TritonPythonModel:
         flat = arr.reshape(-1)
         if flat.shape[0] != 1:
             raise RequestError(f"TEXT must hold exactly one prompt (shape [1]), got shape {list(arr.shape)}")
-        item = flat[0]
-        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        if len(raw) > self.max_text_bytes:
-            raise RequestError(f"TEXT is {len(raw)} bytes, more than the limit of {self.max_text_bytes}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = decode_utf8(flat[0], self.max_text_bytes)
         if not text:
             raise RequestError("TEXT is empty")
         return text

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from fmplex.triton_backend.validation import RequestError, decode_utf8
+
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
 from fmplex.registry import Registry, RegistryView, TaskEntry
 
@@ -50,10 +52,6 @@ from .stages import LMStage
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-
-class RequestError(ValueError):
-    """The client's fault: INVALID_ARG with this message."""
 
 
 @dataclasses.dataclass
@@ -229,14 +227,7 @@ class TritonPythonModel:
         text_arr = _input(request, "TEXT")
         if text_arr is None or text_arr.size != 1:
             raise RequestError(f"TEXT must hold exactly one prompt, got {0 if text_arr is None else text_arr.size}")
-        raw = text_arr.reshape(-1)[0]
-        raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
-        if len(raw) > self.max_text_bytes:
-            raise RequestError(f"TEXT has {len(raw)} bytes, more than the limit of {self.max_text_bytes}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"TEXT is not valid UTF-8 ({exc})") from None
+        text = decode_utf8(text_arr.reshape(-1)[0], self.max_text_bytes)
         images = _input(request, "IMAGES")
         n = 0
         if images is not None:

@@ -46,6 +46,8 @@ try:
 except ImportError:  # outside Triton: the config writers below are used by the benchmark
     pb_utils = None
 
+from fmplex.triton_backend.validation import RequestError
+
 from .interface import LM_INPUTS
 from .models import EOS_ID, ByteTokenizer, check_pair, read_stage
 from .stages import EncodeStage, LMStage
@@ -95,10 +97,6 @@ def write_model(repo: Path, task: str, encode_dir: Path, lm_dir: Path, **kwargs:
     (mdir / "1" / "model.py").write_text(SHIM, encoding="utf-8")
     (mdir / "config.pbtxt").write_text(model_config(task, encode_dir, lm_dir, **kwargs), encoding="utf-8")
     return mdir
-
-
-class RequestError(ValueError):
-    """The client's fault: INVALID_ARG with this message."""
 
 
 @dataclasses.dataclass(eq=False)

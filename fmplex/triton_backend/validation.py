@@ -49,6 +49,17 @@ class Rows:
         return max(len(t.encode("utf-8")) // 2 + 3 for t in self.texts or [""])
 
 
+def decode_utf8(item: object, max_bytes: int, name: str = "TEXT") -> str:
+    """One BYTES element as text: within ``max_bytes`` and valid UTF-8 (every host's TEXT)."""
+    raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+    if len(raw) > max_bytes:
+        raise RequestError(f"{name} is {len(raw)} bytes, more than the limit of {max_bytes}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
 def decode_text(arr: np.ndarray, limits: Limits) -> list[str]:
     flat = arr.reshape(-1) if arr.ndim == 2 and arr.shape[-1] == 1 else arr
     if flat.ndim != 1:
@@ -56,13 +67,7 @@ def decode_text(arr: np.ndarray, limits: Limits) -> list[str]:
     _check_rows(flat.shape[0], "TEXT", limits)
     texts = []
     for i, item in enumerate(flat):
-        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        if len(raw) > limits.max_text_bytes:
-            raise RequestError(f"TEXT row {i} is {len(raw)} bytes, more than the limit of {limits.max_text_bytes}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"TEXT row {i} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = decode_utf8(item, limits.max_text_bytes, f"TEXT row {i}")
         if not text.strip():
             raise RequestError(f"TEXT row {i} is empty")
         texts.append(text)
