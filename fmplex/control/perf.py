@@ -376,6 +376,9 @@ class PerfResult:
         """perf_analyzer's own error lines (what a user must see when it fails)."""
         text = self.output.strip()
         hint = _missing_library_hint(text) if "error while loading shared libraries" in text else ""
+        if "Failed to obtain stable measurement" in text:
+            hint = ("no stable window on this machine: allow more variation (-s 50), longer windows (-p 10000), "
+                    "or send a fixed number of requests (--request-count N)")
         text = text.split("\nUsage:", 1)[0]  # a bad option: the error, then its whole --help
         lines = [ln.strip() for ln in text.splitlines() if re.match(r"\s*(error|failed|unable|thread \[\d+\] had error)", ln, re.I)]
         body = "\n".join(lines[-10:] or text.splitlines()[-10:]) or f"perf_analyzer exited with status {self.returncode}"

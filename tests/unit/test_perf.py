@@ -179,3 +179,9 @@ def test_cli_help_and_bad_combinations() -> None:
 def test_cli_without_a_server_says_so() -> None:
     res = CliRunner().invoke(main, ["perf", "sentiment", "--url", "127.0.0.1:1"])
     assert res.exit_code == 1 and "no tritonserver answers grpc at 127.0.0.1:1" in res.output
+
+
+def test_unstable_measurement_gets_a_way_out(tmp_path: Path) -> None:
+    out = "Request concurrency: 2\nFailed to obtain stable measurement within 10 measurement windows for concurrency 2.\nFailed to obtain stable measurement.\n"
+    err = _result(tmp_path, "a", "", output=out, rc=99).error()
+    assert err.startswith("Failed to obtain stable measurement within 10") and "--request-count" in err
