@@ -97,12 +97,17 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSignature:
-    """What perf input generation needs from a model's config."""
+    """What perf input generation needs from a model's config: its inputs,
+    parameters, and the configs of the models it runs on (an ensemble's steps,
+    and models its parameters name, as a multimodal lm stage names its
+    encoder), where the sizes an ensemble leaves open are fixed."""
 
     name: str
     inputs: dict[str, TensorSpec]
     parameters: dict[str, str]
     decoupled: bool = False
+    uses: tuple[str, ...] = ()  # names of the models it runs on
+    composing: dict[str, "ModelSignature"] = dataclasses.field(default_factory=dict)  # filled by fetch_signatures
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelSignature":
@@ -114,11 +119,24 @@ class ModelSignature:
         }
         params = {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
         decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
-        return cls(config.get("name", ""), inputs, params, decoupled)
+        steps = [st.get("model_name", "") for st in (config.get("ensemble_scheduling") or {}).get("step", [])]
+        named = [v for k, v in sorted(params.items()) if k.endswith("_model") and v]
+        uses = tuple(dict.fromkeys(m for m in steps + named if m))
+        return cls(config.get("name", ""), inputs, params, decoupled, uses)
 
     def has(self, name: str, data_type: str | None = None) -> bool:
         spec = self.inputs.get(name)
         return spec is not None and (data_type is None or spec.data_type == data_type)
+
+    def find_input(self, name: str) -> TensorSpec | None:
+        """``name`` among the inputs of this model or of any model it runs on."""
+        if name in self.inputs:
+            return self.inputs[name]
+        for sub in self.composing.values():
+            found = sub.find_input(name)
+            if found is not None:
+                return found
+        return None
 
 
 def _client(url: str, protocol: str) -> Any:
@@ -152,6 +170,24 @@ def fetch_signatures(url: str, protocol: str, models: Iterable[str]) -> dict[str
                 out[model] = None
                 continue
             out[model] = ModelSignature.from_config(config)
+        cache: dict[str, ModelSignature | None] = dict(out)
+
+        def resolve(sig: ModelSignature, depth: int) -> None:
+            for name in sig.uses if depth < 3 else ():
+                if name not in cache:
+                    try:
+                        cfg = client.get_model_config(name, as_json=True) if protocol == "grpc" else client.get_model_config(name)
+                        cache[name] = ModelSignature.from_config(cfg)
+                    except InferenceServerException:
+                        cache[name] = None
+                sub = cache[name]
+                if sub is not None and sub is not sig:
+                    sig.composing[name] = sub
+                    resolve(sub, depth + 1)
+
+        for sig in out.values():
+            if sig is not None:
+                resolve(sig, 0)
         return out
     finally:
         client.close()
@@ -271,12 +307,35 @@ def generative_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
     return InputData(data, {"TEXT": [1]} if -1 in sig.inputs["TEXT"].dims else {})
 
 
+def _pixels(shape: list[int], seed: int) -> dict[str, Any]:
+    """An FP32 tensor of normalized-looking pixels (mean 0, std 1), base64 as perf_analyzer reads it."""
+    import base64  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    data = np.random.default_rng(seed).standard_normal(shape).astype("<f4")
+    return {"b64": base64.b64encode(data.tobytes()).decode("ascii"), "shape": shape}
+
+
+IMAGE_PROMPTS = ("What is shown?", "Describe this picture in one sentence.", "<image>\nWhat colours dominate this image, and where?")
+
+
 @input_family("multimodal", lambda s: s.has("TEXT", "TYPE_STRING") and s.has("IMAGES") and s.has("MAX_NEW_TOKENS"))
 def multimodal_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
-    """Prompts, text only: IMAGES is optional and its size is the encoder's
-    (not in the vFM's config), so image requests need a file of your own."""
-    data = [{"TEXT": _bytes_tensor([p]), "MAX_NEW_TOKENS": _scalar(options.max_tokens)} for p in PROMPTS]
-    return InputData(data, {"TEXT": [1]} if -1 in sig.inputs["TEXT"].dims else {})
+    """One image and a question per request, at the encoder's image size
+    (its PIXEL_VALUES [C, H, W], found through the models the vFM runs on).
+    Text-only prompts when no encoder says its size."""
+    pixels = sig.find_input("PIXEL_VALUES")
+    text_shape = {"TEXT": [1]} if -1 in sig.inputs["TEXT"].dims else {}
+    if pixels is None or len(pixels.dims) != 3 or min(pixels.dims) < 1:
+        data = [{"TEXT": _bytes_tensor([p]), "MAX_NEW_TOKENS": _scalar(options.max_tokens)} for p in PROMPTS]
+        return InputData(data, text_shape)
+    shape = [1, *pixels.dims]
+    data = [
+        {"TEXT": _bytes_tensor([p]), "IMAGES": _pixels(shape, options.seed + i), "MAX_NEW_TOKENS": _scalar(options.max_tokens)}
+        for i, p in enumerate(IMAGE_PROMPTS)
+    ]
+    return InputData(data, {**text_shape, "IMAGES": shape})
 
 
 @input_family("text", lambda s: s.has("TEXT", "TYPE_STRING"))

@@ -57,6 +57,30 @@ def test_family_chosen_from_the_inputs() -> None:
     assert perf.family_of(perf.ModelSignature.from_config(MULTIMODAL_VFM)).name == "multimodal"
 
 
+def test_multimodal_images_take_the_encoders_size() -> None:
+    import base64
+
+    import numpy as np
+
+    vfm = json.loads(json.dumps(MULTIMODAL_VFM))
+    vfm["ensemble_scheduling"] = {"step": [{"model_name": "fm.llava-tiny.lm"}]}
+    sig = perf.ModelSignature.from_config(vfm)
+    assert sig.uses == ("fm.llava-tiny.lm",)
+    lm = perf.ModelSignature.from_config({"name": "fm.llava-tiny.lm", "parameters": {"encode_model": {"string_value": "fm.llava-tiny.encode"}}})
+    assert lm.uses == ("fm.llava-tiny.encode",)
+    enc = perf.ModelSignature.from_config({"name": "fm.llava-tiny.encode", "input": [{"name": "PIXEL_VALUES", "data_type": "TYPE_FP32", "dims": [3, 32, 32]}]})
+    text_only = perf.make_input_data(sig, perf.InputOptions(max_tokens=5))  # encoder unknown: prompts alone
+    assert all(set(e) == {"TEXT", "MAX_NEW_TOKENS"} for e in text_only.data)
+    lm.composing["fm.llava-tiny.encode"] = enc
+    sig.composing["fm.llava-tiny.lm"] = lm
+    data = perf.make_input_data(sig, perf.InputOptions(max_tokens=5))
+    assert data.shapes["IMAGES"] == [1, 3, 32, 32]
+    for e in data.data:
+        pixels = np.frombuffer(base64.b64decode(e["IMAGES"]["b64"]), dtype="<f4")
+        assert pixels.size == 3 * 32 * 32 and np.isfinite(pixels).all() and e["MAX_NEW_TOKENS"]["content"] == [5]
+        assert e["TEXT"]["content"][0].count("<image>") <= 1
+
+
 def test_family_named_by_the_config_wins() -> None:
     cfg = json.loads(json.dumps(GEN_VFM))
     cfg["config"]["parameters"][perf.FAMILY_PARAMETER] = {"string_value": "text"}
