@@ -950,7 +950,7 @@ def perf_cmd(names: tuple[str, ...], url: str | None, protocol: str, **opts: Any
         percentile=opts["percentile"],
         stability_percentage=opts["stability_percentage"],
         max_trials=opts["max_trials"],
-        csv=opts["csv_file"],
+        csv_file=opts["csv_file"],
         extra=tuple(a for chunk in opts["pa_args"] for a in shlex.split(chunk)),
     )
     inputs = perf_ops.InputOptions(rows=opts["rows"], max_tokens=opts["max_tokens"])

@@ -370,7 +370,7 @@ class PerfOptions:
     percentile: int | None = None
     stability_percentage: float | None = None
     max_trials: int | None = None
-    csv: Path | None = None
+    csv_file: Path | None = None  # the user's -f report
     extra: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
@@ -388,7 +388,7 @@ class PerfOptions:
         )
         for flag, value in pairs:
             if value is not None:
-                out += [flag, str(value)]
+                out += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
         return out + list(self.extra)
 
 
@@ -485,9 +485,7 @@ def prepare(
         if sig.decoupled and protocol != "grpc":
             raise PerfError(f"'{sig.name}' streams (decoupled): perf_analyzer streams over gRPC only; use --protocol grpc")
         if input_file is not None:
-            if not input_file.is_file():
-                raise PerfError(f"--input-data {input_file}: no such file")
-            targets.append(PerfTarget(sig.name, "given", input_file, [], sig.decoupled))
+            targets.append(PerfTarget(sig.name, "given", input_file, given_shape_args(sig, input_file), sig.decoupled))
             continue
         family = family_of(sig)
         data = family.make(sig, options)
@@ -495,6 +493,25 @@ def prepare(
         path.write_text(json.dumps(data.to_json(), indent=1) + "\n")
         targets.append(PerfTarget(sig.name, family.name, path, data.shape_args(), sig.decoupled))
     return targets
+
+
+def given_shape_args(sig: ModelSignature, input_file: Path) -> list[str]:
+    """``--shape`` for the variable-sized inputs of ``sig`` that the first
+    request of a user's input file sizes (perf_analyzer insists on them)."""
+    try:
+        first = json.loads(input_file.read_text())["data"][0]
+    except OSError as exc:
+        raise PerfError(f"--input-data {input_file}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise PerfError(f"--input-data {input_file}: not a perf_analyzer input file ({{\"data\": [{{INPUT: ...}}, ...]}})") from None
+    if isinstance(first, list):  # a sequence stream: its first step
+        first = first[0] if first else {}
+    shapes = {}
+    for name, spec in sig.inputs.items():
+        value = first.get(name) if isinstance(first, dict) else None
+        if -1 in spec.dims and isinstance(value, dict) and isinstance(value.get("shape"), list):
+            shapes[name] = value["shape"]
+    return InputData([], shapes).shape_args()
 
 
 def _csv_path(base: Path | None, model: str, several: bool, work: Path) -> Path:
@@ -510,9 +527,9 @@ def _csv_path(base: Path | None, model: str, several: bool, work: Path) -> Path:
 def command_line(target: PerfTarget, options: PerfOptions, csv_file: Path, export: Path) -> list[str]:
     cmd, _env = perf_analyzer_command()
     args = [*cmd, "-m", target.model, *options.args(), "--input-data", str(target.input_file), *target.shape_args, "-f", str(csv_file)]
-    if target.streaming:
-        args.append("--streaming")
-    return args + ["--profile-export-file", str(export)]
+    if target.streaming:  # the profile export holds each response's timestamp: time to first response
+        args += ["--streaming", "--profile-export-file", str(export)]
+    return args
 
 
 def shell_line(args: list[str]) -> str:
@@ -558,7 +575,7 @@ def run(
     several = len(targets) > 1
     runs = []
     for t in targets:
-        csv_file = _csv_path(options.csv, t.model, several, work)
+        csv_file = _csv_path(options.csv_file, t.model, several, work)
         export = work / f"{t.model}.profile.json"
         args = command_line(t, options, csv_file, export)
         echo(f"$ {shell_line(args)}")

@@ -209,3 +209,15 @@ def test_unstable_measurement_gets_a_way_out(tmp_path: Path) -> None:
     out = "Request concurrency: 2\nFailed to obtain stable measurement within 10 measurement windows for concurrency 2.\nFailed to obtain stable measurement.\n"
     err = _result(tmp_path, "a", "", output=out, rc=99).error()
     assert err.startswith("Failed to obtain stable measurement within 10") and "--request-count" in err
+
+
+def test_a_given_input_file_is_sized_from_its_first_request(tmp_path: Path) -> None:
+    sig = perf.ModelSignature.from_config(GEN_VFM)
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps({"data": [{"TEXT": {"content": ["a", "b"], "shape": [2]}, "MAX_TOKENS": {"content": [3], "shape": [1]}}]}))
+    assert perf.given_shape_args(sig, given) == ["--shape", "TEXT:2"]  # MAX_TOKENS has a fixed size
+    given.write_text("{not json")
+    with pytest.raises(perf.PerfError, match="not a perf_analyzer input file"):
+        perf.given_shape_args(sig, given)
+    with pytest.raises(perf.PerfError, match="No such file"):
+        perf.given_shape_args(sig, tmp_path / "missing.json")
