@@ -119,3 +119,13 @@ def test_perf_analyzer_failure_is_reported_with_its_status(mixed_server: Server,
     out = _perf("sentiment", "--url", mixed_server.grpc_url, "--request-count", "2", "--input-data", str(wrong))
     assert out.returncode not in (0, 1), out.returncode  # perf_analyzer's own exit status
     assert "perf_analyzer failed on sentiment" in out.stderr and "'MAX_TOKENS' is not found" in out.stderr
+
+
+def test_http_with_several_sentences_per_request(mixed_server: Server, tmp_path: Path) -> None:
+    before = _stats(mixed_server, "topic")
+    out = _perf("topic", "-i", "http", "--url", mixed_server.http_url, "--request-count", "5", "--rows", "3",
+                "--write-input-data", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "--shape TEXT:3" in out.stdout and _reported_counts(out.stdout) == {"topic": 5}
+    assert all(e["TEXT"]["shape"] == [3] for e in json.loads((tmp_path / "topic.json").read_text())["data"])
+    assert [a - b for a, b in zip(_stats(mixed_server, "topic"), before)] == [5, 5, 0]
