@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from fmplex import registry  # noqa: E402
 from fmplex.backbones import get_backbone  # noqa: E402
 from fmplex.control import serving  # noqa: E402
-from fmplex.control.server import free_ports, perf_analyzer_command  # noqa: E402
+from fmplex.control import perf as pa  # noqa: E402
+from fmplex.control.server import free_ports  # noqa: E402
 from perf.common import server_memory, text_input_file, write_results  # noqa: E402
 
 SENTENCE = "The service was quick and the food arrived hot."
@@ -60,26 +60,17 @@ def raw_forward(batches: list[int], seconds: float) -> dict[str, float]:
 
 def perf_analyzer(url: str, models: list[str], concurrency: int, data: Path, interval_ms: int) -> dict[str, float]:
     """Run one perf_analyzer per model at once; throughput and p99 per model."""
-    cmd, env = perf_analyzer_command()
-    procs = {
-        m: subprocess.Popen(
-            [*cmd, "-m", m, "-u", url, "-i", "grpc", "--input-data", str(data), "--shape", "TEXT:1",
-             "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-             "--stability-percentage", "100" if len(models) > 1 else "30", "--max-trials", "10", "--percentile", "99"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        for m in models
-    }
+    options = pa.PerfOptions(url, "grpc", concurrency_range=str(concurrency), measurement_interval_ms=interval_ms,
+                             stability_percentage=100 if len(models) > 1 else 30, max_trials=10, percentile=99)
+    targets = [pa.PerfTarget(m, "text", data, ["--shape", "TEXT:1"], streaming=False) for m in models]
     out: dict[str, float] = {}
-    for m, p in procs.items():
-        text, _ = p.communicate(timeout=300)
-        thr = re.search(r"throughput: ([\d.]+) infer/sec", text)
-        lat = re.search(r"p99 latency: (\d+) usec", text)
-        if p.returncode != 0 or not thr:
-            raise RuntimeError(f"perf_analyzer on {m} failed:\n{text[-2000:]}")
-        out[f"{m}_rps"] = float(thr.group(1))
-        if lat:
-            out[f"{m}_p99_ms"] = int(lat.group(1)) / 1000
+    with tempfile.TemporaryDirectory(prefix="fmplex-pa-") as work:
+        for r in pa.run(targets, options, Path(work), echo=lambda _line: None, timeout=300):
+            if not r.ok:
+                raise RuntimeError(f"perf_analyzer on {r.model} failed:\n{r.error()}")
+            out[f"{r.model}_rps"] = r.throughputs[0]
+            if r.rows[0].get("p99 latency"):
+                out[f"{r.model}_p99_ms"] = int(r.rows[0]["p99 latency"]) / 1000
     out["total_rps"] = sum(v for k, v in out.items() if k.endswith("_rps"))
     return out
 

@@ -22,8 +22,9 @@ def write_results(name: str, results: Any) -> Path:
 def text_input_file(path: Path, texts: list[str]) -> Path:
     """A perf_analyzer --input-data file with one TEXT request of these rows
     (BYTES inputs need real text: random bytes are not UTF-8)."""
-    path.write_text(json.dumps({"data": [{"TEXT": {"content": texts, "shape": [len(texts)]}}]}))
-    return path
+    from fmplex.control.perf import text_input_file as write  # noqa: PLC0415
+
+    return write(path, texts)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -892,5 +892,75 @@ def trace_cmd(out: Path, duration: float, rate: float, burst_factor: float, text
     )
 
 
+# --- perf ----------------------------------------------------------------------
+
+
+@main.command("perf", context_settings={"show_default": True})
+@click.argument("names", nargs=-1, required=True)
+@click.option("--url", default=None, help="Triton endpoint. [default: fmplex serve's: localhost:8001 (grpc, or env FMPLEX_URL), localhost:8000 (http)]")
+@click.option("--protocol", "-i", default="grpc", type=click.Choice(["grpc", "http"]), help="How perf_analyzer talks to the server.")
+@click.option("--concurrency-range", metavar="START[:END[:STEP]]", help="Closed loop: requests in flight per model. [default: 1]")
+@click.option("--request-rate-range", metavar="START[:END[:STEP]]", help="Open loop: requests/s per model (instead of --concurrency-range).")
+@click.option("--measurement-interval", "-p", type=click.IntRange(1), metavar="MS", help="Window length in ms. [default: 5000]")
+@click.option("--measurement-mode", type=click.Choice(["time_windows", "count_windows"]), help="How windows are delimited.")
+@click.option("--measurement-request-count", type=click.IntRange(1), help="Requests per window in count_windows mode.")
+@click.option("--request-count", type=click.IntRange(1), help="Send exactly this many requests per load level, then stop (no stability search).")
+@click.option("--percentile", type=click.IntRange(1, 99), help="Stabilize on (and report) this latency percentile instead of the average.")
+@click.option("--stability-percentage", "-s", type=click.FloatRange(min=0), help="Allowed variation between windows. [default: 10]")
+@click.option("--max-trials", "-r", type=click.IntRange(1), help="Windows tried before giving up on stability. [default: 10]")
+@click.option("-f", "csv_file", type=click.Path(dir_okay=False, path_type=Path), help="perf_analyzer's CSV report (several models: FILE.MODEL.csv).")
+@click.option("--streaming", is_flag=True, help="Generative tasks: measure the NAME.stream twin over a gRPC stream; reports time to first response.")
+@click.option("--max-tokens", default=16, type=click.IntRange(1), help="New tokens per generative request.")
+@click.option("--rows", default=1, type=click.IntRange(1), help="Sentences per request for text tasks.")
+@click.option("--input-data", "input_file", type=click.Path(dir_okay=False, path_type=Path), help="Use this perf_analyzer input file for every model instead of generated ones.")
+@click.option("--write-input-data", type=click.Path(file_okay=False, path_type=Path), help="Keep the generated input files here (DIR/MODEL.json).")
+@click.option("--pa-arg", "pa_args", multiple=True, metavar="ARGS", help="More perf_analyzer arguments, shell-quoted (repeatable), e.g. --pa-arg '--max-threads 8'.")
+def perf_cmd(names: tuple[str, ...], url: str | None, protocol: str, **opts: Any) -> None:
+    """Run Triton's perf_analyzer against deployed vFMs NAMES, all at once.
+
+    Finds the perf_analyzer installed with tritonclient and the CUDA runtime
+    library it needs, and writes a realistic input file from each model's own
+    config: sentences of several lengths for text tasks, prompts with
+    MAX_TOKENS for generative ones. Prints perf_analyzer's own report for each
+    model, then throughput per model and load level, and with several names
+    their sum. Exits with perf_analyzer's status and error when it fails.
+
+    \b
+      fmplex perf sentiment --concurrency-range 4
+      fmplex perf sentiment topic intent --concurrency-range 1:8:2 -f out.csv
+      fmplex perf chat --streaming --max-tokens 32 --request-count 20
+    """
+    import shlex  # noqa: PLC0415
+
+    from . import perf as perf_ops  # noqa: PLC0415
+
+    if opts["concurrency_range"] and opts["request_rate_range"]:
+        raise click.UsageError("--concurrency-range and --request-rate-range exclude each other")
+    if opts["streaming"] and protocol != "grpc":
+        raise click.UsageError("--streaming needs --protocol grpc (perf_analyzer streams over gRPC only)")
+    options = perf_ops.PerfOptions(
+        url=url or (DEFAULT_URL if protocol == "grpc" else perf_ops.default_url(protocol)),
+        protocol=protocol,
+        concurrency_range=opts["concurrency_range"],
+        request_rate_range=opts["request_rate_range"],
+        measurement_interval_ms=opts["measurement_interval"],
+        measurement_mode=opts["measurement_mode"],
+        measurement_request_count=opts["measurement_request_count"],
+        request_count=opts["request_count"],
+        percentile=opts["percentile"],
+        stability_percentage=opts["stability_percentage"],
+        max_trials=opts["max_trials"],
+        csv_file=opts["csv_file"],
+        extra=tuple(a for chunk in opts["pa_args"] for a in shlex.split(chunk)),
+    )
+    inputs = perf_ops.InputOptions(rows=opts["rows"], max_tokens=opts["max_tokens"])
+    try:
+        perf_ops.perf(list(names), options, inputs, streaming=opts["streaming"], input_file=opts["input_file"],
+                      write_input_data=opts["write_input_data"], echo=click.echo, live=sys.stdout)
+    except perf_ops.PerfError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.returncode)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

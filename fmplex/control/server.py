@@ -392,20 +392,5 @@ def free_ports() -> Ports:
             s.close()
 
 
-def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:
-    """perf_analyzer from tritonclient's wheel, with the cudart it links to.
-
-    It also needs Debian's libb64-0d (``make system-deps`` installs it).
-    """
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    if not binary.exists():
-        raise ServerError("perf_analyzer not found next to this interpreter: install tritonclient[all]==2.51.0")
-    env = os.environ.copy()
-    try:
-        import nvidia.cuda_runtime  # noqa: PLC0415
-
-        lib = str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
-        env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
-    except ImportError:
-        pass
-    return [str(binary)], env
+# perf_analyzer lives in control/perf.py; kept importable here for older callers.
+from .perf import perf_analyzer_command  # noqa: E402,F401

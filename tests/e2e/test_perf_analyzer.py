@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fmplex.control.server import perf_analyzer_command
+from fmplex.control.perf import perf_analyzer_command
 
 from .conftest import Server
 
