@@ -32,7 +32,7 @@ from fmplex.control import importers  # noqa: E402
 from fmplex.triton_backend.executor import Executor, WorkItem, set_threads  # noqa: E402
 from fmplex.triton_backend.extensions import extension_class  # noqa: E402
 from fmplex.triton_backend.extensions.embedding import EmbeddingExtension  # noqa: E402
-from fmplex.triton_backend.validation import Rows  # noqa: E402
+from fmplex.runtime.validation import Rows  # noqa: E402
 
 SENTENCES = [
     "The service was quick and the food arrived hot.",

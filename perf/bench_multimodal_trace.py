@@ -17,7 +17,7 @@ requests:
   one-minute trace (see ``policy()``).
 - ``monolithic``: what a team deploys today -- one Triton Python model per
   task holding the whole pipeline (vision tower + projector + LM, loaded from
-  the same stage files; ``fmplex/multimodal/monolithic_host.py``), one
+  the same stage files; ``fmplex/baselines/monolithic.py``), one
   instance each, fixed.
 
 **The trace** is ``fmplex.trace`` (after the Azure LMM trace: bursty MMPP
@@ -98,7 +98,8 @@ from fmplex.control import serving  # noqa: E402
 from fmplex.control.scale import current_instances, scale, stub_processes  # noqa: E402
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
-from fmplex.multimodal import control, monolithic_host  # noqa: E402
+from fmplex.baselines import monolithic_config  # noqa: E402
+from fmplex.multimodal import control  # noqa: E402
 from fmplex.multimodal.interface import TIMING_FIELDS  # noqa: E402
 from fmplex.multimodal.models import get_multimodal  # noqa: E402
 from perf.common import RESULTS, cpu_seconds, process_tree, server_memory, write_results  # noqa: E402
@@ -265,7 +266,7 @@ def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
         control.deploy_task(staged, name, None)
     mono = work / "monolithic-repo"
     for i, name in enumerate(names):
-        monolithic_host.write_model(
+        monolithic_config.write_model(
             mono, name, staged / spec.encode_model / "1", staged / spec.lm_model / "1",
             prompt=task_prompt(i), max_new_tokens=cfg.max_new_tokens,
         )  # fmt: skip

@@ -34,7 +34,7 @@ EMBEDDED = ROOT / "model_repository"
 SOURCES = ("sentiment", "topic", "intent")  # trained classifier tasks of the embedded repository
 FMPLEX = str(Path(sys.executable).parent / "fmplex")
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
-SHIM = "from fmplex.triton_backend.single_task import TritonPythonModel  # noqa: F401\n"
+SHIM = "from fmplex.baselines.single_task import TritonPythonModel  # noqa: F401\n"
 
 
 def task_names(n: int, prefix: str = "t") -> list[str]:

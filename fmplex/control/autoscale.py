@@ -24,9 +24,9 @@ scales on its own, within its bounds, fast up and slow down:
   ``nv_inference_compute_infer_duration_us``, ``nv_inference_pending_request_count``)
   and, where the host publishes them, fmplex's (``fmplex_task_received_total``,
   ``fmplex_task_queue_depth``, ``fmplex_batch_seconds_total``,
-  ``fmplex_task_served_requests_total``; a multimodal stage's
-  ``fmplex_mm_encode_seconds_total`` or prefill + decode seconds and
-  ``fmplex_mm_responses_total``). An fmplex host answers from its own
+  ``fmplex_task_served_requests_total``, or ``fmplex_task_responses_total``
+  with outcome ``ok``; a multimodal encode stage's
+  ``fmplex_mm_encode_seconds_total``). An fmplex host answers from its own
   queue after ``execute()`` has returned, so Triton's queue and compute times
   of the host do not see its real wait and service time: the fmplex metrics
   win where present.
@@ -323,7 +323,7 @@ def stage_sample(stage: str, prev: Snapshot, cur: Snapshot, instances: int, work
     )
     served = delta("fmplex_task_served_requests_total", host=stage)
     if served is None:
-        served = delta("fmplex_mm_responses_total", host=stage, outcome="ok")
+        served = delta("fmplex_task_responses_total", host=stage, outcome="ok")
     queue = _sum(cur.series, "fmplex_task_queue_depth", host=stage)
     # Triton's own, labelled model=<stage>
     success = delta("nv_inference_request_success", model=stage)

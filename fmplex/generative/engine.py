@@ -8,7 +8,7 @@ done, so a short answer never waits for a long one and a new request never
 waits for the whole batch to finish.
 
 Admission is the fair scheduler's job: waiting requests sit in the host's
-weighted-fair queues (``fmplex.triton_backend.scheduler``, cost = prompt +
+weighted-fair queues (``fmplex.runtime.scheduler``, cost = prompt +
 max new tokens), and between steps the engine asks it for as many as the
 batch has free rows, within a prefill token budget (rows x padded prompt
 length) that bounds how long a step with prefills can stall the running rows.
@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from fmplex.triton_backend.scheduler import BatchBudget, Pending, QueueFull, TaskPolicy, make_scheduler
+from fmplex.runtime.scheduler import BatchBudget, Pending, QueueFull, TaskPolicy, make_scheduler
 
 from .lora import LoraAdapter
 from .smollm import LoadedLM

@@ -9,9 +9,13 @@ Two variants of the same code, told apart by the model config:
   piece of text as the tokens come, the last one with the FINAL flag — for
   gRPC ``stream_infer`` and HTTP ``generate_stream``.
 
-    execute():  slot -> task (registry) -> validate -> Sequence -> engine.submit (WFQ queues)
-    worker:     engine.step(): admit (scheduler order, free rows) + one batched forward
-                -> per-sequence updates -> response senders
+    accept():    prompt + sampling -> Sequence -> engine.submit (WFQ queues)
+    take_work(): the engine, while it has work
+    run_work():  engine.step(): admit (scheduler order, free rows) + one batched
+                 forward -> per-sequence updates -> the response ledger
+
+Routing, the response ledger (exactly once; sent by its own thread), the
+worker loop and the metrics are :class:`fmplex.runtime.host.Host`'s.
 
 Every accepted request gets exactly one final response: its answer, or an
 error if it was refused, expired, cancelled, failed, or the host is shutting
@@ -42,7 +46,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -52,94 +55,76 @@ import triton_python_backend_utils as pb_utils
 from fmplex.artifacts import read_manifest, version_dir
 from fmplex.kinds import slot_of_output
 from fmplex.registry import Registry, RegistryView, TaskEntry
-from fmplex.triton_backend.extension_cache import ExtensionCache
-from fmplex.triton_backend.metrics import COUNTER, GAUGE, HostMetrics
-from fmplex.triton_backend.scheduler import QueueFull, TaskPolicy
-from fmplex.triton_backend.validation import RequestError, decode_utf8
+from fmplex.runtime.extension_cache import ExtensionCache
+from fmplex.runtime.host import Host, ShuttingDown, TaskUnavailable, error_response, input_array
+from fmplex.runtime.ledger import Answer
+from fmplex.runtime.routing import Route, SlotRouter
+from fmplex.runtime.scheduler import TaskPolicy
+from fmplex.runtime.settings import HostSettings
+from fmplex.runtime.validation import RequestError, decode_utf8
 
-from .control import TEXT_PREFIX, backbone_of_host, check_artifact
 from .engine import Engine, SamplingParams, Sequence, Update
+from .serving import TEXT_PREFIX, backbone_of_host, check_artifact
 from .smollm import load_smollm2, set_threads
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ENGINE_COUNTERS = (
+    ("steps", "decode steps (one batched forward each)"),
+    ("rows", "sequences summed over decode steps"),
+    ("multi_row_steps", "decode steps that carried more than one sequence"),
+    ("tokens_generated", "tokens generated"),
+    ("prefill_tokens", "prompt tokens prefilled"),
+    ("admitted", "sequences admitted into the running batch"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeSettings(HostSettings):
+    max_rows: int = 8  # running sequences per decode step
+    prefill_tokens: int = 1024
+    max_context: int = 2048
+    policy: str = "wfq"
+    shutdown_grace_s: float = 5.0
+    default_max_tokens: int = 16
+    max_tokens_limit: int = 512
+    max_text_bytes: int = 16384
+    adapter_budget_mb: float = 1024.0
 
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    request: Any
-    sender: Any
-    task: str
+    answer: Answer
     output: str  # TXT_<slot>
-    answered: bool = False
 
 
-def _param(config: dict[str, Any], key: str, default: str) -> str:
-    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+def _text_slot(name: str) -> int | None:
+    return slot_of_output(name) if name.startswith(TEXT_PREFIX) else None
 
 
-def _error(message: str, code: Any = None) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code if code is not None else pb_utils.TritonError.INVALID_ARG))
+class TritonPythonModel(Host):
+    Settings = GenerativeSettings
+    finish_queue_on_stop = False  # finalize aborts what runs (the signal watch drained it already)
+    kind = "generative host"
 
-
-class GenMetrics(HostMetrics):
-    """The MiniLM host's metrics (per-task requests/outcomes, batches = decode steps)
-    plus what only a decode engine knows: tokens, rows per step, running rows."""
-
-    def engine(self, engine: Engine) -> None:
-        st = engine.stats
-        for key, doc in (
-            ("steps", "decode steps (one batched forward each)"),
-            ("rows", "sequences summed over decode steps"),
-            ("multi_row_steps", "decode steps that carried more than one sequence"),
-            ("tokens_generated", "tokens generated"),
-            ("prefill_tokens", "prompt tokens prefilled"),
-            ("admitted", "sequences admitted into the running batch"),
-        ):
-            self._bump(f"fmplex_gen_{key}_total", "", float(getattr(st, key)), doc)
-        self._gauge("fmplex_gen_max_rows", "most sequences one decode step carried").set(st.max_rows)
-        self._gauge("fmplex_gen_running", "sequences in the running batch").set(len(engine.running))
-
-
-class TritonPythonModel:
-    # --- lifecycle -------------------------------------------------------------
-    def initialize(self, args: dict[str, Any]) -> None:
-        config = json.loads(args["model_config"])
-        self.name = config["name"]
+    def setup(self, args: dict[str, Any]) -> int:
+        st: GenerativeSettings = self.settings
         self.spec, _ = backbone_of_host(self.name)
-        self.decoupled = bool(pb_utils.using_decoupled_model_transaction_policy(config))
-        self.slots = int(_param(config, "slots", "256"))
-        set_threads(int(os.environ.get("FMPLEX_TORCH_THREADS", _param(config, "torch_threads", "1"))))
-        repo = Path(args["model_repository"]).resolve().parent
-        self.view = RegistryView(Path(_param(config, "repository", str(repo))))
-        t0 = time.perf_counter()
+        self.decoupled = bool(pb_utils.using_decoupled_model_transaction_policy(self.config))
+        set_threads(st.torch_threads)
+        self.view = RegistryView(Path(st.repository))
+        self.router = SlotRouter(self.view, self.spec.name, self.name, st.slots, _text_slot, "TXT_<slot>", single_output=True)
         self.lm = load_smollm2()
-        self.engine = Engine(
-            self.lm,
-            max_rows=int(_param(config, "max_rows", "8")),
-            prefill_tokens=int(_param(config, "prefill_tokens", "1024")),
-            max_context=int(_param(config, "max_context", "2048")),
-            policy=_param(config, "policy", "wfq"),
-        )
+        self.engine = Engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, max_context=st.max_context, policy=st.policy)
         self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
-        self.shutdown_grace_s = float(_param(config, "shutdown_grace_s", "5"))
         self._draining_since: float | None = None
-        self.default_max_tokens = int(_param(config, "default_max_tokens", "16"))
-        self.max_tokens_limit = int(_param(config, "max_tokens_limit", "512"))
-        self.max_text_bytes = int(_param(config, "max_text_bytes", "16384"))
-        budget = int(float(_param(config, "adapter_budget_mb", "1024")) * 2**20)
-        self.adapters = ExtensionCache(self._load_adapter, budget)
-        self.metrics = GenMetrics(self.name, instance=str(args.get("model_instance_name", "")))
-        self._seen_generation = -1
-        self._cv = threading.Condition()
-        self._running = True
+        self._failed_queue = False
         self._next_engine_flush = 0.0
-        self._worker = threading.Thread(target=self._loop, name="fmplex-gen-worker", daemon=True)
-        self._worker.start()
+        self.cache = ExtensionCache(self._load_adapter, int(st.adapter_budget_mb * 2**20))
         self._watch_shutdown_signals()
-        pb_utils.Logger.log_info(
-            f"fmplex host {self.name}: {'decoupled (streaming)' if self.decoupled else 'whole answers'}, {self.slots} slots, "
-            f"backbone {self.spec.name} loaded in {time.perf_counter() - t0:.1f} s, {self.engine.max_rows} rows per step, pid {os.getpid()}"
-        )
+        return 1
+
+    def describe(self) -> str:
+        mode = "decoupled (streaming)" if self.decoupled else "whole answers"
+        return f"{mode}, {self.settings.slots} slots, backbone {self.spec.name}, {self.engine.max_rows} rows per step, pid {os.getpid()}"
 
     def _watch_shutdown_signals(self) -> None:
         """SIGINT/SIGTERM to this stub = the server is stopping (see the module docstring)."""
@@ -168,93 +153,46 @@ class TritonPythonModel:
 
         threading.Thread(target=watch, name="fmplex-gen-signals", daemon=True).start()
 
-    def finalize(self) -> None:
-        """Stop the worker after its current step; fail what is still queued or running."""
-        with self._cv:
-            self._running = False
-            self._cv.notify_all()
-        self._worker.join(timeout=30)
-        self.engine.abort_all("host is shutting down")
+    def drain(self) -> list[Answer]:
+        self.engine.abort_all("host is shutting down")  # answers through the sinks
+        return []
 
     # --- request path ----------------------------------------------------------
-    def execute(self, requests: list[Any]) -> None:
-        reg = self.view.current()
-        if reg.generation != self._seen_generation:
-            self._apply_policies(reg)
-        now = time.monotonic()
-        for request in requests:
-            sender = request.get_response_sender()
-            task = "-"
-            try:
-                entry, output = self._route(request, reg)
-                task = entry.name
-                self.metrics.received(task)
-                if self._draining_since is not None:
-                    raise _ShuttingDown("host is shutting down")
-                job = Job(request, sender, task, output)
-                prompt = self._prompt(request)
-                params = self._sampling(request)
-                adapter = self._adapter(entry)
-                ids = self.engine.tokenize(prompt)
-                timeout_us = request.timeout()
-                probe = sender.is_cancelled if self.decoupled else request.is_cancelled
-                seq = Sequence(
-                    task,
-                    ids,
-                    params,
-                    adapter=adapter,
-                    sink=self._on_update,
-                    cancelled=probe,
-                    deadline=now + timeout_us / 1e6 if timeout_us else None,
-                    tag=job,
-                )
-                self.engine.submit(seq, now)
-            except (RequestError, ValueError) as exc:
-                self._reply(sender, task, _error(str(exc)), "invalid")
-                continue
-            except QueueFull as exc:
-                self._reply(sender, task, _error(str(exc), pb_utils.TritonError.UNAVAILABLE), "queue_full")
-                continue
-            except _ShuttingDown as exc:
-                self._reply(sender, task, _error(str(exc), pb_utils.TritonError.UNAVAILABLE), "shutdown")
-                continue
-            except _TaskUnavailable as exc:
-                self._reply(sender, task, _error(str(exc), pb_utils.TritonError.INTERNAL), "task_error")
-                continue
-            except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
-                self._reply(sender, task, _error(f"internal error: {exc}", pb_utils.TritonError.INTERNAL), "internal")
-                continue
-            with self._cv:
-                self._cv.notify()
-        return None
-
-    def _route(self, request: Any, reg: Registry) -> tuple[TaskEntry, str]:
-        wanted = list(request.requested_output_names())
-        slots = {slot_of_output(n) for n in wanted}
-        if len(wanted) != 1 or None in slots or not wanted[0].startswith(TEXT_PREFIX):
-            raise RequestError(
-                f"request exactly one slot output TXT_<slot> (call a task's vFM, e.g. 'NAME' or 'NAME.stream'), got {len(wanted)} outputs"
+    def accept(self, request: Any, answer: Answer, route: Route | None, now: float) -> None:
+        assert route is not None
+        if self._draining_since is not None:
+            raise ShuttingDown("host is shutting down")
+        job = Job(answer, next(iter(route.wanted)))
+        try:  # SamplingParams, the tokenizer and the engine refuse bad values with ValueError
+            prompt, params = self._prompt(request), self._sampling(request)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        adapter = self._adapter(route.entry)
+        timeout_us = request.timeout()
+        probe = answer.sender.is_cancelled if self.decoupled else request.is_cancelled
+        try:
+            seq = Sequence(
+                route.entry.name,
+                self.engine.tokenize(prompt),
+                params,
+                adapter=adapter,
+                sink=self._on_update,
+                cancelled=probe,
+                deadline=now + timeout_us / 1e6 if timeout_us else None,
+                tag=job,
             )
-        slot = slots.pop()
-        assert slot is not None
-        if not 0 <= slot < self.slots:
-            raise RequestError(f"slot {slot} is outside this host's {self.slots} slots")
-        entry = reg.slot_map(self.spec.name).get(slot)
-        if entry is None:
-            reg = self.view.current()
-            entry = reg.slot_map(self.spec.name).get(slot)
-        if entry is None:
-            raise RequestError(f"no task is deployed on slot {slot} of {self.name}")
-        return entry, wanted[0]
+            self.engine.submit(seq, now)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
     def _prompt(self, request: Any) -> str:
-        arr = _input(request, "TEXT")
+        arr = input_array(request, "TEXT")
         if arr is None:
             raise RequestError("missing input TEXT (BYTES, shape [1]: one prompt)")
         flat = arr.reshape(-1)
         if flat.shape[0] != 1:
             raise RequestError(f"TEXT must hold exactly one prompt (shape [1]), got shape {list(arr.shape)}")
-        text = decode_utf8(flat[0], self.max_text_bytes)
+        text = decode_utf8(flat[0], self.settings.max_text_bytes)
         if not text:
             raise RequestError("TEXT is empty")
         return text
@@ -268,7 +206,7 @@ class TritonPythonModel:
             params = {}
         values: dict[str, Any] = {}
         for key, kind in (("max_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
-            arr = _input(request, key.upper())
+            arr = input_array(request, key.upper())
             if arr is not None:
                 flat = arr.reshape(-1)
                 if flat.shape[0] != 1:
@@ -285,7 +223,7 @@ class TritonPythonModel:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise RequestError(f"{key} must be a finite number, got {value!r}")
                 values[key] = float(value)
-        stop_arr = _input(request, "STOP")
+        stop_arr = input_array(request, "STOP")
         if stop_arr is not None:
             stop = []
             for item in stop_arr.reshape(-1):
@@ -299,13 +237,13 @@ class TritonPythonModel:
             stop = [params["stop"]]
         else:
             stop = []
-        max_tokens = values.pop("max_tokens", self.default_max_tokens)
-        if isinstance(max_tokens, int) and max_tokens > self.max_tokens_limit:
-            raise RequestError(f"max_tokens {max_tokens} is more than this host's limit of {self.max_tokens_limit}")
+        max_tokens = values.pop("max_tokens", self.settings.default_max_tokens)
+        if isinstance(max_tokens, int) and max_tokens > self.settings.max_tokens_limit:
+            raise RequestError(f"max_tokens {max_tokens} is more than this host's limit of {self.settings.max_tokens_limit}")
         return SamplingParams(max_tokens=max_tokens, stop=tuple(stop), **values)
 
     # --- tasks -----------------------------------------------------------------
-    def _apply_policies(self, reg: Registry) -> None:
+    def apply_registry(self, reg: Registry) -> None:
         mine = [t for t in reg.tasks.values() if t.backbone == self.spec.name and t.deployed]
         for entry in mine:
             self.engine.set_policy(
@@ -317,66 +255,62 @@ class TritonPythonModel:
                 ),
             )
         live = {(t.name, int(t.deployed_version or t.version)) for t in mine}
-        self.adapters.retain(live)
-        self.adapters.pinned = {(t.name, int(t.deployed_version or t.version)) for t in mine if t.pinned}
-        self._seen_generation = reg.generation
+        self.cache.retain(live)
+        self.cache.pinned = {(t.name, int(t.deployed_version or t.version)) for t in mine if t.pinned}
 
     def _adapter(self, entry: TaskEntry) -> Any:
         if entry.kind == "generate":
             return None
         key = (entry.name, int(entry.deployed_version or entry.version))
         try:
-            return self.adapters.get(key)
+            return self.cache.get(key)
         except Exception as exc:  # noqa: BLE001 - a task that cannot load fails only its own requests
-            raise _TaskUnavailable(f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}") from None
+            raise TaskUnavailable(f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}") from None
 
     def _load_adapter(self, key: tuple[str, int]) -> Any:
         vdir = version_dir(self.view.repo, *key)
         read_manifest(vdir)
         adapter = check_artifact(vdir, self.spec.name)
         if adapter is None:
-            raise _TaskUnavailable(f"task '{key[0]}' v{key[1]} has no adapter")
+            raise TaskUnavailable(f"task '{key[0]}' v{key[1]} has no adapter")
         return adapter
 
     # --- worker ----------------------------------------------------------------
-    def _loop(self) -> None:
-        failed_queue = False
-        while True:
-            draining = self._draining_since
-            if draining is not None:
-                if not failed_queue:
-                    failed_queue = True
-                    self.engine.fail_queued("host is shutting down")
-                if time.monotonic() - draining >= self.shutdown_grace_s:
-                    self.engine.abort_all("host is shutting down")
-            with self._cv:
-                while self._running and not self.engine.has_work():
-                    if self._draining_since is not None and not failed_queue:
-                        break
-                    now = time.monotonic()
-                    wake = self.engine.next_wakeup(now)
-                    flush = self.metrics.flush_due()
-                    if flush is not None and (wake is None or flush < wake):
-                        wake = flush
-                    self._cv.wait(timeout=None if wake is None else max(0.0, wake - now))
-                    if flush is not None and time.monotonic() >= flush:
-                        break
-                if not self._running:
-                    return
-            try:
-                report = self.engine.step()
-            except Exception:  # noqa: BLE001 - the worker must survive any step
-                pb_utils.Logger.log_error(f"fmplex {self.name}: {traceback.format_exc()}")
-                report = None
-            if report is not None:
-                self.metrics.batch(report)
-            try:
-                self.metrics.maybe_flush(self.engine.scheduler, self.engine._lock, self.adapters)
-                if time.monotonic() >= self._next_engine_flush:  # each update is an IPC message
-                    self._next_engine_flush = time.monotonic() + self.metrics.interval
-                    self.metrics.engine(self.engine)
-            except Exception:  # noqa: BLE001 - metrics are best effort
-                traceback.print_exc()
+    def take_work(self, now: float) -> Any:
+        draining = self._draining_since
+        if draining is not None:
+            if not self._failed_queue:
+                self._failed_queue = True
+                self.engine.fail_queued("host is shutting down")
+            if now - draining >= self.settings.shutdown_grace_s:
+                self.engine.abort_all("host is shutting down")
+        return self.engine if self.engine.has_work() else None
+
+    def next_wakeup(self, now: float) -> float | None:
+        return self.engine.next_wakeup(now)
+
+    def run_work(self, work: Any) -> None:
+        report = self.engine.step()
+        if report is not None:
+            self.metrics.batch(report)
+
+    def work_failed(self, work: Any, exc: Exception) -> None:
+        pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
+
+    def stats(self) -> dict[str, Any]:
+        with self.engine._lock:
+            return self.engine.scheduler.stats()
+
+    def publish(self) -> None:
+        """What only a decode engine knows: tokens, rows per step, running rows."""
+        if time.monotonic() < self._next_engine_flush:  # each update is an IPC message
+            return
+        self._next_engine_flush = time.monotonic() + self.metrics.interval
+        st = self.engine.stats
+        for key, doc in ENGINE_COUNTERS:
+            self.metrics.bump(f"fmplex_gen_{key}_total", float(getattr(st, key)), doc)
+        self.metrics.metric("fmplex_gen_max_rows", "most sequences one decode step carried", "GAUGE").set(st.max_rows)
+        self.metrics.metric("fmplex_gen_running", "sequences in the running batch", "GAUGE").set(len(self.engine.running))
 
     def _on_update(self, update: Update) -> None:
         """Called by the engine (worker thread) for every new piece of text and at the end."""
@@ -388,50 +322,19 @@ class TritonPythonModel:
                 "removed": pb_utils.TritonError.UNAVAILABLE,
                 "cancelled": pb_utils.TritonError.CANCELLED,
             }.get(update.outcome, pb_utils.TritonError.INTERNAL)
-            self._send(job, _error(update.error, code), update.outcome, final=True)
+            self.ledger.final(job.answer, error_response(update.error, code), update.outcome)
             return
         if self.decoupled:
             if update.text or update.done:
                 out = pb_utils.Tensor(job.output, np.array([update.text.encode("utf-8")], dtype=np.object_))
-                self._send(job, pb_utils.InferenceResponse(output_tensors=[out]), "ok", final=update.done)
+                response = pb_utils.InferenceResponse(output_tensors=[out])
+                if update.done:
+                    self.ledger.final(job.answer, response, "ok")
+                else:
+                    self.ledger.partial(job.answer, response)
         elif update.done:
             out = pb_utils.Tensor(job.output, np.array([update.seq.text.encode("utf-8")], dtype=np.object_))
-            self._send(job, pb_utils.InferenceResponse(output_tensors=[out]), "ok", final=True)
-
-    def _send(self, job: Job, response: Any, outcome: str, final: bool) -> None:
-        if job.answered:  # never a response after the final one (counted: must stay 0)
-            self.metrics.outcome(job.task, "duplicate_suppressed")
-            return
-        if not final:
-            try:
-                job.sender.send(response)
-            except Exception as exc:  # noqa: BLE001 - the client went away; the engine notices via cancellation
-                pb_utils.Logger.log_warn(f"fmplex: could not stream to a client of task '{job.task}': {exc}")
-            return
-        job.answered = True
-        self._reply(job.sender, job.task, response, outcome)
-
-    def _reply(self, sender: Any, task: str, response: Any, outcome: str) -> None:
-        """The one place a final response leaves the host: counted per outcome."""
-        self.metrics.outcome(task, outcome)
-        try:
-            sender.send(response, flags=FINAL)
-        except Exception as exc:  # noqa: BLE001
-            self.metrics.outcome(task, "send_failed")
-            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{task}': {exc}")
-
-
-class _TaskUnavailable(RuntimeError):
-    """A task's artifact cannot be loaded: its requests fail, others are served."""
-
-
-class _ShuttingDown(RuntimeError):
-    """The server is stopping: no new work."""
-
-
-def _input(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+            self.answer_ok(job.answer, [out])
 
 
 __all__ = ["TritonPythonModel"]

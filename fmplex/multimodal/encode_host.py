@@ -15,6 +15,7 @@ host also publishes ``fmplex_mm_encode_batches_total{host,size}``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,46 +26,17 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from fmplex.runtime.metrics import HostMetrics
+from fmplex.runtime.settings import HostSettings, read_settings
+
 from .models import read_stage
-from .placement import apply_affinity, format_cpus, parse_cpus, resolve_device
+from .placement import apply_placement, format_cpus
 from .stages import EncodeStage
 
 
-def param(config: dict[str, Any], key: str, default: str) -> str:
-    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
-
-
-class StageMetrics:
-    """Counters of one stage host (Prometheus, via Triton's metrics port)."""
-
-    def __init__(self, host: str, instance: str = "") -> None:
-        self.host = host
-        self.instance = instance  # each instance of a scaled stage publishes its own series (sum them)
-        self._fam: dict[str, Any] = {}
-        self._m: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
-        # The watchdog of 'fmplex serve' reloads a host whose stub died, found by this pid.
-        self.metric("fmplex_host_pid", "process id of this host instance", "GAUGE").set(os.getpid())
-
-    def metric(self, name: str, doc: str, kind: str = "COUNTER", **labels: str) -> Any:
-        key = (name, tuple(sorted(labels.items())))
-        m = self._m.get(key)
-        if m is None:
-            fam = self._fam.get(name)
-            if fam is None:
-                mf = pb_utils.MetricFamily
-                fam = self._fam[name] = mf(name=name, description=doc, kind=getattr(mf, kind))
-            base = {"host": self.host, **({"instance": self.instance} if self.instance else {})}
-            m = self._m[key] = fam.Metric(labels={**base, **labels})
-        return m
-
-
-def placement(config: dict[str, Any], name: str) -> tuple[str, set[int]]:
-    """Apply the stage's configured CPUs and threads; its torch device."""
-    cpus = apply_affinity(parse_cpus(param(config, "cpus", "")))
-    threads = int(os.environ.get("FMPLEX_TORCH_THREADS", param(config, "torch_threads", "1")))
-    torch.set_num_threads(max(1, threads))
-    device = resolve_device(param(config, "device", "cpu"))
-    return device, cpus
+@dataclasses.dataclass(frozen=True)
+class EncodeStageSettings(HostSettings):
+    cpus: str = ""  # cores this stage may use ("" = all)
 
 
 class TritonPythonModel:
@@ -72,12 +44,13 @@ class TritonPythonModel:
         t0 = time.perf_counter()
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        self.device, cpus = placement(config, self.name)
+        self.settings = read_settings(config, EncodeStageSettings)
+        self.device, cpus = apply_placement(self.settings.cpus, self.settings.torch_threads, self.settings.device)
         vdir = Path(args["model_repository"]) / str(args["model_version"])
         files = read_stage(vdir, "encode")
         self.stage = EncodeStage(files, self.device)
         self.backbone = files.meta["backbone"]
-        self.metrics = StageMetrics(self.name, str(args.get("model_instance_name", "")))
+        self.metrics = HostMetrics(self.name, instance=str(args.get("model_instance_name", "")))
         self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(time.perf_counter() - t0)
         pb_utils.Logger.log_info(
             f"fmplex encode stage {self.name}: {self.backbone}, device {self.device}, cpus {format_cpus(cpus)}, "

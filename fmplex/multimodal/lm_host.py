@@ -14,7 +14,10 @@ for). Per request -- ``TEXT`` plus optional ``IMAGES`` FP32 ``[n, 3, H, W]``:
 
 Non-decoupled: ``execute()`` returns ``None`` and each request is answered
 later with the FINAL flag (Triton >= 24.06), so plain HTTP/gRPC ``infer`` work.
-Every accepted request gets exactly one final response.
+Every accepted request gets exactly one final response. Routing, the response
+ledger and its sender thread, the worker loop, the drain and the metrics are
+:class:`fmplex.runtime.host.Host`'s; this class decodes a request, dispatches
+its images and runs the LM.
 
 Measured with Triton 2.51 (tests/e2e/test_multimodal.py): synchronous BLS
 ``exec()`` from threads that are not ``execute()``'s own works, concurrently
@@ -28,9 +31,7 @@ import collections
 import dataclasses
 import json
 import os
-import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,41 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from fmplex.triton_backend.validation import RequestError, decode_utf8
-
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
-from fmplex.registry import Registry, RegistryView, TaskEntry
+from fmplex.registry import RegistryView, TaskEntry
+from fmplex.runtime.host import Host, input_array
+from fmplex.runtime.ledger import Answer
+from fmplex.runtime.routing import Route, SlotRouter
+from fmplex.runtime.scheduler import QueueFull
+from fmplex.runtime.settings import HostSettings
+from fmplex.runtime.validation import RequestError, decode_utf8
 
-from .encode_host import StageMetrics, param, placement
 from .interface import SLOT_OUTPUTS, slot_of
 from .models import EOS_ID, STAGE_FILE, ByteTokenizer, ModelError, check_pair, read_stage
-from .placement import format_cpus
+from .placement import apply_placement, format_cpus
 from .stages import LMStage
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
+@dataclasses.dataclass(frozen=True)
+class LMStageSettings(HostSettings):
+    slots: int = 64
+    cpus: str = ""  # cores this stage may use ("" = all)
+    encode_model: str = ""  # "" = fm.<backbone>.encode
+    max_images: int = 8
+    max_new_tokens_limit: int = 256
+    max_text_bytes: int = 4096
+    queue_limit: int = 256
+    images_per_encode_request: int = 1
+    encode_concurrency: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """One request's LM work, as the shared batch counters want it."""
+
+    rows: int
+    padded_tokens: int
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -66,7 +89,7 @@ class TaskSettings:
 @dataclasses.dataclass(eq=False)
 class Job:
     request: Any
-    sender: Any
+    answer: Answer
     task: str
     slot: int
     wanted: frozenset[str]
@@ -79,17 +102,11 @@ class Job:
     features: list[np.ndarray | None] = dataclasses.field(default_factory=list)
     pending: int = 0
     error: str | None = None
-    answered: bool = False
     encoded_at: float = 0.0
 
 
-def _input(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
 def _scalar(request: Any, name: str, kind: type) -> Any:
-    arr = _input(request, name)
+    arr = input_array(request, name)
     if arr is None:
         return None
     if arr.size != 1:
@@ -97,45 +114,40 @@ def _scalar(request: Any, name: str, kind: type) -> Any:
     return kind(arr.reshape(-1)[0])
 
 
-class TritonPythonModel:
-    # --- lifecycle -------------------------------------------------------------
-    def initialize(self, args: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        config = json.loads(args["model_config"])
-        self.name = config["name"]
-        self.device, cpus = placement(config, self.name)
-        model_dir = Path(args["model_repository"])
-        files = read_stage(model_dir / str(args["model_version"]), "lm")
+class TritonPythonModel(Host):
+    Settings = LMStageSettings
+    kind = "lm stage"
+
+    def setup(self, args: dict[str, Any]) -> int:
+        st: LMStageSettings = self.settings
+        self.device, self.cpus = apply_placement(st.cpus, st.torch_threads, st.device)
+        files = read_stage(self.model_dir / str(args["model_version"]), "lm")
         self.backbone = files.meta["backbone"]
-        repo = Path(param(config, "repository", str(model_dir.resolve().parent)))
-        self.encode_model = param(config, "encode_model", f"fm.{self.backbone}.encode")
+        repo = Path(st.repository)
+        self.encode_model = st.encode_model or f"fm.{self.backbone}.encode"
         check_pair(self._encode_meta(repo), files.meta)  # never pair an LM with another model's encoder
         self.lm = LMStage(files, self.device)
-        self.image_shape = (int(files.config.vision_config.num_channels), int(files.config.vision_config.image_size), int(files.config.vision_config.image_size))
-        self.slots = int(param(config, "slots", "64"))
-        self.max_images = int(param(config, "max_images", "8"))
-        self.max_new_tokens_limit = int(param(config, "max_new_tokens_limit", "256"))
-        self.max_text_bytes = int(param(config, "max_text_bytes", "4096"))
-        self.queue_limit = int(param(config, "queue_limit", "256"))
-        self.images_per_call = max(1, int(param(config, "images_per_encode_request", "1")))
+        vision = files.config.vision_config
+        self.image_shape = (int(vision.num_channels), int(vision.image_size), int(vision.image_size))
+        self.images_per_call = max(1, st.images_per_encode_request)
         self.view = RegistryView(repo)
+        self.router = SlotRouter(self.view, self.backbone, self.name, st.slots, slot_of, "/".join(p + "<slot>" for p in SLOT_OUTPUTS))
         self._settings: dict[tuple[str, int], TaskSettings] = {}
-        self.metrics = StageMetrics(self.name, str(args.get("model_instance_name", "")))
-        self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._in_encode = 0
         self._encoding: set[Job] = set()  # jobs whose images are at the encoder
         self._waiting: dict[str, int] = {}  # per task: accepted, not yet taken by the LM worker
-        self._running = True
-        self._pool = ThreadPoolExecutor(max(1, int(param(config, "encode_concurrency", "16"))), thread_name_prefix="fmplex-mm-bls")
-        self._worker = threading.Thread(target=self._loop, name="fmplex-mm-lm", daemon=True)
-        self._worker.start()
-        load_s = time.perf_counter() - t0
-        self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(load_s)
-        pb_utils.Logger.log_info(
-            f"fmplex lm stage {self.name}: {self.backbone}, encoder {self.encode_model}, {self.slots} slots, device "
-            f"{self.device}, cpus {format_cpus(cpus)}, pid {os.getpid()}, loaded in {load_s:.2f}s"
-        )
+        self._served: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max(1, st.encode_concurrency), thread_name_prefix="fmplex-mm-bls")
+        return 1
+
+    def describe(self) -> str:
+        return (f"{self.backbone}, encoder {self.encode_model}, {self.settings.slots} slots, device {self.device}, "
+                f"cpus {format_cpus(self.cpus)}, pid {os.getpid()}")  # fmt: skip
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        self.metrics.metric("fmplex_mm_stage_load_seconds", "time this stage host took to load", "GAUGE").set(self.load_seconds)
 
     def _encode_meta(self, repo: Path) -> dict[str, Any]:
         edir = repo / self.encode_model
@@ -147,65 +159,29 @@ class TritonPythonModel:
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelError(f"cannot read the encode stage's {STAGE_FILE}: {exc}") from None
 
-    def finalize(self) -> None:
-        with self._cv:
-            self._running = False
-            self._cv.notify_all()
-        self._worker.join(timeout=30)
-        self._pool.shutdown(wait=True, cancel_futures=True)  # cancelled encode calls leave their jobs unanswered: failed below
+    def drain(self) -> list[Answer]:
+        self._pool.shutdown(wait=True, cancel_futures=True)  # cancelled encode calls leave their jobs unanswered: failed here
         with self._cv:
             left, self._queue = list(self._queue) + list(self._encoding), collections.deque()
             self._encoding = set()
-        for job in left:
-            self._fail(job, "host is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
+        return [job.answer for job in left]
 
     # --- request path ----------------------------------------------------------
-    def execute(self, requests: list[Any]) -> None:
-        reg = self.view.current()
-        for request in requests:
-            sender = request.get_response_sender()
-            task = "-"
-            try:
-                entry, slot, wanted = self._route(request, reg)
-                task = entry.name
-                self.metrics.metric("fmplex_task_received_total", "requests received", task=task).increment(1)
-                job = self._job(request, sender, entry, slot, wanted)
-                with self._cv:
-                    if len(self._queue) + self._in_encode >= self.queue_limit:
-                        raise OverflowError(f"{self.name} queue is full ({self.queue_limit} requests)")
-                    self._wait(task, +1)
-                    if job.images is None:
-                        self._queue.append(job)
-                        self._cv.notify()
-                    else:
-                        self._in_encode += 1
-                        self._encoding.add(job)
-                if job.images is not None:
-                    self._dispatch_encode(job)
-            except RequestError as exc:
-                self._reply(sender, task, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)), "invalid")
-            except OverflowError as exc:
-                err = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
-                self._reply(sender, task, pb_utils.InferenceResponse(error=err), "queue_full")
-            except Exception as exc:  # noqa: BLE001 - never leave a request unanswered
-                traceback.print_exc()
-                err = pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL)
-                self._reply(sender, task, pb_utils.InferenceResponse(error=err), "internal")
-        return None
-
-    def _route(self, request: Any, reg: Registry) -> tuple[TaskEntry, int, frozenset[str]]:
-        wanted = frozenset(request.requested_output_names())
-        slots = {slot_of(n) for n in wanted}
-        if not wanted or None in slots or len(slots) != 1:
-            raise RequestError(f"request the slot outputs of one task ({'/'.join(p + '<slot>' for p in SLOT_OUTPUTS)}), got {sorted(wanted)}")
-        slot = slots.pop()
-        assert slot is not None
-        entry = reg.slot_map(self.backbone).get(slot)
-        if entry is None:
-            entry = self.view.current().slot_map(self.backbone).get(slot)  # at once on an unknown slot
-        if entry is None:
-            raise RequestError(f"no task is deployed on slot {slot} of {self.name}")
-        return entry, slot, wanted
+    def accept(self, request: Any, answer: Answer, route: Route | None, now: float) -> None:
+        assert route is not None
+        job = self._job(request, answer, route.entry, route.slot, route.wanted)
+        with self._cv:
+            if len(self._queue) + self._in_encode >= self.settings.queue_limit:
+                raise QueueFull(job.task, self.settings.queue_limit)
+            self._wait(job.task, +1)
+            if job.images is None:
+                self._queue.append(job)
+                self._cv.notify()
+            else:
+                self._in_encode += 1
+                self._encoding.add(job)
+        if job.images is not None:
+            self._dispatch_encode(job)
 
     def _task_settings(self, entry: TaskEntry) -> TaskSettings:
         key = (entry.name, int(entry.deployed_version or entry.version))
@@ -222,27 +198,27 @@ class TritonPythonModel:
             )
         return found
 
-    def _job(self, request: Any, sender: Any, entry: TaskEntry, slot: int, wanted: frozenset[str]) -> Job:
+    def _job(self, request: Any, answer: Answer, entry: TaskEntry, slot: int, wanted: frozenset[str]) -> Job:
         settings = self._task_settings(entry)
-        text_arr = _input(request, "TEXT")
+        text_arr = input_array(request, "TEXT")
         if text_arr is None or text_arr.size != 1:
             raise RequestError(f"TEXT must hold exactly one prompt, got {0 if text_arr is None else text_arr.size}")
-        text = decode_utf8(text_arr.reshape(-1)[0], self.max_text_bytes)
-        images = _input(request, "IMAGES")
+        text = decode_utf8(text_arr.reshape(-1)[0], self.settings.max_text_bytes)
+        images = input_array(request, "IMAGES")
         n = 0
         if images is not None:
             if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
                 shape = "[n, " + ", ".join(map(str, self.image_shape)) + "]"
                 raise RequestError(f"IMAGES must be FP32 {shape} for {self.backbone}, got {list(images.shape)}")
             n = int(images.shape[0])
-            if n > self.max_images:
-                raise RequestError(f"{n} images in one request, more than the limit of {self.max_images}")
+            if n > self.settings.max_images:
+                raise RequestError(f"{n} images in one request, more than the limit of {self.settings.max_images}")
             if not np.isfinite(images).all():
                 raise RequestError("IMAGES contains NaN or Inf")
         max_new = _scalar(request, "MAX_NEW_TOKENS", int)
         max_new = settings.max_new_tokens if max_new is None else max_new
-        if not 1 <= max_new <= self.max_new_tokens_limit:
-            raise RequestError(f"MAX_NEW_TOKENS must be 1..{self.max_new_tokens_limit}, got {max_new}")
+        if not 1 <= max_new <= self.settings.max_new_tokens_limit:
+            raise RequestError(f"MAX_NEW_TOKENS must be 1..{self.settings.max_new_tokens_limit}, got {max_new}")
         temperature = _scalar(request, "TEMPERATURE", float)
         temperature = settings.temperature if temperature is None else temperature
         if not (temperature >= 0 and np.isfinite(temperature)):
@@ -255,7 +231,7 @@ class TritonPythonModel:
         if len(ids) + max_new > self.lm.max_positions:
             raise RequestError(f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's {self.lm.max_positions} positions")
         return Job(
-            request, sender, entry.name, slot, wanted, ids, np.ascontiguousarray(images, dtype=np.float32) if n else None,
+            request, answer, entry.name, slot, wanted, ids, np.ascontiguousarray(images, dtype=np.float32) if n else None,
             max_new, float(temperature), seed, time.monotonic(),
         )  # fmt: skip
 
@@ -303,35 +279,35 @@ class TritonPythonModel:
                 else:
                     self._wait(job.task, -1)
         if done and job.error is not None:
-            self._fail(job, job.error, pb_utils.TritonError.UNAVAILABLE, "encode_error")
+            self.fail(job.answer, job.error, pb_utils.TritonError.UNAVAILABLE, "encode_error")
         elif done and job.request.is_cancelled():
-            self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+            self.fail(job.answer, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
 
     def _wait(self, task: str, delta: int) -> None:
-        """Requests of ``task`` waiting here (encoding or queued for the LM), as
+        """Requests of ``task`` waiting here (encoding or queued for the LM), published as
         ``fmplex_task_queue_depth`` -- the queue the autoscaler reads. Under ``_cv``."""
         self._waiting[task] = self._waiting.get(task, 0) + delta
-        self.metrics.metric("fmplex_task_queue_depth", "requests waiting in this stage host", "GAUGE", task=task).set(self._waiting[task])
+        self.metrics.touch()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            tasks = set(self._waiting) | set(self._served)
+            return {"tasks": {t: {"queued": self._waiting.get(t, 0), "served_requests": self._served.get(t, 0)} for t in tasks}}
 
     # --- the LM worker -------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and self._running:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                self._wait(job.task, -1)
-            try:
-                self._run(job)
-            except Exception as exc:  # noqa: BLE001 - the worker survives any request
-                traceback.print_exc()
-                self._fail(job, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
+    def take_work(self, now: float) -> Any:
+        if not self._queue:
+            return None
+        job = self._queue.popleft()
+        self._wait(job.task, -1)
+        return job
 
-    def _run(self, job: Job) -> None:
+    def work_failed(self, work: Any, exc: Exception) -> None:
+        self.fail(work.answer, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
+
+    def run_work(self, job: Job) -> None:
         if job.request.is_cancelled():
-            self._fail(job, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+            self.fail(job.answer, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
             return
         feats = None
         if job.images is not None:
@@ -350,11 +326,11 @@ class TritonPythonModel:
             "TIMING_": np.array([1e3 * t for t in timing], dtype=np.float32),  # interface.TIMING_FIELDS
         }
         tensors = [pb_utils.Tensor(f"{p}{job.slot}", v) for p, v in values.items() if f"{p}{job.slot}" in job.wanted and v is not None]
-        self._send(job, pb_utils.InferenceResponse(output_tensors=tensors), "ok")
+        with self._cv:
+            self._served[job.task] = self._served.get(job.task, 0) + 1
+        self.answer_ok(job.answer, tensors)
+        self.metrics.batch(Served(rows=1, padded_tokens=gen.prompt_tokens + len(gen.tokens), seconds=gen.prefill_s + gen.decode_s))
         m = self.metrics
-        # What fmplex's autoscaler reads from every fmplex host (received above, queue depth in _wait).
-        m.metric("fmplex_task_served_requests_total", "requests answered", task=job.task).increment(1)
-        m.metric("fmplex_batch_seconds_total", "time the LM worker was busy").increment(gen.prefill_s + gen.decode_s)
         m.metric("fmplex_mm_generated_tokens_total", "tokens generated", task=job.task).increment(len(gen.tokens))
         m.metric("fmplex_mm_prompt_tokens_total", "prompt tokens prefilled", task=job.task).increment(gen.prompt_tokens)
         m.metric("fmplex_mm_prefill_seconds_total", "time in prefill", task=job.task).increment(gen.prefill_s)
@@ -364,24 +340,3 @@ class TritonPythonModel:
             m.metric("fmplex_mm_encode_wait_seconds_total", "time from arrival until all images were encoded", task=job.task).increment(
                 job.encoded_at - job.arrival
             )
-
-    # --- answers -------------------------------------------------------------------
-    def _fail(self, job: Job, message: str, code: Any, outcome: str) -> None:
-        self._send(job, pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), outcome)
-
-    def _send(self, job: Job, response: Any, outcome: str) -> None:
-        with self._cv:
-            if job.answered:
-                outcome, response = "duplicate_suppressed", None
-            job.answered = True
-        if response is None:
-            self.metrics.metric("fmplex_mm_responses_total", "final responses by outcome", task=job.task, outcome=outcome).increment(1)
-            return
-        self._reply(job.sender, job.task, response, outcome)
-
-    def _reply(self, sender: Any, task: str, response: Any, outcome: str) -> None:
-        self.metrics.metric("fmplex_mm_responses_total", "final responses by outcome", task=task, outcome=outcome).increment(1)
-        try:
-            sender.send(response, flags=FINAL)
-        except Exception as exc:  # noqa: BLE001 - e.g. the client went away
-            pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{task}': {exc}")

@@ -71,3 +71,12 @@ def resolve_device(device: str) -> str:
             raise PlacementError(f"device '{device}' is configured but only {torch.cuda.device_count()} CUDA devices exist")
         return f"cuda:{index}"
     raise PlacementError(f"unknown device '{device}' (cpu, cuda or cuda:N)")
+
+
+def apply_placement(cpus: str, torch_threads: int, device: str) -> tuple[str, set[int]]:
+    """Apply a stage host's configured CPUs and torch threads; (its torch device, its CPUs)."""
+    import torch  # noqa: PLC0415
+
+    allowed = apply_affinity(parse_cpus(cpus))
+    torch.set_num_threads(max(1, torch_threads))
+    return resolve_device(device), allowed

@@ -29,7 +29,7 @@ from fmplex.backbones import BackboneSpec, load_backbone
 
 from . import segments
 from .extensions import Extension, SlotOutputs
-from .validation import Rows
+from fmplex.runtime.validation import Rows
 
 
 @dataclasses.dataclass(eq=False)

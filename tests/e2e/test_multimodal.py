@@ -324,8 +324,8 @@ def test_encoder_down_fails_only_requests_with_images(mm: MMServer) -> None:
     served = mm.metric("fmplex_task_served_requests_total", host="fm.llava-tiny.lm", task="caption")
     received = mm.metric("fmplex_task_received_total", host="fm.llava-tiny.lm", task="caption")
     assert served > 0 and received >= served
-    assert mm.metric("fmplex_mm_responses_total", host="fm.llava-tiny.lm", outcome="encode_error") >= 1
-    assert mm.metric("fmplex_mm_responses_total", host="fm.llava-tiny.lm", outcome="duplicate_suppressed") == 0
+    assert mm.metric("fmplex_task_responses_total", host="fm.llava-tiny.lm", outcome="encode_error") >= 1
+    assert mm.metric("fmplex_task_responses_total", host="fm.llava-tiny.lm", outcome="duplicate_suppressed") == 0
 
 
 def test_unloading_the_lm_stage_answers_every_request_in_flight(mm: MMServer) -> None:

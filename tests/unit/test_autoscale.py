@@ -302,8 +302,8 @@ def test_collector_reads_multimodal_stage_hosts() -> None:
             f'nv_inference_request_success{{model="fm.llava-tiny.encode",version="1"}} {n_enc}',
             f'fmplex_mm_encode_seconds_total{{host="fm.llava-tiny.encode"}} {enc_s}',
             f'nv_inference_request_success{{model="fm.llava-tiny.lm",version="1"}} {n_lm}',
-            f'fmplex_mm_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="ok"}} {ok}',
-            f'fmplex_mm_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="invalid"}} 3',
+            f'fmplex_task_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="ok"}} {ok}',
+            f'fmplex_task_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="invalid"}} 3',
             f'fmplex_mm_prefill_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {pre}',
             f'fmplex_mm_decode_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {dec}',
         ])

@@ -22,7 +22,7 @@ from fmplex.control.importers import SourceError
 from fmplex.triton_backend.executor import Executor, WorkItem
 from fmplex.triton_backend.extensions.adapter import AdapterExtension
 from fmplex.triton_backend.extensions.embedding import EmbeddingExtension
-from fmplex.triton_backend.validation import Rows
+from fmplex.runtime.validation import Rows
 
 from ..kinds import TaskSource, backbone_model, mean_pool, tokenizer
 from ..kinds import adapter as adapter_source

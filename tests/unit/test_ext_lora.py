@@ -18,7 +18,7 @@ from fmplex.control.importers import SourceError
 from fmplex.triton_backend.executor import Executor, WorkItem
 from fmplex.triton_backend.extensions.embedding import EmbeddingExtension
 from fmplex.triton_backend.extensions.lora import LoraExtension
-from fmplex.triton_backend.validation import Rows
+from fmplex.runtime.validation import Rows
 
 from ..kinds import lora as lora_source
 

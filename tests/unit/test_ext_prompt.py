@@ -26,7 +26,7 @@ from fmplex.control.importers import SourceError
 from fmplex.triton_backend.executor import Executor, WorkItem
 from fmplex.triton_backend.extensions.embedding import EmbeddingExtension
 from fmplex.triton_backend.extensions.prompt import PromptExtension
-from fmplex.triton_backend.validation import Rows
+from fmplex.runtime.validation import Rows
 from tests.kinds import TaskSource, backbone_model, mean_pool, tokenizer
 from tests.kinds import prompt as prompt_kind
 

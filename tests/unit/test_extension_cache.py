@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fmplex.triton_backend.extension_cache import ExtensionCache
+from fmplex.runtime.extension_cache import ExtensionCache
 
 
 class Ext:
@@ -88,3 +88,90 @@ def test_reload_time_is_measured() -> None:
     cache.get("a")  # reload 0.25 s
     assert cache.stats.load_seconds == pytest.approx(1.75)
     assert cache.stats.reload_seconds == pytest.approx(0.25) and cache.stats.reloads == 1
+
+
+class SlowLoader:
+    """A loader that blocks on ``release`` for the keys in ``slow`` (an injected slow load)."""
+
+    def __init__(self, slow: set[str], fail: set[str] | None = None) -> None:
+        import threading  # noqa: PLC0415
+
+        self.slow, self.fail = slow, fail or set()
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> Ext:
+        with self._lock:
+            self.calls.append(key)
+        if key in self.slow:
+            self.started.set()
+            assert self.release.wait(10), "the test never released the slow load"
+        if key in self.fail:
+            raise OSError(f"cannot read {key}")
+        return Ext(key, 10)
+
+
+def test_a_slow_load_does_not_delay_another_tasks_hit() -> None:
+    import threading  # noqa: PLC0415
+
+    loader = SlowLoader(slow={"slow"})
+    cache = ExtensionCache(loader, budget_bytes=1000)
+    fast = cache.get("fast")
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(cache.get("slow")))
+    t.start()
+    assert loader.started.wait(5)
+    # While "slow" is loading (its loader blocked), a hit and a load of other keys return at once.
+    assert cache.get("fast") is fast
+    assert cache.get("other").key == "other"
+    assert cache.loading() == {"slow"} and "slow" not in cache
+    loader.release.set()
+    t.join(5)
+    assert not t.is_alive() and got and got[0].key == "slow"  # type: ignore[attr-defined]
+    assert cache.loading() == set() and "slow" in cache
+
+
+def test_concurrent_requests_for_one_key_load_it_once() -> None:
+    import threading  # noqa: PLC0415
+
+    loader = SlowLoader(slow={"a"})
+    cache = ExtensionCache(loader, budget_bytes=1000)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get("a"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert loader.started.wait(5)
+    loader.release.set()
+    for t in threads:
+        t.join(5)
+    assert len(got) == 4 and all(g is got[0] for g in got)
+    assert loader.calls == ["a"] and cache.stats.loads == 1
+
+
+def test_a_failed_load_fails_its_waiters_and_is_retried_later() -> None:
+    import threading  # noqa: PLC0415
+
+    loader = SlowLoader(slow={"bad"}, fail={"bad"})
+    cache = ExtensionCache(loader, budget_bytes=1000)
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            cache.get("bad")
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert loader.started.wait(5)
+    loader.release.set()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 3 and loader.calls == ["bad"]  # one load, its error shared
+    assert cache.loading() == set() and cache.stats.loads == 0
+    with pytest.raises(OSError):
+        cache.get("bad")  # nothing cached: the next request tries again
+    assert loader.calls == ["bad", "bad"]

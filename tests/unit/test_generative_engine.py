@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from fmplex.generative.engine import Engine, QueueFull, SamplingParams, Sequence, Update  # noqa: E402
 from fmplex.generative.lora import load_peft_lora  # noqa: E402
 from fmplex.generative.smollm import load_smollm2, set_threads  # noqa: E402
-from fmplex.triton_backend.scheduler import TaskPolicy  # noqa: E402
+from fmplex.runtime.scheduler import TaskPolicy  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 LENGTHS = [12, 7, 10]  # max_tokens per prompt: rows leave the batch at different steps

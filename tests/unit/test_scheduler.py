@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from fmplex.triton_backend.scheduler import (BatchBudget, FIFOScheduler, Pending, QueueFull,
+from fmplex.runtime.scheduler import (BatchBudget, FIFOScheduler, Pending, QueueFull,
                                              Scheduler, TaskPolicy, WFQScheduler, default_cost,
                                              make_scheduler)
 
@@ -397,3 +397,55 @@ def test_light_task_batch_is_not_stretched_by_a_flood():
 def test_share_cap_can_be_switched_off():
     _, second = _flood_and_light(share_cap=False)
     assert sum(r.rows for r in second if r.task == "flood") == 56  # fills the batch
+
+
+# --- batch growth under saturation --------------------------------------------------
+
+def _one_row(task: str, now: float = 0.0) -> Pending:
+    return Pending(task, rows=1, tokens=16, arrival=now)
+
+
+@pytest.mark.parametrize("cls", [WFQScheduler, FIFOScheduler])
+def test_batches_grow_under_saturation_split_over_workers(cls) -> None:
+    s = cls(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
+    for i in range(200):  # four equal tasks, each far beyond its share of a 16-row batch
+        s.submit(_one_row(f"t{i % 4}"), 0.0)
+    sizes = [len(s.next_batch(0.0)) for _ in range(3)]
+    # rows = min(64, queued // 2): 64 while 128+ rows wait, then half of what is left
+    assert sizes == [64, 64, 36]
+    assert s.stats()["global"]["queued_rows"] == 200 - 164
+
+
+def test_growth_stops_while_a_light_task_waits() -> None:
+    s = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=1))
+    for _ in range(100):
+        s.submit(_one_row("heavy"), 0.0)
+    s.submit(_one_row("light"), 0.0)  # one row: less than its share (8) of a 16-row batch
+    batch = s.next_batch(0.0)
+    assert len(batch) <= 16 and "light" in {r.task for r in batch}  # small, and it carries the light request
+    assert len(s.next_batch(0.0)) == 64  # light served: only the heavy task is queued, so the batch grows again
+
+
+def test_no_growth_without_saturation_or_when_off() -> None:
+    on = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
+    off = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64))
+    for s in (on, off):
+        for i in range(100):
+            s.submit(_one_row(f"t{i % 2}"), 0.0)
+    assert len(off.next_batch(0.0)) == 16  # saturated_rows 0: fixed batches
+    assert len(on.next_batch(0.0)) == 50  # 100 queued // 2 workers
+    light = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
+    for i in range(20):
+        light.submit(_one_row("t"), 0.0)
+    assert len(light.next_batch(0.0)) == 16  # 20 // 2 = 10 < max_rows: never below max_rows, never above what waits
+
+
+def test_growth_keeps_weighted_shares() -> None:
+    rng = random.Random(7)
+    s = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64 * 4, saturated_rows=64, parallel=2))
+    weights = {"a": 1.0, "b": 2.0, "c": 4.0}
+    for t, w in weights.items():
+        s.set_policy(t, TaskPolicy(weight=w, queue_limit=10_000))
+    served, _ = run_saturated(s, rng, list(weights), batches=600, depth=64)
+    assert_shares(served, weights)
+    assert max(s.batch_rows) > 16  # batches did grow

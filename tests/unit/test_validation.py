@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmplex.triton_backend.validation import Limits, RequestError, Rows, decode_rows
+from fmplex.runtime.validation import Limits, RequestError, Rows, decode_rows
 
 LIM = Limits()
 DATA = Path(__file__).resolve().parents[2] / "fmplex" / "data"

@@ -56,12 +56,12 @@ class WFQScheduler(QueueingScheduler):
         req.finish_tag = task.last_finish = req.start_tag + req.cost / task.policy.weight
 
     def _select(self, tasks: list[TaskState]) -> Packer:
-        packer = Packer(self.budget)
+        caps = self._caps(tasks)
+        packer = self._packer(tasks, light=caps is not None if self.budget.share_cap else None)
         nxt = [0] * len(tasks)  # per task: index of its first request not yet taken
         blocked = [False] * len(tasks)
         first = min(tasks, key=lambda t: (t.queue[0].finish_tag, t.order))
         limit = first.queue[0].finish_tag + self.budget.max_lag
-        caps = self._caps(tasks)
         taken = [0] * len(tasks)
         self._merge(tasks, nxt, blocked, packer, limit, first.queue[0].batch_key, True, caps, taken)
         self._merge(tasks, nxt, blocked, packer, float("inf"), None, False, caps, taken)
@@ -79,11 +79,8 @@ class WFQScheduler(QueueingScheduler):
         """
         if not self.budget.share_cap or len(tasks) < 2:
             return None
-        total = sum(t.policy.weight for t in tasks)
-        caps = [max(1, int(self.budget.max_rows * t.policy.weight / total)) for t in tasks]
-        if all(sum(r.rows for r in t.queue) >= cap for t, cap in zip(tasks, caps)):
-            return None
-        return caps
+        caps = self._shares(tasks)
+        return caps if self._light_waiting(tasks, caps) else None
 
     @staticmethod
     def _merge(tasks: list[TaskState], nxt: list[int], blocked: list[bool], packer: Packer,

@@ -10,7 +10,14 @@ extension still referenced by a running batch stays alive until that batch
 ends (Python references), so eviction never pulls weights from under a batch.
 
 Pure Python (no torch/Triton): the loader is injected, so it is unit-tested alone.
-Thread-safe: a host's worker threads share one cache (a load holds the lock).
+
+Thread-safe without holding a lock during a load: a host's worker threads
+share one cache, and a load (milliseconds to seconds) must never delay
+another task's hit. The lock guards only the bookkeeping; a miss registers
+the key as *loading*, loads outside the lock, then installs the result.
+Concurrent requests for a key that is loading wait for that one load (and
+share its error if it fails), so a key is loaded once, however many workers
+ask for it at the same time.
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ class CacheStats:
     resident_bytes: int = 0
 
 
+class _Load:
+    """A load in progress: its waiters block on ``done``, then read the outcome."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
 class ExtensionCache:
     def __init__(self, loader: Callable[[Hashable], Any], budget_bytes: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.loader = loader
@@ -42,7 +60,8 @@ class ExtensionCache:
         self._evicted: set[Hashable] = set()
         self.pinned: set[Hashable] = set()
         self.stats = CacheStats()
-        self._lock = threading.RLock()
+        self._loading: dict[Hashable, _Load] = {}
+        self._lock = threading.Lock()  # bookkeeping only; never held during a load
 
     def get(self, key: Hashable) -> Any:
         """The extension for ``key``, loading (and evicting others) if needed."""
@@ -51,9 +70,28 @@ class ExtensionCache:
             if ext is not None:
                 self._items.move_to_end(key)
                 return ext
-            t0 = self.clock()
+            load = self._loading.get(key)
+            owner = load is None
+            if owner:
+                load = self._loading[key] = _Load()
+        assert load is not None
+        if not owner:  # another thread is loading this key: share its result
+            load.done.wait()
+            if load.error is not None:
+                raise load.error
+            return load.value
+        t0 = self.clock()
+        try:
             ext = self.loader(key)  # may raise: nothing changes then
-            took = self.clock() - t0
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(key, None)
+            load.error = exc
+            load.done.set()
+            raise
+        took = self.clock() - t0
+        with self._lock:
+            self._loading.pop(key, None)
             self.stats.loads += 1
             self.stats.load_seconds += took
             if key in self._evicted:
@@ -64,7 +102,14 @@ class ExtensionCache:
             self._bytes[key] = int(getattr(ext, "nbytes", 0))
             self.stats.resident_bytes += self._bytes[key]
             self._shrink(keep=key)
-            return ext
+        load.value = ext
+        load.done.set()
+        return ext
+
+    def loading(self) -> set[Hashable]:
+        """Keys being loaded right now."""
+        with self._lock:
+            return set(self._loading)
 
     def _shrink(self, keep: Hashable) -> None:
         for key in list(self._items):

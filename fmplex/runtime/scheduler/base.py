@@ -41,8 +41,8 @@ class Packer:
 
     __slots__ = ("max_rows", "max_tokens", "rows", "width", "items", "full", "done")
 
-    def __init__(self, budget: BatchBudget) -> None:
-        self.max_rows, self.max_tokens = budget.max_rows, budget.max_tokens
+    def __init__(self, budget: BatchBudget, limits: tuple[int, int] | None = None) -> None:
+        self.max_rows, self.max_tokens = limits or (budget.max_rows, budget.max_tokens)
         self.rows = self.width = 0
         self.items: list[Pending] = []
         self.full = False  # something was refused, or the budget is used up
@@ -72,7 +72,9 @@ class QueueingScheduler(Scheduler):
         self._tasks: dict[str, TaskState] = {}
         self._seq = itertools.count()
         self._queued = 0
+        self._queued_rows = 0
         self._batches = 0
+        self.batch_rows: dict[int, int] = {}  # batches dispatched, by rows
         # Deadline heap with lazy deletion: entries whose request is no longer
         # in ``_timed`` (dispatched or removed) are skipped when popped.
         self._deadlines: list[tuple[float, int, Pending]] = []
@@ -131,6 +133,7 @@ class QueueingScheduler(Scheduler):
         task.queue.append(req)
         task.submitted += 1
         self._queued += 1
+        self._queued_rows += req.rows
         deadline, limit_s = req.deadline, task.policy.deadline_s
         if limit_s is not None:
             deadline = min(req.arrival + limit_s, deadline if deadline is not None else float("inf"))
@@ -159,6 +162,9 @@ class QueueingScheduler(Scheduler):
             task.served_tag = req.finish_tag
             self._timed.discard(req)
         self._queued -= len(batch)
+        rows = sum(r.rows for r in batch)
+        self._queued_rows -= rows
+        self.batch_rows[rows] = self.batch_rows.get(rows, 0) + 1
         self._batches += 1
         self._on_dispatch(batch)
         if not self._queued:
@@ -191,6 +197,7 @@ class QueueingScheduler(Scheduler):
         out = list(state.queue)
         self._timed.difference_update(out)
         self._queued -= len(out)
+        self._queued_rows -= sum(r.rows for r in out)
         if not self._queued:
             self._on_idle()
         return out
@@ -206,6 +213,7 @@ class QueueingScheduler(Scheduler):
                 self._on_task_emptied(task)
         self._deadlines.clear()
         self._timed.clear()
+        self._queued_rows = 0
         if self._queued:
             self._queued = 0
             self._on_idle()
@@ -226,9 +234,26 @@ class QueueingScheduler(Scheduler):
                           "expired": t.expired, "removed": t.removed, "weight": t.policy.weight}
                  for t in self._tasks.values()}
         return {"tasks": tasks, "global": {"batches": self._batches, "queued": self._queued,
+                                           "queued_rows": self._queued_rows,
                                            "virtual_time": self.virtual_time}}
 
     # -- helpers -----------------------------------------------------------
+    def _shares(self, tasks: list[TaskState]) -> list[int]:
+        """Each queued task's weighted share of a ``max_rows`` batch (>= 1 row)."""
+        total = sum(t.policy.weight for t in tasks)
+        return [max(1, int(self.budget.max_rows * t.policy.weight / total)) for t in tasks]
+
+    def _light_waiting(self, tasks: list[TaskState], shares: list[int]) -> bool:
+        """A queued task has fewer rows waiting than its share: it must not
+        wait behind full-size batches of the others."""
+        return len(tasks) > 1 and any(sum(r.rows for r in t.queue) < share for t, share in zip(tasks, shares))
+
+    def _packer(self, tasks: list[TaskState], light: bool | None = None) -> Packer:
+        """An empty batch with this moment's limits (grown under saturation)."""
+        if light is None:
+            light = self._light_waiting(tasks, self._shares(tasks))
+        return Packer(self.budget, self.budget.limits(self._queued_rows, light))
+
     def _oldest_arrival(self) -> float:
         return min(t.queue[0].arrival for t in self._tasks.values() if t.queue)
 
@@ -250,6 +275,7 @@ class QueueingScheduler(Scheduler):
             if not task.queue:
                 self._on_task_emptied(task)
         self._queued -= len(hit)
+        self._queued_rows -= sum(r.rows for r in hit)
         self._expired.extend(hit)
         if not self._queued:
             self._on_idle()

@@ -75,6 +75,20 @@ class BatchBudget:
     carries a light task's request to full size: the light task waits at
     most the batch in flight plus a short one. With one task queued the
     batch is filled as usual (work-conserving).
+
+    ``saturated_rows`` lets a batch grow beyond ``max_rows`` under
+    saturation, because a larger forward runs more rows per second: while
+    no light task is queued (every queued task has at least its weighted
+    share of ``max_rows`` waiting, or only one task is queued), a batch may
+    take up to ``min(saturated_rows, queued_rows // parallel)`` rows (never
+    fewer than ``max_rows``), ``max_tokens`` scaling with it. ``parallel`` is
+    the number of workers taking batches at once, so growth never leaves a
+    worker without work. The moment a light task queues, batches are back
+    to ``max_rows`` with share caps. The cost, bounded: a light request that
+    arrives while saturated batches run waits for at most the batches in
+    flight (one of at most ``saturated_rows`` rows per worker) plus one of
+    at most ``max_rows``. ``saturated_rows <= max_rows`` (default 0) turns
+    growth off.
     """
 
     max_rows: int = 64
@@ -82,12 +96,23 @@ class BatchBudget:
     max_lag: float = 4096.0
     max_queue_delay_s: float = 0.0
     share_cap: bool = True
+    saturated_rows: int = 0
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_tokens < 1:
             raise ValueError("max_rows and max_tokens must be >= 1")
         if self.max_lag < 0 or self.max_queue_delay_s < 0:
             raise ValueError("max_lag and max_queue_delay_s must be >= 0")
+        if self.saturated_rows < 0 or self.parallel < 1:
+            raise ValueError("saturated_rows must be >= 0 and parallel >= 1")
+
+    def limits(self, queued_rows: int, light_waiting: bool) -> tuple[int, int]:
+        """(rows, padded tokens) one batch may take now (see ``saturated_rows``)."""
+        if light_waiting or self.saturated_rows <= self.max_rows:
+            return self.max_rows, self.max_tokens
+        rows = min(self.saturated_rows, max(self.max_rows, queued_rows // self.parallel))
+        return rows, self.max_tokens * rows // self.max_rows
 
 
 class QueueFull(Exception):

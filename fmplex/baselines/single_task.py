@@ -22,6 +22,7 @@ Config parameters:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,9 +34,10 @@ import triton_python_backend_utils as pb_utils
 from fmplex.backbones import get_backbone
 from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, TOKEN_PREFIX, family_of, outputs_of
 
-from .executor import Executor, WorkItem, pad_tokens, set_threads
-from .extensions import load_extension
-from .validation import Limits, RequestError, decode_rows
+from fmplex.runtime.settings import HostSettings, read_settings
+from fmplex.runtime.validation import Limits, RequestError, decode_rows
+from fmplex.triton_backend.executor import Executor, WorkItem, pad_tokens, set_threads
+from fmplex.triton_backend.extensions import load_extension
 
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup"))  # v1 cpu controller, then unified v2
 CFS_PERIOD_US = 100_000
@@ -72,27 +74,32 @@ def partition_cpu(name: str, quota_cores: float, fallback_cores: list[int]) -> s
     return "none (no writable cgroup, no cores given)"
 
 
-def _param(config: dict[str, Any], key: str, default: str = "") -> str:
-    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+@dataclasses.dataclass(frozen=True)
+class SingleTaskSettings(HostSettings):
+    artifact: str = ""
+    cpu_quota: str = ""  # cores, e.g. "0.25" ("" = no partition)
+    cpu_cores: str = ""
+    gpu_percent: str = ""
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        gpu_percent = _param(config, "gpu_percent")
+        st = self.settings = read_settings(config, SingleTaskSettings)
+        gpu_percent = st.gpu_percent
         if gpu_percent:  # must be set before this process creates its CUDA context
             os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = gpu_percent
         self.partition = "none"
-        quota = _param(config, "cpu_quota")
+        quota = st.cpu_quota
         if quota:
-            cores = [int(c) for c in _param(config, "cpu_cores").split(",") if c.strip()]
+            cores = [int(c) for c in st.cpu_cores.split(",") if c.strip()]
             self.partition = partition_cpu(self.name, float(quota), cores)
-        set_threads(int(_param(config, "torch_threads", "1")))
-        artifact = Path(_param(config, "artifact"))
+        set_threads(st.torch_threads)
+        artifact = Path(st.artifact)
         manifest = json.loads((artifact / "manifest.json").read_text())
         self.spec = get_backbone(manifest["backbone"])
-        self.executor = Executor(self.spec, _param(config, "device", "cpu"))
+        self.executor = Executor(self.spec, st.device)
         self.extension = load_extension(artifact, self.spec, config=self.executor.config, device=str(self.executor.device))
         self.outputs = outputs_of(family_of(manifest))
         self.limits = Limits(max_rows=256, max_text_bytes=16384, max_tokens=self.spec.max_tokens, vocab_size=self.executor.vocab_size)

@@ -32,7 +32,7 @@ class FIFOScheduler(QueueingScheduler):
         req.start_tag = req.finish_tag = float(next(self._counter))
 
     def _select(self, tasks: list[TaskState]) -> Packer:
-        packer = Packer(self.budget)
+        packer = self._packer(tasks)
         nxt = [0] * len(tasks)
         heap = [(t.queue[0].finish_tag, i) for i, t in enumerate(tasks)]
         heapq.heapify(heap)
