@@ -254,7 +254,7 @@ class EncoderFamily(BackboneFamily):
             echo(f"host {host.model}: backbone {name}, {host.slots} slots")
 
     def kinds(self) -> list[TaskKind]:
-        return [TaskKind(k.name, k.summary, USAGE[k.name]) for k in sorted(KINDS.values(), key=lambda k: k.name != "classifier")]
+        return [TaskKind(k.name, k.summary, USAGE.get(k.name, k.source)) for k in sorted(KINDS.values(), key=lambda k: k.name != "classifier")]
 
     def create_options(self) -> list[click.Option]:
         return [

@@ -259,7 +259,7 @@ class GenerativeFamily(BackboneFamily):
             echo(f"host {host.model}: backbone {name}, {host.slots} slots")
 
     def kinds(self) -> list[TaskKind]:
-        return [TaskKind(k, summary, USAGE[k]) for k, summary in KINDS.items()]
+        return [TaskKind(k, summary, USAGE.get(k, '--source PEFT_DIR')) for k, summary in KINDS.items()]
 
     def build_task(
         self, repo: Path, name: str, version: int, backbone: str, kind: str, options: dict[str, Any], echo: Echo
