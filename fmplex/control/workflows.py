@@ -78,7 +78,10 @@ def init_repository(
 
 
 def option_defaults(options: list[Any]) -> dict[str, Any]:
-    """Parameter name -> default of click options (for callers that are not the CLI)."""
+    """Parameter name -> default of click options (for callers that are not the CLI).
+
+    Families give every option an explicit default (None included): click's
+    own marker for "no default" is not a value a family can read."""
     return {opt.name: opt.default for opt in options}
 
 

@@ -79,7 +79,7 @@ class BackboneFamily(abc.ABC):
     # --- host configs: what ``fmplex init`` writes ------------------------------------------
 
     def init_options(self) -> list[click.Option]:
-        """Options of ``fmplex init`` that only this family reads."""
+        """Options of ``fmplex init`` that only this family reads (each with an explicit default)."""
         return []
 
     @abc.abstractmethod
@@ -98,7 +98,7 @@ class BackboneFamily(abc.ABC):
         """The task kinds this family builds; the first is the default."""
 
     def create_options(self) -> list[click.Option]:
-        """Options of ``fmplex task create`` that only this family reads."""
+        """Options of ``fmplex task create`` that only this family reads (each with an explicit default)."""
         return []
 
     @abc.abstractmethod

@@ -258,7 +258,7 @@ class EncoderFamily(BackboneFamily):
 
     def create_options(self) -> list[click.Option]:
         return [
-            click.Option(["--labels"], help="Encoder onnx tasks: comma-separated labels of an ONNX classifier or token head."),
+            click.Option(["--labels"], default=None, help="Encoder onnx tasks: comma-separated labels of an ONNX classifier or token head."),
             click.Option(
                 ["--onnx-input"], type=click.Choice(["pooled", "hidden"]), default="pooled", show_default=True,
                 help="Encoder onnx tasks: the head's input, the pooled sentence vector [rows, hidden] or token states + mask.",
