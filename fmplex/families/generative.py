@@ -31,7 +31,7 @@ from typing import Any, Callable
 from fmplex import registry
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir, write_manifest
 from fmplex.backbones import GENERATIVE, STREAM_SUFFIX, get_generative
-from fmplex.generative.artifact import check_artifact
+from fmplex.generative.serving import check_artifact
 from fmplex.kinds import TEXT_PREFIX
 from fmplex.registry import HostEntry, Registry, RegistryError, TaskEntry
 

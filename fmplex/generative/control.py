@@ -2,15 +2,12 @@
 
 The control-plane side of generative backbones is ``fmplex.families.generative``;
 the catalog entry is ``fmplex.backbones.GENERATIVE``. This module holds no
-control-plane code (a serving process imports it): it only re-exports what
-``generate_host`` reads.
+control-plane code (a serving process imports it): it only re-exports, from
+``serving``, what ``generate_host`` reads.
 """
 
 from __future__ import annotations
 
-from fmplex.backbones import generative_for_host as backbone_of_host
-from fmplex.kinds import TEXT_PREFIX
-
-from .artifact import check_artifact
+from .serving import TEXT_PREFIX, backbone_of_host, check_artifact
 
 __all__ = ["TEXT_PREFIX", "backbone_of_host", "check_artifact"]

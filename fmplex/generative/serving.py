@@ -1,9 +1,11 @@
-"""A generative task's artifact, checked and loaded as the host serves it.
+"""What a generative host and the control plane both need: host names, slot outputs, the artifact check.
 
-Shared by the host (which loads a task's adapter at its first request) and by
-``fmplex task create`` / ``fmplex deploy`` (which load it the same way first,
-so that what the host would refuse is refused before anything is deployed).
-Serving code: no control-plane imports, torch only inside functions.
+The host (``generate_host``) imports this module; so does the generative
+family (``fmplex.families.generative``), which loads a task's artifact the
+same way at ``task create`` and ``deploy``, so that what the host would refuse
+is refused before anything is deployed. The backbones themselves are in the
+one catalog, ``fmplex.backbones.GENERATIVE``. Serving code: no control-plane
+imports, torch only inside functions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fmplex.artifacts import ArtifactError, read_manifest
+from fmplex.backbones import generative_for_host as backbone_of_host  # noqa: F401 - (backbone, decoupled) of a host name
+from fmplex.kinds import TEXT_PREFIX  # noqa: F401 - slot k answers on TXT_k
+
 
 def check_artifact(vdir: Path, backbone: str) -> Any:
     """Load an artifact as the host will (None for a plain generate task, else the adapter)."""
@@ -31,13 +36,13 @@ def check_artifact(vdir: Path, backbone: str) -> Any:
     if kind != "lora":
         raise ArtifactError(f"{vdir}: kind '{kind}' does not run on a generative backbone")
     try:
-        return load_peft_lora(vdir, lm_config(), name=str(manifest.get("task", vdir.parent.name)))
+        return load_peft_lora(vdir, backbone_config(), name=str(manifest.get("task", vdir.parent.name)))
     except AdapterError as exc:
         raise ArtifactError(str(exc)) from None
 
 
 @functools.lru_cache(maxsize=1)
-def lm_config() -> Any:
+def backbone_config() -> Any:
     """The backbone's LlamaConfig from the GGUF header only (no weights de-quantized)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
