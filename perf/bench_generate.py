@@ -101,7 +101,8 @@ def _server(lm, tokens: int, rows_list: list[int]) -> dict:  # noqa: ANN001
 
     from fmplex.control import serving  # noqa: PLC0415
     from fmplex.control.server import free_ports  # noqa: PLC0415
-    from fmplex.generative.control import OUTPUT, load_streams  # noqa: PLC0415
+    from fmplex.control.workflows import start_up  # noqa: PLC0415
+    from fmplex.families.generative import OUTPUT  # noqa: PLC0415
 
     fmplex = str(Path(sys.executable).parent / "fmplex")
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +114,7 @@ def _server(lm, tokens: int, rows_list: list[int]) -> dict:  # noqa: ANN001
         ports = free_ports()
         t0 = time.perf_counter()
         proc = serving.start(repo, ports, log_path=Path(tmp) / "log.txt")
-        load_streams(f"127.0.0.1:{ports.grpc}", repo, None)
+        start_up(f"127.0.0.1:{ports.grpc}", repo, None)
         ready = time.perf_counter() - t0
         url = f"127.0.0.1:{ports.grpc}"
         try:

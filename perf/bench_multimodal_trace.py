@@ -99,7 +99,8 @@ from fmplex.control.scale import current_instances, scale, stub_processes  # noq
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from fmplex.baselines import monolithic_config  # noqa: E402
-from fmplex.multimodal import control  # noqa: E402
+from fmplex.control import workflows  # noqa: E402
+from fmplex.families import multimodal as control  # noqa: E402
 from fmplex.multimodal.interface import TIMING_FIELDS  # noqa: E402
 from fmplex.multimodal.models import get_multimodal  # noqa: E402
 from perf.common import RESULTS, cpu_seconds, process_tree, server_memory, write_results  # noqa: E402
@@ -252,8 +253,8 @@ def _start_monolithic(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
 
 
 def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
-    """Both repositories: the staged one as a user builds it (``fmplex multimodal
-    init / task create / deploy``), the monolithic one on the same stage files."""
+    """Both repositories: the staged one as a user builds it (``fmplex init /
+    task create / deploy``), the monolithic one on the same stage files."""
     spec = get_multimodal(BACKBONE)
     names = task_names(cfg.tasks)
     staged = work / "staged-repo"
@@ -262,8 +263,8 @@ def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
     places["lm"] = dataclasses.replace(places["lm"], instances=cfg.lm_bounds[0])
     control.init_multimodal(staged, BACKBONE, places, slots=max(8, cfg.tasks))
     for i, name in enumerate(names):
-        control.create_task(staged, name, BACKBONE, prompt=task_prompt(i), max_new_tokens=cfg.max_new_tokens)
-        control.deploy_task(staged, name, None)
+        workflows.create_task(staged, name, BACKBONE, options=dict(prompt=task_prompt(i), max_new_tokens=cfg.max_new_tokens))
+        workflows.deploy(staged, [name])
     mono = work / "monolithic-repo"
     for i, name in enumerate(names):
         monolithic_config.write_model(

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from fmplex import registry
-from fmplex.control import repository as repo_ops
+from fmplex.families import encoder as encoder_family
 from fmplex.control.server import Ports, TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def fmplex_repo(work: Path, names: list[str], *, slots: int = registry.DEFAULT_S
     """A fresh repository with ``names`` as deployed classifier vFMs (offline)."""
     repo = work / "fmplex-repo"
     kwargs: dict = {"workers": workers} if max_batch_rows is None else {"max_batch_rows": max_batch_rows, "workers": workers}
-    repo_ops.init_repository(repo, ["minilm"], slots, **kwargs)
+    encoder_family.init_hosts(repo, ["minilm"], slots, **kwargs)
     if device != "cpu":
         cfg = repo / "fm.minilm" / "config.pbtxt"
         cfg.write_text(cfg.read_text() + f'parameters {{ key: "device" value {{ string_value: "{device}" }} }}\n')

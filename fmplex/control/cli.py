@@ -2,16 +2,17 @@
 
 It edits the model repository (host entries, vFM ensembles, artifacts, the
 registry) and drives a running tritonserver through its gRPC repository API.
-Every error is one line on stderr and exit status 1; ``--help`` everywhere.
+Every command is a thin click function over a workflow in ``workflows``,
+which dispatches to the backbone's family (``fmplex.families``). Every error
+is one line on stderr and exit status 1 (2 for a usage error); ``--help``
+everywhere.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,13 +20,12 @@ from typing import Any, Callable
 import click
 
 from fmplex import registry
-from fmplex.artifacts import ArtifactError, read_manifest, version_dir
-from fmplex.backbones import BACKBONES, get_backbone
-from fmplex.kinds import KINDS, family_of, get_kind, outputs_of
+from fmplex.artifacts import ArtifactError, version_dir
+from fmplex.families import FAMILIES, OptionError, all_backbones, all_kinds, family_for
 from fmplex.registry import RegistryError, TaskEntry
 
 from . import repository as repo_ops
-from fmplex.generative import control as gen_ops  # decoder-LM backbones (light: no torch at import)
+from . import workflows
 
 DEFAULT_REPO = os.environ.get("FMPLEX_REPO", "model_repository")
 DEFAULT_URL = os.environ.get("FMPLEX_URL", "localhost:8001")
@@ -41,9 +41,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         from .importers import SourceError  # noqa: PLC0415
         from .triton_api import ControlError  # noqa: PLC0415
 
+        family_errors = tuple(e for fam in FAMILIES.values() for e in fam.errors)
         try:
             return fn(*args, **kwargs)
-        except (RegistryError, ArtifactError, ControlError, ServerError, TrainError, SourceError, KeyError, FileNotFoundError) as exc:
+        except OptionError as exc:
+            raise click.UsageError(str(exc)) from None
+        except (RegistryError, ArtifactError, ControlError, ServerError, TrainError, SourceError, KeyError, FileNotFoundError, *family_errors) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.ClickException(str(msg)) from None
         except ImportError as exc:
@@ -69,6 +72,34 @@ def url_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def _family_options(which: str) -> Callable[[click.Command], click.Command]:
+    """Add every family's own options (``init_options`` or ``create_options``) to a
+    command, after its common ones; an option name declared twice is added once."""
+
+    def add(cmd: click.Command) -> click.Command:
+        names = {p.name for p in cmd.params}
+        at = next((i for i, p in enumerate(cmd.params) if p.name == "repo" and isinstance(p, click.Option)), len(cmd.params))
+        for fam in FAMILIES.values():
+            for opt in getattr(fam, which)():
+                if opt.name not in names:
+                    names.add(opt.name)
+                    cmd.params.insert(at, opt)
+                    at += 1
+        return cmd
+
+    return add
+
+
+def _foreign_options(which: str, families: set[str], what: str) -> None:
+    """Refuse a family option given on the command line when no backbone of its family is in play."""
+    ctx = click.get_current_context()
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    for fam in FAMILIES.values():
+        for opt in getattr(fam, which)():
+            if fam.name not in families and ctx.get_parameter_source(opt.name) in given:
+                raise click.UsageError(f"{opt.opts[0]} is an option of {fam.name} backbones ({', '.join(fam.backbones())}), not of {what}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fmplex")
 def main() -> None:
@@ -85,66 +116,48 @@ def main() -> None:
       fmplex serve &                                # real tritonserver
       fmplex deploy sentiment                       # ensemble + slot, loaded live
       fmplex status
+
+    \b
+    Other backbone families work the same way, e.g.:
+      fmplex init --backbone smollm2 --backbone llava-tiny
+      fmplex task create chat --backbone smollm2
+      fmplex task create caption --backbone llava-tiny --prompt "USER: "
     """
 
 
 # --- init ----------------------------------------------------------------------
 
 
-def _workers(value: str) -> str:
-    if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 64):
-        raise click.BadParameter(f"'{value}' is neither 'auto' nor a number from 1 to 64")
-    return value
+def _slots_help() -> str:
+    defaults = {f.default_slots: [] for f in FAMILIES.values()}
+    for fam in FAMILIES.values():
+        defaults[fam.default_slots].append(fam.name)
+    return "Slot pool per host (default: " + "; ".join(f"{n} for {', '.join(fams)}" for n, fams in defaults.items()) + ")."
 
 
+def _backbones_help() -> str:
+    return "Backbone(s) to host (repeatable): " + "; ".join(
+        f"{fam.name}: {', '.join(fam.backbones())}" for fam in FAMILIES.values()
+    ) + "."
+
+
+@_family_options("init_options")
 @main.command()
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_REPO, required=False)
-@click.option(
-    "--backbone",
-    "backbones",
-    multiple=True,
-    default=["minilm"],
-    show_default=True,
-    type=click.Choice(sorted(BACKBONES) + sorted(gen_ops.GENERATIVE_BACKBONES)),
-    help="Backbone(s) to host (repeatable).",
-)
-@click.option("--slots", default=registry.DEFAULT_SLOTS, show_default=True, type=click.IntRange(1, 4096), help="Slot pool per host.")
-@click.option(
-    "--extension-budget-mb",
-    default=1024.0,
-    show_default=True,
-    type=click.FloatRange(min=0.0),
-    help="Memory for resident task extensions per host; least recently used ones are evicted beyond it.",
-)
-@click.option(
-    "--max-batch-rows",
-    default=repo_ops.DEFAULT_BATCH_ROWS,
-    show_default=True,
-    type=click.IntRange(1, 4096),
-    help="Rows per shared batch (16 suits a CPU; raise it on a GPU).",
-)
-@click.option(
-    "--workers",
-    default="auto",
-    show_default=True,
-    callback=lambda _c, _p, v: _workers(v),
-    help="Batches an encoder host runs at once, one torch thread each ('auto': one per core up to 4 on a CPU, 1 on a GPU).",
-)
+@click.option("--backbone", "backbones", multiple=True, default=["minilm"], show_default=True, type=click.Choice(all_backbones()),
+              help=_backbones_help())
+@click.option("--slots", default=None, type=click.IntRange(1, 4096), help=_slots_help())
 @_friendly
-def init(repo: Path, backbones: tuple[str, ...], slots: int, extension_budget_mb: float, max_batch_rows: int, workers: str) -> None:
-    """Create a model repository with one host entry per backbone.
+def init(repo: Path, backbones: tuple[str, ...], slots: int | None, **options: Any) -> None:
+    """Create a model repository with the host(s) of each backbone.
 
-    Safe to run again: existing hosts and tasks are kept.
+    Each backbone family writes its own hosts: one for an encoder, a host
+    and its streaming twin for a generative LM, an encode and an lm stage
+    host (with their weights) for a multimodal model. Safe to run again:
+    existing hosts and tasks are kept.
     """
-    generative = [b for b in backbones if gen_ops.is_generative(b)]  # two hosts each: whole answers + streaming
-    backbones = tuple(b for b in backbones if b not in generative)
-    reg = repo_ops.init_repository(repo, list(backbones), slots, extension_budget_mb, max_batch_rows, workers)
-    if generative:
-        reg = gen_ops.init_hosts(repo, generative, slots)
-        for b in generative:
-            click.echo(f"host {gen_ops.get_generative(b).stream_model}: streaming twin of {gen_ops.get_generative(b).host_model} (same slots)")
-    for name, host in sorted(reg.hosts.items()):
-        click.echo(f"host {host.model}: backbone {name}, {host.slots} slots")
+    _foreign_options("init_options", {family_for(b).name for b in backbones}, f"{', '.join(backbones)}")
+    workflows.init_repository(repo, list(dict.fromkeys(backbones)), slots, options, click.echo)
     click.echo(f"repository ready: {repo}")
 
 
@@ -156,17 +169,31 @@ def task() -> None:
     """Create, inspect, re-weight and delete tasks."""
 
 
-@task.command("create")
+def _kind_help() -> str:
+    return "Task kind (default: the family's first). " + " ".join(
+        f"On {', '.join(fam.backbones())} ({fam.name}): " + "; ".join(f"{k.name}: {k.summary}" for k in fam.kinds()) + "."
+        for fam in FAMILIES.values()
+    )
+
+
+def _create_help() -> str:
+    lines = []
+    for fam in FAMILIES.values():
+        lines.append(f"{fam.name} ({', '.join(fam.backbones())}):")
+        lines += [f"  {k.name:<11} {k.usage}" for k in fam.kinds()]
+    return (
+        "Build a task (a new version if NAME exists) and store its artifact.\n\n"
+        "Every kind of every backbone family, and what creating one takes:\n\n\b\n" + "\n".join(lines) + "\n\n"
+        "The artifact (manifest.json, weights, files) goes to REPO/NAME/<version>/. "
+        "Deploy it with 'fmplex deploy NAME'. Options named after a family apply to its backbones only."
+    )
+
+
+@_family_options("create_options")
+@task.command("create", help=_create_help())
 @click.argument("name")
-@click.option("--backbone", default="minilm", show_default=True, type=click.Choice(sorted(BACKBONES) + sorted(gen_ops.GENERATIVE_BACKBONES)))
-@click.option(
-    "--kind",
-    default="classifier",
-    show_default=True,
-    type=click.Choice(list(KINDS) + [k for k in gen_ops.KINDS if k not in KINDS]),
-    help="Task kind: " + "; ".join(f"{k.name}: {k.summary}" for k in KINDS.values())
-    + "; on a generative backbone (smollm2): " + "; ".join(f"{k}: {v}" for k, v in gen_ops.KINDS.items()) + ".",
-)
+@click.option("--backbone", default="minilm", show_default=True, type=click.Choice(all_backbones()))
+@click.option("--kind", default=None, type=click.Choice(all_kinds()), help=_kind_help())
 @click.option(
     "--source",
     type=click.Path(path_type=Path),
@@ -179,11 +206,6 @@ def task() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, adapter, prompt).",
 )
-@click.option("--labels", help="Comma-separated labels of an ONNX classifier or token head.")
-@click.option("--onnx-input", type=click.Choice(["pooled", "hidden"]), default="pooled", show_default=True,
-              help="ONNX head input: the pooled sentence vector [rows, hidden] or token states + mask.")
-@click.option("--onnx-family", type=click.Choice(["classifier", "embedding", "token"]), default="classifier",
-              show_default=True, help="What an ONNX head returns (which public outputs the vFM has).")
 @click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(min=0.001), help="Fair-share weight.")
 @click.option("--queue-limit", default=256, show_default=True, type=click.IntRange(1), help="Max queued requests.")
 @click.option("--deadline-ms", type=click.FloatRange(min=0.1), help="Fail requests queued longer than this.")
@@ -193,96 +215,18 @@ def task() -> None:
 def task_create(
     name: str,
     backbone: str,
-    kind: str,
-    source: Path | None,
-    train_csv: Path | None,
-    labels: str | None,
-    onnx_input: str,
-    onnx_family: str,
+    kind: str | None,
     weight: float,
     queue_limit: int,
     deadline_ms: float | None,
     description: str,
     repo: Path,
+    **options: Any,
 ) -> None:
-    """Build a task (a new version if NAME exists) and store its artifact.
-
-    \b
-    embedding   nothing to give:         fmplex task create vec --kind embedding
-    classifier  --train data.csv:        fmplex task create mood --train mood.csv
-    lora        --source PEFT_DIR        [--train data.csv for a linear head]
-    prompt      --source PEFT_DIR        [--train data.csv]
-    adapter     --source adapter.safetensors [--train data.csv]
-    fork        --source CHECKPOINT_DIR  (a fine-tuned BertModel / ...ForSequenceClassification /
-                                          ...ForTokenClassification of the same backbone)
-    onnx        --source head.onnx --labels a,b [--onnx-input hidden] [--onnx-family token]
-
-    The artifact (manifest.json, weights.safetensors, files) goes to
-    REPO/NAME/<version>/. Deploy it with 'fmplex deploy NAME'.
-    """
-    from . import importers  # noqa: PLC0415
-    from . import train as trainer  # noqa: PLC0415 - torch-heavy
-
-    registry.check_task_name(name)
-    if gen_ops.is_generative(backbone):  # decoder LM tasks: generate (the backbone) or lora --source PEFT_DIR
-        gen_ops.create_task(repo, name, backbone, kind, source, train_csv=train_csv, weight=weight, queue_limit=queue_limit,
-                            deadline_ms=deadline_ms, description=description, echo=click.echo)
-        return
-    spec = get_backbone(backbone)
-    reg = registry.load(repo)
-    if backbone not in reg.hosts:
-        raise RegistryError(f"repository {repo} has no host for '{backbone}' (run 'fmplex init --backbone {backbone}')")
-    existing = reg.tasks.get(name)
-    if existing is not None and (existing.backbone != backbone or existing.kind != kind):
-        raise RegistryError(f"task '{name}' exists as {existing.kind} on {existing.backbone}: delete it or pick another name")
-    if kind in importers.IMPORTERS and source is None:
-        raise click.UsageError(f"a {kind} task needs --source ({get_kind(kind).source})")
-    if kind not in importers.IMPORTERS and source is not None:
-        raise click.UsageError(f"--source is not used by {kind} tasks")
-    if kind == "classifier" and train_csv is None:
-        raise click.UsageError("a classifier needs --train data.csv (columns: text,label)")
-    if train_csv is not None and kind in ("embedding", "fork", "onnx"):
-        raise click.UsageError(f"--train fits a linear head; {'use --kind classifier' if kind == 'embedding' else f'{kind} tasks bring their own head'}")
-    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family}
-    built = importers.build(kind, source, spec, options, click.echo) if source is not None else importers.Built()
-    fields = {"head": {"type": "embedding"}, **built.manifest}
-    tensors = dict(built.tensors)
-    version = max(repo_ops.task_versions(repo, name) + [0]) + 1
-    if train_csv is not None:
-        from fmplex.triton_backend.executor import Executor  # noqa: PLC0415
-        from fmplex.triton_backend.extensions import extension_class  # noqa: PLC0415
-
-        texts, labs = trainer.read_labelled_csv(train_csv)
-        executor = Executor(spec)
-        ext = None
-        if kind != "classifier":  # fit the head on the task's own features
-            ext = extension_class(kind)({**fields, "kind": kind, "backbone": backbone, "task": name}, tensors, spec, config=executor.config)
-        with click.progressbar(length=len(texts), label="embedding", file=sys.stderr) as bar:
-            head, report = trainer.train_classifier(backbone, texts, labs, echo=lambda m: None, progress=bar.update, extension=ext, executor=executor)
-        if report.holdout_accuracy is not None:
-            click.echo(f"held-out accuracy (80/20 split): {report.holdout_accuracy:.3f}")
-        click.echo(f"training accuracy: {report.train_accuracy:.3f} ({report.rows} rows, labels: {', '.join(report.labels)})")
-        head_fields, head_tensors = trainer.head_fields(head, report)
-        fields.update(head_fields)
-        tensors.update(head_tensors)
-    out = version_dir(repo, name, version)
-    where = f"trained on {train_csv.name}" if train_csv else ""
-    src = ", ".join(x for x in (f"imported from {source}" if source else "", where) if x) or "backbone embedding"
-    manifest = trainer.write_artifact(out, name, version, backbone, kind, fields, tensors, built.files, src)
-    try:
-        ext = _check_artifact(out, backbone)
-    except Exception:
-        repo_ops.delete_version(repo, name, version)
-        raise
-    family = family_of(manifest)
-    with registry.editing(repo) as reg:
-        entry = reg.tasks.get(name)
-        if entry is None:
-            reg.tasks[name] = TaskEntry(name, backbone, kind, version, weight, queue_limit, deadline_ms, description=description, family=family)
-        else:
-            entry.version = version
-            entry.family = family
-    click.echo(f"task {name} v{version} ({kind} on {backbone}, {family} outputs, {ext.nbytes / 1024:.1f} KiB) stored in {out}")
+    fam = family_for(backbone)
+    _foreign_options("create_options", {fam.name}, f"{backbone} ({fam.name}) tasks")
+    settings = workflows.TaskSettings(weight, queue_limit, deadline_ms, description)
+    workflows.create_task(repo, name, backbone, kind, options, settings, click.echo)
 
 
 @task.command("list")
@@ -306,33 +250,8 @@ def task_list(repo: Path) -> None:
 @_friendly
 def task_show(name: str, repo: Path) -> None:
     """Everything about one task: registry entry and artifact manifest."""
-    entry = registry.load(repo).task(name)
-    if gen_ops.is_generative(entry.backbone):
-        gen_ops.show_task(repo, entry, click.echo)
-        return
-    click.echo(f"task:        {entry.name}")
-    known = KINDS.get(entry.kind)
-    summary = known.summary if known else "a multimodal generation task: TEXT + optional IMAGES" if entry.kind == "multimodal" else "?"
-    click.echo(f"kind:        {entry.kind} ({summary})")
-    click.echo(f"backbone:    {entry.backbone}")
-    click.echo(f"versions:    {', '.join(map(str, repo_ops.task_versions(repo, name)))} (newest {entry.version})")
-    click.echo(f"deployed:    {f'v{entry.deployed_version} on slot {entry.slot}' if entry.deployed else 'no'}")
-    click.echo(f"weight:      {entry.weight:g}")
-    click.echo(f"queue limit: {entry.queue_limit}")
-    click.echo(f"deadline:    {f'{entry.deadline_ms:g} ms' if entry.deadline_ms else 'none'}")
-    if entry.description:
-        click.echo(f"description: {entry.description}")
-    manifest = read_manifest(version_dir(repo, name, entry.deployed_version or entry.version))
-    if known is None:  # multimodal: its manifest says the rest
-        click.echo(f"manifest:    {json.dumps({k: v for k, v in manifest.items() if k not in ('created', 'source')})}")
-        return
-    click.echo(f"outputs:     {', '.join(o.name for o in outputs_of(entry.outputs_family))}")
-    if "labels" in manifest:
-        click.echo(f"labels:      {', '.join(manifest['labels'])}")
-    if "training" in manifest:
-        tr = manifest["training"]
-        click.echo(f"training:    {tr.get('rows')} rows, accuracy {tr.get('train_accuracy')}, held-out {tr.get('holdout_accuracy')}")
-    click.echo(f"source:      {manifest.get('source', '')}; created {manifest.get('created', '?')}")
+    for label, value in workflows.show_task(repo, name):
+        click.echo(f"{label + ':':<13}{value}")
 
 
 @task.command("set-weight")
@@ -428,21 +347,6 @@ def task_delete(name: str, force: bool, repo: Path, url: str, api_key: str | Non
 # --- deploy / undeploy ---------------------------------------------------------
 
 
-def _check_artifact(vdir: Path, backbone: str) -> Any:
-    """Load an artifact exactly as the host will, so that what the host would
-    refuse (truncated weights, shapes that do not fit, a broken ONNX graph) is
-    refused here, before anything reaches the running server."""
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    from fmplex.triton_backend.extensions import load_extension  # noqa: PLC0415
-
-    if gen_ops.is_generative(backbone):
-        return gen_ops.check_artifact(vdir, backbone)
-    spec = get_backbone(backbone)
-    return load_extension(vdir, spec, config=AutoConfig.from_pretrained(str(spec.locate()), local_files_only=True))
-
-
-
 @main.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--version", "version", type=click.IntRange(1), help="Version to serve (default: newest).")
@@ -454,63 +358,19 @@ def _check_artifact(vdir: Path, backbone: str) -> Any:
 def deploy(names: tuple[str, ...], version: int | None, offline: bool, repo: Path, url: str, api_key: str | None) -> None:
     """Make tasks live as vFMs: slot + registry, ensemble config, then load.
 
-    The registry is written before Triton loads the ensemble, so the host
-    knows the slot before the first request can reach it. Redeploying a task
-    rolls it to VERSION (or the newest) on a fresh slot.
+    Any task of any backbone family: its family writes its Triton models (a
+    generative task also gets NAME.stream; a multimodal one runs on its lm
+    stage host). The registry is written before Triton loads the ensemble, so
+    the host knows the slot before the first request can reach it.
+    Redeploying a task rolls it to VERSION (or the newest) on a fresh slot.
     """
-    reg = registry.load(repo)
-    for name in names:  # check every artifact before touching the registry or the server
-        entry = reg.task(name)
-        target = version or entry.version
-        if target not in repo_ops.task_versions(repo, name):
-            raise RegistryError(f"task '{name}' has no version {target}")
-        try:
-            _check_artifact(version_dir(repo, name, target), entry.backbone)
-        except Exception as exc:  # noqa: BLE001 - any load failure means: do not deploy
-            raise ArtifactError(f"task '{name}' v{target} is not deployable: {exc}") from None
+    workflows.check_deployable(repo, list(names), version)  # before connecting: a bad task is the first thing to hear about
     triton = None if offline else _connect(url, repo, api_key)
     try:
-        for name in names:
-            with registry.editing(repo) as reg:
-                entry = reg.task(name)
-                target = version or entry.version
-                if target not in repo_ops.task_versions(repo, name):
-                    raise RegistryError(f"task '{name}' has no version {target}")
-                read_manifest(version_dir(repo, name, target))
-                old_slot = entry.slot if entry.deployed else None
-                entry.slot = reg.allocate_slot(entry.backbone)
-                entry.deployed_version = target
-                repo_ops.write_vfm(repo, entry, reg)
-                host = reg.hosts[entry.backbone].model
-                slot = entry.slot
-            if triton is not None:
-                try:
-                    if not triton.ready(host):
-                        click.echo(f"loading host {host} ...")
-                        triton.load(host)
-                    secs = triton.load(name)
-                    for extra in gen_ops.companions(entry):  # a generative task's streaming vFM NAME.stream
-                        triton.load(extra)
-                except Exception:
-                    # Leave the repository as the server sees it: not deployed.
-                    _forget(repo, name)
-                    raise
-                click.echo(f"deployed {name} v{target} on {host} slot {slot} ({secs * 1000:.0f} ms)")
-            else:
-                click.echo(f"{name} v{target} on {host} slot {slot}: written; 'fmplex serve' will load it")
-            if old_slot is not None and old_slot != slot:
-                click.echo(f"  (slot {old_slot} retired)")
+        workflows.deploy(repo, list(names), version, triton, click.echo, check=False)
     finally:
         if triton is not None:
             triton.close()
-
-
-def _forget(repo: Path, name: str) -> None:
-    with registry.editing(repo) as reg:
-        entry = reg.tasks.get(name)
-        if entry is not None:
-            entry.slot = entry.deployed_version = None
-    repo_ops.remove_vfm(repo, name)
 
 
 @main.command()
@@ -532,32 +392,18 @@ def undeploy(names: tuple[str, ...], offline: bool, repo: Path, url: str, api_ke
 
 
 def _undeploy(name: str, repo: Path, url: str, offline: bool, api_key: str | None = None) -> None:
-    entry = registry.load(repo).task(name)
-    if not entry.deployed:
+    if not registry.load(repo).task(name).deployed:
         raise RegistryError(f"task '{name}' is not deployed")
-    if not offline:
-        with _connect(url, repo, api_key) as triton:
-            for extra in gen_ops.companions(entry):  # a generative task's streaming vFM NAME.stream
-                triton.unload(extra)
-            triton.unload(name)
-    _forget(repo, name)
+    if offline:
+        workflows.undeploy(repo, name)
+        return
+    with _connect(url, repo, api_key) as triton:
+        workflows.undeploy(repo, name, triton)
 
 
 def _connect(url: str, repo: Path | None = None, api_key: str | None = None) -> Any:
-    """A live server's control client, with the key of a locked server:
-    ``api_key`` (--api-key / FMPLEX_API_KEY), else REPO/fmplex.key if present."""
-    from .server import read_key_file  # noqa: PLC0415
-    from .triton_api import Triton  # noqa: PLC0415
-
-    key = api_key or (read_key_file(repo) if repo is not None else None)
-    triton = Triton(url, key=key)
-    try:
-        triton.require_live()
-        triton.check_key()  # before any repository edit: a refused key changes nothing
-    except Exception:
-        triton.close()
-        raise
-    return triton
+    """A live server's control client (see ``workflows.connect``)."""
+    return workflows.connect(url, repo, api_key)
 
 
 # --- serve ---------------------------------------------------------------------
@@ -665,8 +511,8 @@ def serve(
         api_key=api_key,
         watchdog=not no_watchdog,
     )
-    try:  # generative backbones: the streaming host and NAME.stream vFMs (serving.start loads hosts + NAME vFMs)
-        gen_ops.load_streams(f"127.0.0.1:{grpc_port}", repo, api_key, echo=click.echo)
+    try:  # the families' start-up extras, e.g. a generative backbone's streaming twin and NAME.stream vFMs
+        workflows.start_up(f"127.0.0.1:{grpc_port}", repo, api_key, echo=click.echo)
     except BaseException:
         proc.stop()
         raise
@@ -742,12 +588,6 @@ def status(repo: Path, url: str, metrics_url: str | None, api_key: str | None) -
 def _artifact_bytes(repo: Path, entry: TaskEntry) -> int:
     vdir = version_dir(repo, entry.name, entry.deployed_version or entry.version)
     return sum(p.stat().st_size for p in vdir.iterdir() if p.is_file()) if vdir.is_dir() else 0
-
-
-# Multimodal backbones as stage hosts (fmplex/multimodal/cli.py).
-from fmplex.multimodal.cli import multimodal as _multimodal  # noqa: E402 - needs the helpers above
-
-main.add_command(_multimodal)
 
 
 # --- scaling (fmplex/control/scale.py, autoscale.py) -----------------------------

@@ -469,7 +469,7 @@ def prepare(
     if len(set(names)) != len(names):
         raise PerfError("a model is named twice")
     if streaming:
-        from fmplex.generative.control import STREAM_SUFFIX  # noqa: PLC0415 - light (no torch)
+        from fmplex.backbones import STREAM_SUFFIX  # noqa: PLC0415 - light (no torch)
 
         wanted = {n: n if n.endswith(STREAM_SUFFIX) else n + STREAM_SUFFIX for n in names}
     else:

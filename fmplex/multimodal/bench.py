@@ -56,7 +56,8 @@ def main() -> None:
     from fmplex.control import serving  # noqa: PLC0415
     from fmplex.control.server import free_ports  # noqa: PLC0415
 
-    from . import control  # noqa: PLC0415
+    from fmplex.control import workflows  # noqa: PLC0415
+    from fmplex.families import multimodal as control  # noqa: PLC0415
 
     out: dict[str, Any] = {
         "max_encode_batch": args.max_encode_batch,
@@ -71,10 +72,10 @@ def main() -> None:
             places["lm"] = control.StagePlacement(instances=args.lm_instances)
             control.init_multimodal(repo, b, places, max_encode_batch=args.max_encode_batch,
                                    encode_queue_delay_us=args.encode_queue_delay_us)
-            control.create_task(repo, f"a-{b}", b, prompt="USER: ", max_new_tokens=8)
-            control.create_task(repo, f"b-{b}", b, prompt="Q: ", max_new_tokens=8)
-            control.deploy_task(repo, f"a-{b}", None)
-            control.deploy_task(repo, f"b-{b}", None)
+            workflows.create_task(repo, f"a-{b}", b, options=dict(prompt="USER: ", max_new_tokens=8))
+            workflows.create_task(repo, f"b-{b}", b, options=dict(prompt="Q: ", max_new_tokens=8))
+            workflows.deploy(repo, [f"a-{b}"])
+            workflows.deploy(repo, [f"b-{b}"])
         out["init_s"] = round(time.perf_counter() - t0, 2)
         ports = free_ports()
         t0 = time.perf_counter()

@@ -37,6 +37,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fmplex.backbones import MULTIMODAL, MultimodalSpec, get_multimodal  # noqa: F401 - the one catalog; stage code reads it here
+
 STAGES = ("encode", "lm")
 STAGE_FILE = "stage.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -50,48 +52,6 @@ IMAGE_MARKER = "<image>"
 
 class ModelError(ValueError):
     """A stage's weights are missing, malformed, or belong to another model."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MultimodalSpec:
-    name: str  # backbone name, e.g. llava-tiny
-    family: str  # llava | mllama
-    description: str
-    seed: int = 0
-
-    @property
-    def encode_model(self) -> str:
-        return f"fm.{self.name}.encode"
-
-    @property
-    def lm_model(self) -> str:
-        return f"fm.{self.name}.lm"
-
-    def stage_model(self, stage: str) -> str:
-        return self.encode_model if stage == "encode" else self.lm_model
-
-
-MULTIMODAL: dict[str, MultimodalSpec] = {
-    "llava-tiny": MultimodalSpec(
-        "llava-tiny",
-        "llava",
-        "tiny LLaVA-style decoder-only VLM: CLIP-like vision tower (2 layers, 32x32, patch 8) + MLP projector + "
-        "Llama-style LM (hidden 64, 2 layers); 16 image tokens per image",
-    ),
-    "mllama-tiny": MultimodalSpec(
-        "mllama-tiny",
-        "mllama",
-        "tiny Mllama-style cross-attention VLM: tiled vision encoder (2+1 layers, 32x32, 1 tile, patch 8) + projector; "
-        "LM with 3 layers, layer 1 cross-attends to 17 vision tokens per image",
-    ),
-}
-
-
-def get_multimodal(name: str) -> MultimodalSpec:
-    try:
-        return MULTIMODAL[name]
-    except KeyError:
-        raise KeyError(f"unknown multimodal backbone '{name}' (known: {', '.join(sorted(MULTIMODAL))})") from None
 
 
 # --- configs and models -----------------------------------------------------------
@@ -245,7 +205,7 @@ def read_stage(path: Path, stage: str, verify: bool = True) -> StageFiles:
     try:
         meta = json.loads((path / STAGE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(f"no {STAGE_FILE} in {path} (write the stages with 'fmplex multimodal init')") from None
+        raise ModelError(f"no {STAGE_FILE} in {path} (write the stages with 'fmplex init --backbone NAME')") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path / STAGE_FILE} is not valid JSON: {exc}") from None
     if meta.get("format") != STAGE_FORMAT or meta.get("stage") != stage:

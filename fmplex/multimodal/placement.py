@@ -4,7 +4,7 @@ Stage colocation is a configuration choice (ModServe): each stage host's
 ``config.pbtxt`` carries ``device`` (``cpu``, ``cuda``, ``cuda:N``) and ``cpus``
 (a Linux CPU list such as ``0`` or ``0-3,8``; empty = all). Stages that name the
 same device / overlapping CPUs share them; disjoint values pin them apart.
-``fmplex multimodal init --placement`` writes either (see ``control``).
+``fmplex init --backbone NAME --placement`` writes either (see ``fmplex.families.multimodal``).
 
 The affinity is applied to every thread of the stub process that exists when
 the host initialises (``sched_setaffinity`` on a TID binds that thread only),

@@ -26,10 +26,10 @@ import tritonclient.grpc as grpcclient
 
 from fmplex.control import serving
 from fmplex.control.server import free_ports
-from fmplex.generative import control as gen_control
-from fmplex.generative.control import OUTPUT
+from fmplex.control import workflows
+from fmplex.families import multimodal as mm_family
+from fmplex.families.generative import OUTPUT
 from fmplex.generative.smollm import load_smollm2, set_threads
-from fmplex.multimodal import control as mm_control
 
 from .conftest import EMBEDDED, Server, text_input
 from .test_correctness import ATOL
@@ -55,13 +55,13 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, MM
     work = tmp_path_factory.mktemp("families")
     repo = work / "repo"
     shutil.copytree(EMBEDDED, repo)  # fm.minilm and its vFMs (embed, sentiment, ...)
-    gen_control.init_hosts(repo, ["smollm2"], slots=8)
+    workflows.init_repository(repo, ["smollm2"], slots=8)
     _cli("task", "create", "chat", "--backbone", "smollm2", "--kind", "generate", "--repo", str(repo))
     _cli("deploy", "chat", "--offline", "--repo", str(repo))
     backbone, prompt, max_new = MM_TASKS["caption"]
-    mm_control.init_multimodal(repo, backbone, mm_control.placements("shared"))
-    mm_control.create_task(repo, "caption", backbone, prompt=prompt, max_new_tokens=max_new)
-    mm_control.deploy_task(repo, "caption", None)
+    mm_family.init_multimodal(repo, backbone, mm_family.placements("shared"))
+    workflows.create_task(repo, "caption", backbone, options=dict(prompt=prompt, max_new_tokens=max_new))
+    workflows.deploy(repo, ["caption"])
     log = work / "tritonserver.log"
     t0 = time.monotonic()
     proc = serving.start(repo, free_ports(), log_path=log)

@@ -31,7 +31,8 @@ from tritonclient.utils import InferenceServerException
 
 from fmplex.control import serving
 from fmplex.control.server import free_ports
-from fmplex.generative.control import OUTPUT, load_streams
+from fmplex.control.workflows import start_up
+from fmplex.families.generative import OUTPUT
 from fmplex.generative.smollm import load_smollm2, set_threads
 
 from .conftest import Server
@@ -86,7 +87,7 @@ def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMServer]:
     t0 = time.monotonic()
     proc = serving.start(repo, ports, log_path=log)
     try:
-        load_streams(f"127.0.0.1:{ports.grpc}", repo, None)
+        start_up(f"127.0.0.1:{ports.grpc}", repo, None)
         print(f"server with both LM hosts and 4 vFMs ready in {time.monotonic() - t0:.1f} s")
         server = LMServer(proc, repo, ports, log)
         server.refs = refs

@@ -27,7 +27,9 @@ from tritonclient.utils import InferenceServerException
 
 from fmplex.control import serving
 from fmplex.control.server import TritonProcess, free_ports
-from fmplex.multimodal import control, models
+from fmplex.control import workflows
+from fmplex.families import multimodal as control
+from fmplex.multimodal import models
 from fmplex.multimodal.models import EOS_ID, IMAGE_ID, PAD_ID, ByteTokenizer
 
 pytestmark = pytest.mark.e2e
@@ -83,8 +85,8 @@ def mm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MMServer]:
     control.init_multimodal(repo, "llava-tiny", control.placements("shared"))
     control.init_multimodal(repo, "mllama-tiny", split)
     for task, (backbone, prompt, max_new) in TASKS.items():
-        control.create_task(repo, task, backbone, prompt=prompt, max_new_tokens=max_new)
-        control.deploy_task(repo, task, None)
+        workflows.create_task(repo, task, backbone, options=dict(prompt=prompt, max_new_tokens=max_new))
+        workflows.deploy(repo, [task])
     log = work / "tritonserver.log"
     t0 = time.monotonic()
     proc = serving.start(repo, free_ports(), log_path=log)  # as 'fmplex serve' does: hosts, then deployed vFMs
@@ -299,7 +301,7 @@ def test_status_undeploy_and_redeploy_through_the_cli(mm: MMServer) -> None:
     with pytest.raises(InferenceServerException):
         ask(mm, "vqa", "hi", None)
     assert_exact(mm, "caption", "still here", None, ask(mm, "caption", "still here", None))  # the stages kept serving
-    deploy = subprocess.run([FMPLEX, "multimodal", "deploy", "vqa", "--repo", str(mm.repo), *url], capture_output=True, text=True, timeout=120)
+    deploy = subprocess.run([FMPLEX, "deploy", "vqa", "--repo", str(mm.repo), *url], capture_output=True, text=True, timeout=120)
     assert deploy.returncode == 0, deploy.stderr
     assert_exact(mm, "vqa", "back", _images(1, 5), ask(mm, "vqa", "back", _images(1, 5)))
     loads = mm.log.read_text(errors="replace")

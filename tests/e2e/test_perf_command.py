@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 
 from fmplex.control import serving
 from fmplex.control.server import free_ports
-from fmplex.generative.control import load_streams
+from fmplex.control import workflows
 
 from .conftest import EMBEDDED, Server
 
@@ -52,7 +52,7 @@ def mixed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     t0 = time.monotonic()
     proc = serving.start(repo, ports, log_path=log)
     try:
-        load_streams(f"127.0.0.1:{ports.grpc}", repo, None)
+        workflows.start_up(f"127.0.0.1:{ports.grpc}", repo, None)
         print(f"server with MiniLM and SmolLM2 hosts ready in {time.monotonic() - t0:.1f} s")
         yield Server(proc, repo, ports, log)
     finally:

@@ -127,3 +127,21 @@ def test_usage_errors(repo: Path, data: Path) -> None:
 
 def test_not_a_repository(tmp_path: Path) -> None:
     one_line_error(run("task", "list", "--repo", str(tmp_path), ok=False), "not an fmplex repository")
+
+
+def test_task_create_help_lists_every_kind_of_every_family() -> None:
+    from fmplex.families import FAMILIES
+
+    out = run("task", "create", "--help").stdout
+    listing = out.split("Options:")[0]
+    kinds = {(fam.name, k.name) for fam in FAMILIES.values() for k in fam.kinds()}
+    assert {"encoder", "generative", "multimodal"} <= {f for f, _ in kinds}
+    assert {("encoder", "classifier"), ("generative", "generate"), ("multimodal", "multimodal")} <= kinds
+    for fam in FAMILIES.values():
+        section = listing.split(f"{fam.name} (", 1)[1]
+        for kind in fam.kinds():
+            assert f"  {kind.name} " in section.split(")\n", 1)[1], (fam.name, kind.name)
+    choice = out.split("--kind [", 1)[1].split("]", 1)[0].split("|")
+    assert sorted(choice) == sorted({k for _, k in kinds})
+    for backbone in ("minilm", "smollm2", "llava-tiny", "mllama-tiny"):
+        assert backbone in out.split("--backbone [", 1)[1].split("]", 1)[0]

@@ -9,8 +9,9 @@ from google.protobuf import text_format
 
 from fmplex import registry as R
 from fmplex.artifacts import ArtifactError, version_dir, write_manifest
-from fmplex.control import repository as repo_mod
-from fmplex.control.repository import host_config, init_repository, vfm_config, write_vfm
+from fmplex.families import encoder as encoder_family
+from fmplex.families.encoder import host_config, vfm_config, write_vfm
+from fmplex.families.encoder import init_hosts as init_repository
 from fmplex.kinds import HOST_INPUTS, OUTPUT_SETS, outputs_of, slot_of_output
 from fmplex.registry import TaskEntry
 
@@ -231,7 +232,7 @@ def test_write_and_remove_vfm_leave_host_dir_alone(tmp_path):
     cfg = parse(path.read_text(encoding="utf-8"))
     assert dict(step_of(cfg).output_map) == {"OUT_2": "LOGITS", "TXT_2": "LABEL"}
     assert not [p for p in (repo / "sentiment").iterdir() if p.name.startswith(".cfg-")]
-    repo_mod.remove_vfm(repo, "sentiment")
+    encoder_family.EncoderFamily().remove_task_models(repo, "sentiment")
     assert not path.exists()
     assert (repo / "sentiment" / "1" / "manifest.json").exists()
     assert tree_snapshot(repo / "fm.minilm") == host_before

@@ -25,7 +25,8 @@ from fmplex.control.train import write_artifact
 from fmplex.triton_backend.executor import Executor, WorkItem, pad_tokens
 from fmplex.triton_backend.extensions import Extension, load_extension
 from fmplex.triton_backend.extensions.embedding import EmbeddingExtension
-from fmplex.triton_backend.extensions.onnx_head import OnnxExtension, OnnxHead, open_session
+from fmplex.triton_backend.extensions.onnx_extension import OnnxExtension
+from fmplex.triton_backend.extensions.onnx_head import OnnxHead, open_session
 from fmplex.runtime.validation import Rows
 
 from ..kinds import TaskSource, backbone_model, mean_pool, tokenizer

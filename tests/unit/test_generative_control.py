@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from safetensors.torch import save_file
 
 from fmplex import registry
-from fmplex.generative import control
+from fmplex.families import generative as control
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 FMPLEX = str(Path(sys.executable).parent / "fmplex")

@@ -1,4 +1,4 @@
-"""The multimodal control plane: stage host configs, init, tasks, vFMs, placement, CLI."""
+"""The multimodal family: stage host configs, init, tasks, vFMs, placement, and the common CLI on it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from google.protobuf import text_format
 
 from fmplex import registry as R
 from fmplex.artifacts import read_manifest, version_dir
+from fmplex.control import workflows
 from fmplex.control.cli import main
-from fmplex.multimodal import control
+from fmplex.families import multimodal as control
 from fmplex.multimodal.interface import LM_INPUTS, SLOT_OUTPUTS, slot_of
 from fmplex.multimodal.models import STAGE_FILE, read_stage
 from fmplex.multimodal.placement import PlacementError, format_cpus, parse_cpus, resolve_device
+from fmplex.artifacts import ArtifactError
 from fmplex.registry import RegistryError
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -80,35 +82,43 @@ def test_half_written_stages_are_refused(tmp_path: Path) -> None:
         control.init_multimodal(tmp_path, "mllama-tiny")
 
 
+def create(repo: Path, task: str, backbone: str, **options: object) -> R.TaskEntry:
+    return workflows.create_task(repo, task, backbone, options=options)
+
+
 def test_task_and_vfm(repo: Path) -> None:
-    entry = control.create_task(repo, "caption", "llava-tiny", prompt="USER: ", max_new_tokens=12)
+    entry = create(repo, "caption", "llava-tiny", prompt="USER: ", max_new_tokens=12)
+    assert entry.kind == "multimodal"
     manifest = read_manifest(version_dir(repo, "caption", entry.version))
     assert manifest["kind"] == "multimodal" and manifest["prompt"] == "USER: " and manifest["max_new_tokens"] == 12
-    dep = control.deploy_task(repo, "caption", None)
+    (dep,) = workflows.deploy(repo, ["caption"])
     assert dep.slot is not None and R.load(repo).tasks["caption"].slot == dep.slot
     cfg = parse((repo / "caption" / "config.pbtxt").read_text())
     assert cfg.platform == "ensemble" and cfg.ensemble_scheduling.step[0].model_name == "fm.llava-tiny.lm"
     step = cfg.ensemble_scheduling.step[0]
     assert dict(step.output_map) == {f"{p}{dep.slot}": pub for p, pub in SLOT_OUTPUTS.items()}
     assert {o.name for o in cfg.output} == set(SLOT_OUTPUTS.values())
-    again = control.create_task(repo, "caption", "llava-tiny", prompt="Hi ")
+    again = create(repo, "caption", "llava-tiny", prompt="Hi ")
     assert again.version == entry.version + 1
 
 
 def test_deploy_refuses_foreign_tasks_and_weights(repo: Path) -> None:
-    with R.editing(repo) as reg:
-        reg.tasks["plain"] = R.TaskEntry("plain", "minilm", "classifier", 1)
-    with pytest.raises(RegistryError, match="is not multimodal"):
-        control.deploy_task(repo, "plain", None)
-    entry = control.create_task(repo, "stale", "llava-tiny")
+    foreign = version_dir(repo, "plain", 1)
+    from fmplex.artifacts import write_manifest
+
+    write_manifest(foreign, {"kind": "classifier", "backbone": "llava-tiny"})
+    with pytest.raises(ArtifactError, match="does not run on a multimodal backbone"):
+        control.check_artifact(foreign, "llava-tiny")
+    entry = create(repo, "stale", "llava-tiny")
     mpath = version_dir(repo, "stale", entry.version) / "manifest.json"
     data = json.loads(mpath.read_text())
     data["backbone_fingerprint"] = "sha256:0000000000000000"
     mpath.write_text(json.dumps(data))
-    with pytest.raises(RegistryError, match="made for other 'llava-tiny' weights"):
-        control.deploy_task(repo, "stale", None)
-    with pytest.raises(RegistryError, match="no stage hosts for 'mllama-tiny'"):
-        control.create_task(repo, "x", "mllama-tiny")
+    with pytest.raises(ArtifactError, match="made for other 'llava-tiny' weights"):
+        workflows.deploy(repo, ["stale"])
+    assert not R.load(repo).tasks["stale"].deployed and not (repo / "stale" / "config.pbtxt").exists()
+    with pytest.raises(RegistryError, match="has no host for 'mllama-tiny'"):
+        create(repo, "x", "mllama-tiny")
 
 
 def test_cpu_lists_and_placements() -> None:
@@ -135,14 +145,22 @@ def test_cpu_lists_and_placements() -> None:
 def test_cli(tmp_path: Path) -> None:
     runner = CliRunner()
     repo = str(tmp_path / "r")
-    res = runner.invoke(main, ["multimodal", "init", "mllama-tiny", "--repo", repo, "--encode-cpus", "0", "--lm-cpus", "0"])
+    res = runner.invoke(main, ["init", repo, "--backbone", "mllama-tiny", "--encode-cpus", "0", "--lm-cpus", "0"])
     assert res.exit_code == 0, res.output
-    assert "host fm.mllama-tiny.lm: 64 slots" in res.output and "host fm.mllama-tiny.encode" in res.output
-    res = runner.invoke(main, ["multimodal", "task", "create", "look", "--backbone", "mllama-tiny", "--prompt", "See ", "--repo", repo])
-    assert res.exit_code == 0 and "task look v1 (multimodal, mllama-tiny) created" in res.output
-    res = runner.invoke(main, ["multimodal", "deploy", "look", "--offline", "--repo", repo])
+    assert "host fm.mllama-tiny.lm: backbone mllama-tiny, 64 slots" in res.output and "host fm.mllama-tiny.encode" in res.output
+    assert params(parse((Path(repo) / "fm.mllama-tiny.encode" / "config.pbtxt").read_text()))["cpus"] == "0"
+    res = runner.invoke(main, ["task", "create", "look", "--backbone", "mllama-tiny", "--prompt", "See ", "--repo", repo])
+    assert res.exit_code == 0 and "task look v1 (multimodal on mllama-tiny," in res.output, res.output
+    assert read_manifest(version_dir(Path(repo), "look", 1))["prompt"] == "See "
+    res = runner.invoke(main, ["deploy", "look", "--offline", "--repo", repo])
     assert res.exit_code == 0 and "look v1 on fm.mllama-tiny.lm slot 0: written" in res.output, res.output
-    res = runner.invoke(main, ["multimodal", "init", "llava-tiny", "--repo", repo, "--lm-cpus", "0-x"])
+    res = runner.invoke(main, ["init", repo, "--backbone", "llava-tiny", "--lm-cpus", "0-x"])
     assert res.exit_code == 1 and "invalid CPU list '0-x'" in res.output
+    res = runner.invoke(main, ["task", "create", "bad", "--backbone", "mllama-tiny", "--labels", "a,b", "--repo", repo])
+    assert res.exit_code == 2 and "--labels is an option of encoder backbones" in res.output
+    res = runner.invoke(main, ["init", repo, "--placement", "split"])
+    assert res.exit_code == 2 and "--placement is an option of multimodal backbones" in res.output
+    res = runner.invoke(main, ["task", "show", "look", "--repo", repo])
+    assert res.exit_code == 0 and "backbone:    mllama-tiny (multimodal)" in res.output and 'prompt:      "See "' in res.output
     res = runner.invoke(main, ["task", "list", "--repo", repo])
     assert res.exit_code == 0 and "look" in res.output and "multimodal" in res.output

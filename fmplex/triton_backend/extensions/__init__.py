@@ -22,7 +22,7 @@ EXTENSIONS: dict[str, str] = {
     "adapter": "adapter:AdapterExtension",
     "prompt": "prompt:PromptExtension",
     "fork": "fork:ForkExtension",
-    "onnx": "onnx_head:OnnxExtension",
+    "onnx": "onnx_extension:OnnxExtension",
 }
 
 

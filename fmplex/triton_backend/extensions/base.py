@@ -11,28 +11,19 @@ One small module per kind; :mod:`.heads` holds the heads they share.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec
+from fmplex.kinds import head_type
 
-from .heads import Head, make_head
+from .heads import HEADS, Head
+from .outputs import SlotOutputs, require  # noqa: F401 - part of this interface; heads use them too
 
 # delta(x, y) -> what to add to y = base(x) for this task's rows of one Linear.
 LinearDelta = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclasses.dataclass
-class SlotOutputs:
-    """A group of rows' answers: float matrix, one text per row, per-token floats."""
-
-    out: np.ndarray | None = None  # [rows, d]
-    txt: np.ndarray | None = None  # [rows] of bytes
-    tok: list[np.ndarray] | None = None  # per row [tokens_i, d]
 
 
 class Extension:
@@ -79,13 +70,13 @@ class Extension:
         return require(self.tensors, name, shape, self.where)
 
 
-def require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...], where: str) -> torch.Tensor:
-    """A tensor of the artifact with the shape the backbone needs, as fp32."""
-    t = tensors.get(name)
-    if t is None:
-        raise ArtifactError(f"{where}: tensor '{name}' missing")
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-        raise ArtifactError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
-    if not torch.isfinite(t).all():
-        raise ArtifactError(f"{where}: tensor '{name}' holds NaN or Inf")
-    return t.float()
+def make_head(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: BackboneSpec, where: str, **context: Any) -> Head:
+    kind = head_type(manifest)
+    if kind == "onnx":
+        from .onnx_head import OnnxHead  # noqa: PLC0415 - onnxruntime only when used
+
+        return OnnxHead(manifest, tensors, spec, where, artifact_dir=context.get("artifact_dir"))
+    cls = HEADS.get(kind)
+    if cls is None:
+        raise ArtifactError(f"{where}: unknown head type '{kind}' (known: {', '.join(sorted([*HEADS, 'onnx']))})")
+    return cls(manifest, tensors, spec, where)

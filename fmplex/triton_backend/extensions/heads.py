@@ -18,7 +18,8 @@ import torch
 
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec, pool
-from fmplex.kinds import head_type
+
+from .outputs import SlotOutputs, require
 
 class Head(abc.ABC):
     name: ClassVar[str]
@@ -45,14 +46,10 @@ class Head(abc.ABC):
         return pool(self.spec, hidden, mask)
 
     def _w(self, tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
-        from .base import require  # noqa: PLC0415 - base imports this module
-
         return require(tensors, name, shape, self.where)
 
 
 def _outputs(**kw: Any) -> Any:
-    from .base import SlotOutputs  # noqa: PLC0415
-
     return SlotOutputs(**kw)
 
 
@@ -121,15 +118,3 @@ class TokenHead(Head):
 
 
 HEADS: dict[str, type[Head]] = {h.name: h for h in (EmbeddingHead, LinearHead, ClsHead, TokenHead)}
-
-
-def make_head(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: BackboneSpec, where: str, **context: Any) -> Head:
-    kind = head_type(manifest)
-    if kind == "onnx":
-        from .onnx_head import OnnxHead  # noqa: PLC0415 - onnxruntime only when used
-
-        return OnnxHead(manifest, tensors, spec, where, artifact_dir=context.get("artifact_dir"))
-    cls = HEADS.get(kind)
-    if cls is None:
-        raise ArtifactError(f"{where}: unknown head type '{kind}' (known: {', '.join(sorted([*HEADS, 'onnx']))})")
-    return cls(manifest, tensors, spec, where)

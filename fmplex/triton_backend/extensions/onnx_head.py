@@ -30,7 +30,6 @@ import torch
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec
 
-from .base import Extension
 from .heads import Head, _outputs
 
 INPUT_MODES = ("pooled", "hidden")
@@ -206,13 +205,3 @@ class OnnxHead(Head):
 
 def _array(t: torch.Tensor, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
-
-
-class OnnxExtension(Extension):
-    """The backbone as it is; the head is the ONNX graph."""
-
-    kind = "onnx"
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + int(getattr(self.head, "file_bytes", 0))
