@@ -138,14 +138,9 @@ def test_task_create_help_lists_every_kind_of_every_family() -> None:
     assert {"encoder", "generative", "multimodal"} <= {f for f, _ in kinds}
     assert {("encoder", "classifier"), ("generative", "generate"), ("multimodal", "multimodal")} <= kinds
     for fam in FAMILIES.values():
-        body = listing.split(f"\n  {fam.name} (", 1)[1].split("):\n", 1)[1]
-        rows = []  # this family's kind lines: indented under its header, up to the next header
-        for line in body.splitlines():
-            if not line.startswith("    "):
-                break
-            rows.append(line)
-        for kind in fam.kinds():
-            assert any(row.split()[0] == kind.name for row in rows), (fam.name, kind.name, rows)
+        after = listing.split(f"\n  {fam.name} (", 1)[1].split("):\n", 1)[1].splitlines()
+        section = [ln.split()[0] for ln in after[: next((i for i, ln in enumerate(after) if not ln.startswith("    ")), len(after))]]
+        assert section == [k.name for k in fam.kinds()], (fam.name, section)
     choice = out.split("--kind [", 1)[1].split("]", 1)[0].split("|")
     assert sorted(choice) == sorted({k for _, k in kinds})
     for backbone in ("minilm", "smollm2", "llava-tiny", "mllama-tiny"):
