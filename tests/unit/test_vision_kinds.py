@@ -212,6 +212,24 @@ def test_mixed_batch_every_kind_exact(family: VisionFamily, built: dict, pixels:
     print("max abs errors:", {k: f"{v:.2e}" for k, v in sorted(errors.items())})
 
 
+def test_a_batch_of_forks_only(family: VisionFamily, built: dict, pixels: np.ndarray) -> None:
+    """Every row leaves the shared pass (at stage 13 and after stage 16)."""
+    tasks = built["tasks"]
+    ref = references(built, pixels[:3])
+    results = family.run_batch([(tasks["fork_fc"], pixels[:2]), (tasks["fork13"], pixels[:3])])
+    close(results[0].outputs.out, ref["fork_fc"][:2])
+    close(results[1].outputs.out, ref["fork13"][:3])
+
+
+def test_family_describes_itself(family: VisionFamily) -> None:
+    from fmplex.families.vision.tasks import KINDS
+
+    assert family.backbone == "fm.efficientnet"
+    assert tuple(k.name for k in family.kinds) == KINDS
+    assert [t.name for t in family.inputs] == ["IMAGE", "PIXELS"]
+    assert [t.name for t in family.outputs["classifier"]] == ["LOGITS", "LABEL"]
+
+
 def test_a_failing_task_fails_only_its_rows(family: VisionFamily, built: dict, pixels: np.ndarray) -> None:
     tasks = built["tasks"]
     ref = references(built, pixels[:4])

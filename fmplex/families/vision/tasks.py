@@ -31,7 +31,7 @@ from fmplex.artifacts import ArtifactError
 from .model import FEATURES
 
 BACKBONE = "fm.efficientnet"
-KINDS = ("embedding", "classifier", "onnx", "fork", "lora")
+KINDS = ("embedding", "classifier", "fork", "onnx", "lora")
 OUTPUT_FAMILIES = ("embedding", "classifier")
 
 
