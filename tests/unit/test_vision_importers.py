@@ -118,3 +118,41 @@ def test_onnx_refuses_a_graph_of_the_wrong_width(tmp_path: Path) -> None:
 def test_artifact_check_refuses(manifest: dict, tensors: dict, needle: str) -> None:
     with pytest.raises(ArtifactError, match=needle.replace("?", r"\?")):
         load_task({"task": "t", **manifest}, tensors)
+
+
+def test_training_data_from_csv_and_folder(tmp_path: Path) -> None:
+    from fmplex.families.vision import train
+
+    from .vision_data import digit_images
+
+    images, labels = digit_images(4, (0, 1))
+    (tmp_path / "imgs").mkdir()
+    for i, b in enumerate(images):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(b)
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("path,label\n" + "".join(f"imgs/{i}.png,{lab}\n" for i, lab in enumerate(labels)))
+    paths, got = train.read_labelled_images(csv_file)
+    assert got == labels and paths[0] == tmp_path / "imgs" / "0.png"
+    assert train.load_pixels(paths).shape == (4, 3, 224, 224)
+
+    folder = tmp_path / "folder"
+    for i, (b, lab) in enumerate(zip(images, labels)):
+        (folder / lab).mkdir(parents=True, exist_ok=True)
+        (folder / lab / f"{i}.png").write_bytes(b)
+    (folder / labels[0] / "notes.txt").write_text("ignored")
+    paths, got = train.read_labelled_images(folder)
+    assert sorted(got) == sorted(labels) and all(p.suffix == ".png" for p in paths)
+
+    (tmp_path / "imgs" / "0.png").write_bytes(images[0][:100])
+    with pytest.raises(train.TrainError, match="0.png"):
+        train.load_pixels(paths[:0] + [tmp_path / "imgs" / "0.png"])
+    with pytest.raises(train.TrainError, match="does not exist"):
+        train.load_pixels([tmp_path / "nope.png"])
+    one = tmp_path / "one.csv"
+    one.write_text("imgs/1.png,a\nimgs/2.png,a\n")
+    with pytest.raises(train.TrainError, match="two different labels"):
+        train.read_labelled_images(one)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("imgs/1.png\n")
+    with pytest.raises(train.TrainError, match="row 1 must be path,label"):
+        train.read_labelled_images(bad)

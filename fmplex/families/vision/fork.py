@@ -12,30 +12,16 @@ A fork point of 17 means that only the classifier differs.
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any
 
 import torch
 
 from fmplex.artifacts import ArtifactError
 
-from .model import HEAD_STAGE, N_BLOCKS, N_STAGES, head_conv, run_block
+from .model import HEAD_STAGE, N_BLOCKS, N_STAGES, head_conv, run_block, skeleton
 from .tasks import VisionTask
 
 PREFIX = "fork."
-
-
-@functools.lru_cache(maxsize=1)
-def skeleton() -> Any:
-    """An EfficientNet-Lite0 with random weights: the stage modules a fork copies."""
-    from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415
-
-    from .weights import MODEL_NAME  # noqa: PLC0415
-
-    model = EfficientNet.from_name(MODEL_NAME)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def stage_modules(model: Any, stage: int) -> dict[str, torch.nn.Module]:

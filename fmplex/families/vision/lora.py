@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from fmplex.artifacts import ArtifactError
 
-from .fork import skeleton
-from .model import N_BLOCKS, POINTWISE, block_has_expand, pointwise_conv
+from .model import N_BLOCKS, block_has_expand, pointwise_conv, skeleton
 from .tasks import VisionTask
 
 KEY = re.compile(r"^lora\.(\d+)\.(expand|project)\.(A|B)$")
@@ -90,4 +89,4 @@ class LoraTask(VisionTask):
         return self.body_bytes + self.head.nbytes
 
 
-__all__ = ["LoraTask", "POINTWISE", "pointwise_shape"]
+__all__ = ["LoraTask", "pointwise_shape"]

@@ -21,6 +21,7 @@ forward in the tests (bit-equal without a hook).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,17 @@ def build_model(state: dict[str, Any] | None = None) -> Any:
 
     model = EfficientNet.from_name(MODEL_NAME)
     model.load_state_dict(load_state_dict() if state is None else state, strict=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def skeleton() -> Any:
+    """An EfficientNet-Lite0 with random weights: the stage modules forks copy and LoRA checks its shapes against."""
+    from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415
+
+    model = EfficientNet.from_name(MODEL_NAME)
     model.eval()
     model.requires_grad_(False)
     return model
