@@ -25,7 +25,7 @@ from fmplex.families.vision.family import VisionFamily
 from fmplex.families.vision.preprocess import decode_image
 from fmplex.families.vision.weights import load_state_dict
 
-from .vision_data import digit_images, photos
+from .vision_data import digit_images, photos, write_digits_folder
 
 ATOL = RTOL = 1e-4
 
@@ -127,11 +127,7 @@ def built(family: VisionFamily, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     family.build_task(root / "emb" / "1", "emb", 1, "embedding", None, {}, echo)
 
-    data = root / "digits"
-    images, labels = digit_images(30, (0, 1, 2))
-    for i, (b, lab) in enumerate(zip(images, labels)):
-        (data / lab).mkdir(parents=True, exist_ok=True)
-        (data / lab / f"{i}.png").write_bytes(b)
+    data = write_digits_folder(root / "digits", 30, (0, 1, 2))
     family.build_task(root / "clf" / "1", "clf", 1, "classifier", data, {}, echo)
 
     states = {"fork13": fine_tuned_state(13, 4, 1), "fork_fc": fine_tuned_state(99, 3, 2)}
