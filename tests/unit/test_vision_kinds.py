@@ -208,6 +208,24 @@ def test_mixed_batch_every_kind_exact(family: VisionFamily, built: dict, pixels:
     print("max abs errors:", {k: f"{v:.2e}" for k, v in sorted(errors.items())})
 
 
+def test_answers_do_not_depend_on_chunking(family: VisionFamily, built: dict, pixels: np.ndarray) -> None:
+    """The same mixed requests in one pass and in chunks of 3 rows (tasks split across chunks)."""
+    tasks = built["tasks"]
+    ref = references(built, pixels)
+    plan = [("emb", 0, 5), ("lora", 2, 9), ("fork13", 3, 10), ("onnx", 0, 4), ("clf", 5, 12)]
+    ex = family.executor
+    saved = ex.max_pass_rows
+    try:
+        for rows in (None, 3):
+            ex.max_pass_rows = rows
+            results = family.run_batch([(tasks[name], pixels[a:b]) for name, a, b in plan])
+            for (name, a, b), res in zip(plan, results):
+                assert res.error is None, res.error
+                close(res.outputs.out, ref[name][a:b])
+    finally:
+        ex.max_pass_rows = saved
+
+
 def test_a_batch_of_forks_only(family: VisionFamily, built: dict, pixels: np.ndarray) -> None:
     """Every row leaves the shared pass (at stage 13 and after stage 16)."""
     tasks = built["tasks"]

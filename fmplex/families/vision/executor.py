@@ -19,6 +19,13 @@ The pass (inter-task batching):
 
 Rows of a request stay together and in order, so each request's answer is
 the slice of its task's output that it sent.
+
+On a CPU the shared pass runs in chunks of at most ``max_pass_rows`` rows
+(default 8; a task's rows may span chunks, its head still runs once on all of
+them): every operation of the network in eval mode is per row, so the answers
+do not depend on the chunking, while the early stages' activation maps
+(~5 MB per row) of a large batch outgrow the CPU caches (see docs/vision.md
+for the measurement). On a GPU the default is one pass.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import torch
 
 from . import model as net
 from .tasks import TaskOutputs, VisionTask
+
+CPU_PASS_ROWS = 8
 
 
 @dataclasses.dataclass
@@ -63,9 +72,10 @@ class _Group:
 
 
 class VisionExecutor:
-    def __init__(self, device: str = "cpu", state: dict[str, Any] | None = None) -> None:
+    def __init__(self, device: str = "cpu", state: dict[str, Any] | None = None, max_pass_rows: int | None = -1) -> None:
         self.device = torch.device(device)
         self.model = net.build_model(state).to(self.device)
+        self.max_pass_rows = (CPU_PASS_ROWS if self.device.type == "cpu" else None) if max_pass_rows == -1 else max_pass_rows
         self.last: BatchReport | None = None
 
     def pooled_features(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -91,7 +101,7 @@ class VisionExecutor:
             return results
         try:
             with torch.inference_mode():
-                self._forward(pixels, order)
+                self._forward_in_chunks(pixels, order)
         except Exception as exc:  # noqa: BLE001 - a failure of the shared pass fails every row of this batch
             msg = _line(f"backbone pass failed: {type(exc).__name__}: {exc}")
             return [BatchResult(error=msg) for _ in items]
@@ -101,6 +111,39 @@ class VisionExecutor:
         return results
 
     # --- the pass ------------------------------------------------------------------------------
+    def _forward_in_chunks(self, pixels: torch.Tensor, order: list[_Group]) -> None:
+        """:meth:`_forward` over chunks of at most ``max_pass_rows`` rows; each group's pooled rows joined again."""
+        k = self.max_pass_rows
+        if not k or pixels.shape[0] <= k:
+            self._forward(pixels, order)
+            return
+        chunks: list[list[tuple[_Group, int, int]]] = []  # (group, first row in pixels, rows)
+        chunk: list[tuple[_Group, int, int]] = []
+        room, at = k, 0
+        for g in order:
+            left = g.rows
+            while left:
+                n = min(left, room)
+                chunk.append((g, at, n))
+                at, left, room = at + n, left - n, room - n
+                if room == 0:
+                    chunks.append(chunk)
+                    chunk, room = [], k
+        if chunk:
+            chunks.append(chunk)
+        parts: dict[int, list[torch.Tensor]] = {id(g): [] for g in order}
+        for chunk in chunks:
+            sub = [_Group(g.task, [], [n]) for g, _, n in chunk]
+            self._forward(torch.cat([pixels[a : a + n] for _, a, n in chunk]), sub)
+            for (g, _, _), s in zip(chunk, sub):
+                if s.error is not None:
+                    g.error = g.error or s.error
+                elif s.pooled is not None:
+                    parts[id(g)].append(s.pooled)
+        for g in order:
+            if g.error is None:
+                g.pooled = torch.cat(parts[id(g)])
+
     def _forward(self, pixels: torch.Tensor, order: list[_Group]) -> None:
         x = net.stem(self.model, pixels)
         shared = list(order)  # groups whose rows are in x, in x's row order

@@ -64,9 +64,10 @@ class VisionFamily:
                  "a PEFT LoRA adapter directory", ("labels",)),
     )
 
-    def __init__(self, device: str = "cpu", limits: ImageLimits = ImageLimits()) -> None:
+    def __init__(self, device: str = "cpu", limits: ImageLimits = ImageLimits(), max_pass_rows: int | None = -1) -> None:
         self.device = device
         self.limits = limits
+        self.max_pass_rows = max_pass_rows  # -1: the executor's default for the device
         self._executor: Any = None
 
     # --- serving --------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class VisionFamily:
         if self._executor is None:
             from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
 
-            self._executor = VisionExecutor(self.device)
+            self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 
     def decode(self, image: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
