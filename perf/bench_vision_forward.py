@@ -5,8 +5,9 @@ Triton or scheduling around it: the package's network in this process, the
 pooled features of preprocessed rows (scikit-image photographs) in a tight
 loop. Also times the preprocessing of one encoded image (JPEG decode, resize,
 crop, normalise), which the host does per row before the batch forms, and the
-shared pass of a mixed batch (six tasks of five kinds, 32 rows) through the
-family's executor, to show what the per-task extensions add to the raw pass.
+shared pass of a mixed batch (six tasks of four kinds, 32 rows) through the
+family's executor (its default CPU chunking: passes of at most 8 rows), to
+compare with the raw pass of 32 rows at once and of 8.
 
 Writes ``perf/results/vision_forward.json`` and prints a table. The machines
 are shared: read the figures as an order of magnitude.
