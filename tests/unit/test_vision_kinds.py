@@ -263,6 +263,25 @@ def test_a_failing_task_fails_only_its_rows(family: VisionFamily, built: dict, p
     close(results[2].outputs.out, ref["lora"][:4])
 
 
+def test_a_failing_lora_delta_fails_only_its_rows(family: VisionFamily, built: dict, pixels: np.ndarray) -> None:
+    """A body that fails inside the shared pass: its rows ride on and get an error; the others are exact."""
+    tasks = built["tasks"]
+    ref = references(built, pixels[:4])
+    lora = tasks["lora"]
+
+    def explode(block: int, which: str, x_in: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("delta boom")
+
+    lora.pointwise_delta = explode  # type: ignore[method-assign]
+    try:
+        results = family.run_batch([(tasks["emb"], pixels[:2]), (lora, pixels[:3]), (tasks["fork13"], pixels[:4])])
+    finally:
+        del lora.pointwise_delta
+    assert results[1].error is not None and "delta boom" in results[1].error
+    close(results[0].outputs.out, ref["emb"][:2])
+    close(results[2].outputs.out, ref["fork13"][:4])
+
+
 def test_staged_forward_is_the_packages(pixels: np.ndarray) -> None:
     """fmplex's stage-by-stage forward (run_block) against the package's own forward: bit-equal."""
     m = package_model()

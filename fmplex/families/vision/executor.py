@@ -180,7 +180,13 @@ class VisionExecutor:
 
         def hook(block: int, which: str, x_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             for g, start in with_delta:
-                delta = g.task.pointwise_delta(block, which, x_in[start : start + g.rows])
+                if g.error is not None:
+                    continue
+                try:
+                    delta = g.task.pointwise_delta(block, which, x_in[start : start + g.rows])
+                except Exception as exc:  # noqa: BLE001 - this task's delta failed: its rows only (they ride on, unanswered)
+                    g.error = _line(f"task '{g.task.manifest.get('task', '?')}' failed: {type(exc).__name__}: {exc}")
+                    continue
                 if delta is not None:
                     y[start : start + g.rows] += delta  # y is this convolution's fresh output
             return y
