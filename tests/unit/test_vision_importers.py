@@ -156,3 +156,18 @@ def test_training_data_from_csv_and_folder(tmp_path: Path) -> None:
     bad.write_text("imgs/1.png\n")
     with pytest.raises(train.TrainError, match="row 1 must be path,label"):
         train.read_labelled_images(bad)
+
+
+def test_serving_modules_import_no_control_plane_or_triton() -> None:
+    """What a host imports of the vision family pulls in neither the CLI/control plane nor Triton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import fmplex.families.vision.family, fmplex.families.vision.executor\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('fmplex.control', 'click', 'tritonclient', 'triton_python_backend_utils', 'sklearn', 'skimage')))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == ""
