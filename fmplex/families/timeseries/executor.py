@@ -21,6 +21,9 @@ The pass (inter-task batching):
 
 Every operation of the network is per row, so a row's answer does not depend
 on the rows it was batched with (up to float rounding of batched kernels).
+On a CPU the trunk runs in chunks of at most 16 rows: a row's activations are
+2048 x 64 floats per layer, and larger batches outgrow the caches and get
+slower per row (see docs/timeseries.md); on a GPU the default is one pass.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .inputs import SeriesRequest
 from .model import Backbone, normalise
 from .tasks import ForecastTask, SeriesTask
 
-CPU_PASS_ROWS = 32
+CPU_PASS_ROWS = 16
 
 
 @dataclasses.dataclass
