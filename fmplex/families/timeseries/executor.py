@@ -22,8 +22,9 @@ The pass (inter-task batching):
 Every operation of the network is per row, so a row's answer does not depend
 on the rows it was batched with (up to float rounding of batched kernels).
 On a CPU the trunk runs in chunks of at most 16 rows: a row's activations are
-2048 x 64 floats per layer, and larger batches outgrow the caches and get
-slower per row (see docs/timeseries.md); on a GPU the default is one pass.
+2048 x 64 floats per layer, and larger batches were not faster per row (see
+docs/timeseries.md), so the chunks bound memory at no cost; on a GPU the
+default is one pass.
 """
 
 from __future__ import annotations
