@@ -314,3 +314,28 @@ def test_classifier_artifact_refusals(fam, tasks, tmp_path):
     (vdir / "manifest.json").write_text(json.dumps({**m, "backbone": "fm.efficientnet"}))
     with pytest.raises(ArtifactError, match="made for backbone 'fm.efficientnet'"):
         fam.load_task(vdir)
+
+
+def test_w8_weights_match_fracasts_own_w8_model(tmp_path):
+    """The int8 weights (fracast's default format) through the family, against FracastModel(weights='w8')."""
+    fam8 = SeriesFamily(weights="w8")
+    fam8.build_task(tmp_path / "f" / "1", "f", 1, "forecast", None, {"max_horizon": 60}, lambda s: None)
+    task = fam8.load_task(tmp_path / "f" / "1")
+    ref8 = reference_model("w8")
+    eln, sun = dd.series("elnino"), dd.series("sunspots")
+    reqs = [fam8.decode(task, eln[None, :400]), fam8.decode(task, sun[None, :90], horizon=np.array([60]))]
+    for req, res in zip(reqs, fam8.run_batch([(task, r) for r in reqs])):
+        close("w8 forecast", res.outputs["QUANTILES"][0], ref_forecast(ref8, req.rows[0], req.horizon))
+    from fmplex.families.timeseries.model import fingerprint
+
+    assert fam8.executor.backbone.fingerprint == fingerprint("w8") != fingerprint("fp32")
+
+
+def test_family_description_agrees_with_the_tasks():
+    from fmplex.families.timeseries.tasks import CLASSES, KINDS, OUTPUT_FAMILIES
+
+    assert tuple(k.name for k in SeriesFamily.kinds) == KINDS == tuple(CLASSES)
+    assert tuple(SeriesFamily.outputs) == OUTPUT_FAMILIES
+    assert {c.family for c in CLASSES.values()} == set(OUTPUT_FAMILIES)
+    names = [s.name for specs in SeriesFamily.outputs.values() for s in specs]
+    assert len(names) == len(set(names)) and {s.prefix for specs in SeriesFamily.outputs.values() for s in specs} == {"OUT", "QNT", "TXT"}
