@@ -168,7 +168,7 @@ class ClassifierTask(SeriesTask):
         self.labels = np.array([x.encode("utf-8") for x in labels], dtype=object)
 
     def answer(self, embedding: torch.Tensor) -> dict[str, np.ndarray]:
-        logits = _np(torch.nn.functional.linear(embedding, self.weight, self.bias))
+        logits = _np(torch.nn.functional.linear(embedding.to(self.weight.device), self.weight, self.bias))
         return {"LOGITS": logits, "LABEL": self.labels[logits.argmax(axis=1)]}
 
     @property
