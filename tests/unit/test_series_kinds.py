@@ -339,3 +339,22 @@ def test_family_description_agrees_with_the_tasks():
     assert {c.family for c in CLASSES.values()} == set(OUTPUT_FAMILIES)
     names = [s.name for specs in SeriesFamily.outputs.values() for s in specs]
     assert len(names) == len(set(names)) and {s.prefix for specs in SeriesFamily.outputs.values() for s in specs} == {"OUT", "QNT", "TXT"}
+
+
+def test_a_head_fine_tuned_on_co2_becomes_a_fork_that_matches_the_fine_tuned_model(fam, tmp_path):
+    from fmplex.families.timeseries.finetune import finetune_head
+
+    lines: list[str] = []
+    state = finetune_head([dd.series("co2")], steps=4, windows=6, echo=lines.append, backbone=fam.executor.backbone)
+    first, last = (float(x) for x in lines[0].split("pinball loss ")[1].split(" -> "))
+    assert last < first
+    src = tmp_path / "co2_head.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src))
+    m = fam.build_task(tmp_path / "co2" / "1", "co2", 1, "fork", src, {}, lines.append)
+    assert m["head"]["tensors"] and all(k.startswith("head.") for k in m["head"]["tensors"])
+    task = fam.load_task(tmp_path / "co2" / "1")
+    model = reference_model("fp32")
+    model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=True)
+    row = dd.series("co2")[1500:1900]
+    got = fam.run_batch([(task, fam.decode(task, row[None, :]))])[0].outputs["QUANTILES"][0]
+    close("fine-tuned fork", got, ref_forecast(model, row, 48))
