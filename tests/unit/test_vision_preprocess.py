@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmplex.families.vision.preprocess import MEAN, STD, ImageLimits, decode_image, decode_request
-from fmplex.triton_backend.validation import RequestError
+from fmplex.runtime.validation import RequestError
 
 from .vision_data import digit_images, encode, photos
 

@@ -24,10 +24,7 @@ from typing import Any
 
 import numpy as np
 
-try:  # the shared host runtime's home after the redesign; the text host's before it
-    from fmplex.runtime.validation import RequestError  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on which tree this runs in
-    from fmplex.triton_backend.validation import RequestError
+from fmplex.runtime.validation import RequestError
 
 __all__ = ["RequestError", "SeriesLimits", "SeriesRequest", "decode_request"]
 

@@ -28,7 +28,7 @@ import io
 
 import numpy as np
 
-from fmplex.triton_backend.validation import RequestError
+from fmplex.runtime.validation import RequestError
 
 IMAGE_SIZE = 224
 RESIZE_TO = 256  # shorter side before the center crop (224/256 = 0.875, the usual ImageNet ratio)

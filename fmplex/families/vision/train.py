@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fmplex.triton_backend.validation import RequestError
+from fmplex.runtime.validation import RequestError
 
 from .preprocess import decode_image
 
