@@ -12,18 +12,19 @@ One small module per kind; :mod:`.heads` holds the heads they share.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec
+from fmplex.row_deltas import RowDelta
 
 from .heads import Head, make_head
 
-# delta(x, y) -> what to add to y = base(x) for this task's rows of one Linear.
-LinearDelta = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What a task makes of one shared Linear's output for its rows (see fmplex.row_deltas).
+LinearDelta = RowDelta
 
 
 @dataclasses.dataclass
@@ -89,3 +90,25 @@ def require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None
     if not torch.isfinite(t).all():
         raise ArtifactError(f"{where}: tensor '{name}' holds NaN or Inf")
     return t.float()
+
+
+def target_layer(path: str, config: Any, where: str, what: str) -> int:
+    """Layer index of a delta's target ``encoder.layer.<j>.<target>``; refuses any other path."""
+    from fmplex.triton_backend.segments import TARGETS  # noqa: PLC0415 - segments imports torch-heavy transformers parts
+
+    parts = path.split(".")
+    if len(parts) < 4 or parts[:2] != ["encoder", "layer"] or not parts[2].isdigit() or ".".join(parts[3:]) not in TARGETS:
+        raise ArtifactError(f"{where}: {what} target '{path}' is not a backbone Linear")
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and not 0 <= int(parts[2]) < layers:
+        raise ArtifactError(f"{where}: {what} target '{path}' is beyond the backbone's {layers} layers")
+    return int(parts[2])
+
+
+def linear_shape(path: str, config: Any) -> tuple[int, int] | None:
+    """(in, out) features of the backbone Linear at ``path`` (None without a config)."""
+    if config is None:
+        return None
+    h, inter = int(config.hidden_size), int(config.intermediate_size)
+    target = ".".join(path.split(".")[3:])
+    return {"intermediate.dense": (h, inter), "output.dense": (inter, h)}.get(target, (h, h))
