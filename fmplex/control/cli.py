@@ -170,7 +170,7 @@ def task() -> None:
 @click.option(
     "--source",
     type=click.Path(path_type=Path),
-    help="What to import: a PEFT adapter dir (lora, prompt), an adapter .safetensors (adapter), "
+    help="What to import: a PEFT adapter dir (lora, ia3, prompt), an adapter .safetensors (adapter), "
     "a transformers checkpoint dir (fork), an .onnx file (onnx).",
 )
 @click.option(
@@ -179,7 +179,8 @@ def task() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, adapter, prompt).",
 )
-@click.option("--labels", help="Comma-separated labels of an ONNX classifier or token head.")
+@click.option("--labels", help="Comma-separated labels of an ONNX head, or of a PEFT adapter's trained classifier "
+              "(default: id2label of a config.json beside the adapter, else LABEL_<i>).")
 @click.option("--onnx-input", type=click.Choice(["pooled", "hidden"]), default="pooled", show_default=True,
               help="ONNX head input: the pooled sentence vector [rows, hidden] or token states + mask.")
 @click.option("--onnx-family", type=click.Choice(["classifier", "embedding", "token"]), default="classifier",
@@ -211,7 +212,9 @@ def task_create(
     embedding   nothing to give:         fmplex task create vec --kind embedding
     classifier  --train data.csv:        fmplex task create mood --train mood.csv
     lora        --source PEFT_DIR        [--train data.csv for a linear head]
+    ia3         --source PEFT_DIR        [--train data.csv]
     prompt      --source PEFT_DIR        [--train data.csv]
+                (a SEQ_CLS / TOKEN_CLS PEFT adapter brings its trained head: no --train)
     adapter     --source adapter.safetensors [--train data.csv]
     fork        --source CHECKPOINT_DIR  (a fine-tuned BertModel / ...ForSequenceClassification /
                                           ...ForTokenClassification of the same backbone)
@@ -243,7 +246,8 @@ def task_create(
         raise click.UsageError("a classifier needs --train data.csv (columns: text,label)")
     if train_csv is not None and kind in ("embedding", "fork", "onnx"):
         raise click.UsageError(f"--train fits a linear head; {'use --kind classifier' if kind == 'embedding' else f'{kind} tasks bring their own head'}")
-    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family}
+    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family,
+               "train": train_csv is not None}
     built = importers.build(kind, source, spec, options, click.echo) if source is not None else importers.Built()
     fields = {"head": {"type": "embedding"}, **built.manifest}
     tensors = dict(built.tensors)

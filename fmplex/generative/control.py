@@ -60,6 +60,7 @@ GEN_INPUTS = (
 KINDS = {
     "generate": "the backbone itself: text generation, no adapter",
     "lora": "PEFT LoRA adapter (--source PEFT_DIR), applied per row inside the shared decode batches",
+    "ia3": "PEFT IA3 adapter (--source PEFT_DIR), applied per row inside the shared decode batches",
 }
 
 
@@ -300,8 +301,8 @@ def build_task(
 
     if kind not in KINDS:
         raise RegistryError(f"kind '{kind}' does not run on generative backbone '{backbone}' (kinds: {', '.join(KINDS)})")
-    if kind == "lora" and source is None:
-        raise RegistryError("a lora task needs --source PEFT_DIR (adapter_config.json + adapter_model.safetensors)")
+    if kind in ("lora", "ia3") and source is None:
+        raise RegistryError(f"a {kind} task needs --source PEFT_DIR (adapter_config.json + adapter_model.safetensors)")
     if kind == "generate" and source is not None:
         raise RegistryError("a generate task takes no --source (it is the backbone itself)")
     out = version_dir(repo, name, version)
@@ -316,11 +317,11 @@ def build_task(
     }
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if kind == "lora":
+        if kind in ("lora", "ia3"):
             assert source is not None
             for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 if not (Path(source) / fname).is_file():
-                    raise ArtifactError(f"{source}: {fname} is missing (a PEFT LoRA directory, as save_pretrained writes it)")
+                    raise ArtifactError(f"{source}: {fname} is missing (a PEFT adapter directory, as save_pretrained writes it)")
                 shutil.copyfile(Path(source) / fname, out / fname)
         write_manifest(out, manifest)
         adapter = check_artifact(out, backbone)
@@ -330,13 +331,14 @@ def build_task(
             out.parent.rmdir()
         raise
     if adapter is not None:
-        echo(f"LoRA: {len(adapter.deltas)} modules, rank {', '.join(map(str, adapter.ranks))}, {adapter.nbytes / 1024:.1f} KiB")
+        ranks = f", rank {', '.join(map(str, adapter.ranks))}" if adapter.ranks else ""
+        echo(f"{kind.upper()}: {len(adapter.deltas)} modules{ranks}, {adapter.nbytes / 1024:.1f} KiB")
     return manifest
 
 
 def check_artifact(vdir: Path, backbone: str) -> Any:
     """Load an artifact as the host will (None for a plain generate task, else the adapter)."""
-    from .lora import AdapterError, load_peft_lora  # noqa: PLC0415
+    from .lora import AdapterError, load_peft_adapter  # noqa: PLC0415
     from .smollm import fingerprint  # noqa: PLC0415
 
     manifest = read_manifest(vdir)
@@ -348,10 +350,10 @@ def check_artifact(vdir: Path, backbone: str) -> Any:
     kind = manifest.get("kind")
     if kind == "generate":
         return None
-    if kind != "lora":
+    if kind not in ("lora", "ia3"):
         raise ArtifactError(f"{vdir}: kind '{kind}' does not run on a generative backbone")
     try:
-        return load_peft_lora(vdir, _config(), name=str(manifest.get("task", vdir.parent.name)))
+        return load_peft_adapter(vdir, _config(), name=str(manifest.get("task", vdir.parent.name)), kind=kind)
     except AdapterError as exc:
         raise ArtifactError(str(exc)) from None
 
@@ -450,5 +452,6 @@ def show_task(repo: Path, entry: TaskEntry, echo: Callable[[str], None]) -> None
     echo(f"inputs:      {', '.join(n for n, _, _, _ in GEN_INPUTS)} (or parameters max_tokens, temperature, top_k, top_p, seed, stop)")
     if (vdir / "adapter_config.json").is_file():
         cfg = json.loads((vdir / "adapter_config.json").read_text(encoding="utf-8"))
-        echo(f"adapter:     LoRA r={cfg.get('r')} alpha={cfg.get('lora_alpha')} on {cfg.get('target_modules')}")
+        rank = f" r={cfg.get('r')} alpha={cfg.get('lora_alpha')}" if cfg.get("peft_type") == "LORA" else ""
+        echo(f"adapter:     {cfg.get('peft_type')}{rank} on {cfg.get('target_modules')}")
     echo(f"source:      {manifest.get('source', '')}; created {manifest.get('created', '?')}")

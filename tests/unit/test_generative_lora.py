@@ -54,7 +54,8 @@ def test_matches_what_peft_applies(tiny, tmp_path: Path) -> None:  # noqa: ANN00
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             parts = name.split(".")
             layer, proj = int(parts[parts.index("layers") + 1]), parts[-1]
-            a, b, scale = adapter.deltas[(layer, proj)]
+            d = adapter.deltas[(layer, proj)]
+            a, b, scale = d.a, d.b, d.scale
             assert torch.equal(a, module.lora_A["default"].weight)
             assert torch.equal(b, module.lora_B["default"].weight)
             assert scale == pytest.approx(module.scaling["default"], rel=1e-12)
@@ -64,7 +65,8 @@ def test_matches_what_peft_applies(tiny, tmp_path: Path) -> None:  # noqa: ANN00
     # and the delta it adds equals PEFT's layer output minus the base layer's
     x = torch.randn(5, 32)
     peft_q = model.base_model.model.model.layers[1].self_attn.q_proj
-    a, b, s = adapter.deltas[(1, "q_proj")]
+    d = adapter.deltas[(1, "q_proj")]
+    a, b, s = d.a, d.b, d.scale
     torch.testing.assert_close(peft_q(x), peft_q.base_layer(x) + (x @ a.T @ b.T) * s, rtol=0, atol=1e-6)
 
 
