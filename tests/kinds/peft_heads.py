@@ -4,7 +4,7 @@ Every artifact is made with real PEFT on ``AutoModelForSequenceClassification``
 (or ``...ForTokenClassification``) of the MiniLM backbone, with every trained
 tensor non-trivial: LoRA with ``init_lora_weights=False`` (B != 0), IA3 vectors
 and soft prompts moved off their initial values, and the classifier (PEFT's
-``modules_to_save``) random as transformers initialises it. The reference is
+``modules_to_save``) drawn at a trained-looking scale. The reference is
 ``PeftModel.from_pretrained(AutoModelFor...(backbone), dir)`` in eval mode, one
 text at a time: its ``logits`` and the label of their argmax.
 
@@ -31,6 +31,7 @@ def _cls_model(n: int, token: bool = False) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "classifier newly initialised" is the point here
+    hf_logging.disable_progress_bar()
     cls = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     return cls.from_pretrained(BACKBONE, local_files_only=True, num_labels=n)
 
@@ -118,6 +119,8 @@ def make(tmp: Path, variant: str, seed: int = 0) -> TaskSource:
         raise ValueError(f"unknown variant {variant!r}")
     if variant.startswith("lora"):
         _perturb(model, 300 + seed, "lora_B", 0.0, 0.05)  # PEFT's non-default init keeps B small: make it matter
+    # transformers starts the classifier at std 0.02 (logits ~0.05): make it look trained
+    _perturb(model, 400 + seed, "modules_to_save", 0.0, 0.3)
     model.eval()
     model.save_pretrained(str(out))
     if variant == "lora_qv":
