@@ -332,7 +332,7 @@ def build_task(
         raise
     if adapter is not None:
         ranks = f", rank {', '.join(map(str, adapter.ranks))}" if adapter.ranks else ""
-        echo(f"{kind.upper()}: {len(adapter.deltas)} modules{ranks}, {adapter.nbytes / 1024:.1f} KiB")
+        echo(f"{'LoRA' if kind == 'lora' else 'IA3'}: {len(adapter.deltas)} modules{ranks}, {adapter.nbytes / 1024:.1f} KiB")
     return manifest
 
 
