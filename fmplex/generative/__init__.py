@@ -2,7 +2,8 @@
 
 ``smollm.py`` loads the backbone (GGUF via transformers), ``engine.py`` runs
 requests of many tasks in shared, continuously refilled decode batches,
-``lora.py`` reads PEFT LoRA adapters applied per row inside those batches.
+``lora.py`` checks PEFT LoRA and IA3 adapters (read by ``fmplex.peft_reader``),
+applied per row inside those batches (``fmplex.row_deltas``).
 The engine imports nothing from Triton; ``generate_host.py`` is the Triton
 model that drives it.
 """
