@@ -452,6 +452,7 @@ def show_task(repo: Path, entry: TaskEntry, echo: Callable[[str], None]) -> None
     echo(f"inputs:      {', '.join(n for n, _, _, _ in GEN_INPUTS)} (or parameters max_tokens, temperature, top_k, top_p, seed, stop)")
     if (vdir / "adapter_config.json").is_file():
         cfg = json.loads((vdir / "adapter_config.json").read_text(encoding="utf-8"))
-        rank = f" r={cfg.get('r')} alpha={cfg.get('lora_alpha')}" if cfg.get("peft_type") == "LORA" else ""
-        echo(f"adapter:     {cfg.get('peft_type')}{rank} on {cfg.get('target_modules')}")
+        lora = cfg.get("peft_type") == "LORA"
+        what = f"LoRA r={cfg.get('r')} alpha={cfg.get('lora_alpha')}" if lora else str(cfg.get("peft_type"))
+        echo(f"adapter:     {what} on {cfg.get('target_modules')}")
     echo(f"source:      {manifest.get('source', '')}; created {manifest.get('created', '?')}")
