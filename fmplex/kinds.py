@@ -63,6 +63,7 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("embedding", "the backbone's pooled, L2-normalised sentence embedding", "nothing"),
         KindSpec("classifier", "linear head on the pooled embedding (LABEL + LOGITS)", "--train data.csv"),
         KindSpec("lora", "PEFT LoRA adapter applied per row inside the shared batch", "--source PEFT_DIR [--train]"),
+        KindSpec("ia3", "PEFT IA3 adapter (learned scaling vectors) applied per row", "--source PEFT_DIR [--train]"),
         KindSpec("adapter", "bottleneck adapters after attention and/or MLP blocks", "--source adapter.safetensors [--train]"),
         KindSpec("prompt", "PEFT prompt tuning: soft prompt vectors before the input", "--source PEFT_DIR [--train]"),
         KindSpec("fork", "the task's own fine-tuned top layers (+ head) from a checkpoint", "--source CHECKPOINT_DIR"),

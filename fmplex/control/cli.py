@@ -197,7 +197,7 @@ def _create_help() -> str:
 @click.option(
     "--source",
     type=click.Path(path_type=Path),
-    help="What to import: a PEFT adapter dir (lora, prompt), an adapter .safetensors (adapter), "
+    help="What to import: a PEFT adapter dir (lora, ia3, prompt), an adapter .safetensors (adapter), "
     "a transformers checkpoint dir (fork), an .onnx file (onnx).",
 )
 @click.option(

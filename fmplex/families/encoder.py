@@ -41,7 +41,8 @@ DEFAULT_BATCH_ROWS = 16
 USAGE = {
     "embedding": "nothing to give: fmplex task create vec --kind embedding",
     "classifier": "--train data.csv: fmplex task create mood --train mood.csv",
-    "lora": "--source PEFT_DIR [--train data.csv for a linear head]",
+    "lora": "--source PEFT_DIR [--train data.csv for a linear head; a SEQ_CLS/TOKEN_CLS adapter brings its trained head]",
+    "ia3": "--source PEFT_DIR [--train data.csv]",
     "prompt": "--source PEFT_DIR [--train data.csv]",
     "adapter": "--source adapter.safetensors [--train data.csv]",
     "fork": "--source CHECKPOINT_DIR (a fine-tuned BertModel / ...ForSequenceClassification / ...ForTokenClassification "
@@ -191,7 +192,8 @@ def build_task(
         raise OptionError("a classifier needs --train data.csv (columns: text,label)")
     if train_csv is not None and kind in ("embedding", "fork", "onnx"):
         raise OptionError(f"--train fits a linear head; {'use --kind classifier' if kind == 'embedding' else f'{kind} tasks bring their own head'}")
-    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family}
+    options = {"labels": [x.strip() for x in labels.split(",")] if labels else None, "onnx_input": onnx_input, "onnx_family": onnx_family,
+               "train": train_csv is not None}
     built = importers.build(kind, source, spec, options, echo) if source is not None else importers.Built()
     fields = {"head": {"type": "embedding"}, **built.manifest}
     tensors = dict(built.tensors)
@@ -258,7 +260,8 @@ class EncoderFamily(BackboneFamily):
 
     def create_options(self) -> list[click.Option]:
         return [
-            click.Option(["--labels"], default=None, help="Encoder onnx tasks: comma-separated labels of an ONNX classifier or token head."),
+            click.Option(["--labels"], default=None, help="Encoder tasks: comma-separated labels of an ONNX head, or of a PEFT adapter's trained classifier "
+                         "(default: id2label of a config.json beside the adapter, else LABEL_<i>)."),
             click.Option(
                 ["--onnx-input"], type=click.Choice(["pooled", "hidden"]), default="pooled", show_default=True,
                 help="Encoder onnx tasks: the head's input, the pooled sentence vector [rows, hidden] or token states + mask.",

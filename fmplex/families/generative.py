@@ -58,8 +58,9 @@ GEN_INPUTS = (
 KINDS = {
     "generate": "the backbone itself: text generation, no adapter",
     "lora": "PEFT LoRA adapter (--source PEFT_DIR), applied per row inside the shared decode batches",
+    "ia3": "PEFT IA3 adapter (--source PEFT_DIR), applied per row inside the shared decode batches",
 }
-USAGE = {"generate": "nothing to give: fmplex task create chat --backbone smollm2", "lora": "--source PEFT_DIR"}
+USAGE = {"generate": "nothing to give: fmplex task create chat --backbone smollm2", "lora": "--source PEFT_DIR", "ia3": "--source PEFT_DIR"}
 
 # Host defaults (config parameters; editing a host config reloads the backbone).
 DEFAULT_MAX_ROWS = 8  # running sequences per decode step
@@ -206,8 +207,8 @@ def build_task(
 
     if kind not in KINDS:
         raise RegistryError(f"kind '{kind}' does not run on generative backbone '{backbone}' (kinds: {', '.join(KINDS)})")
-    if kind == "lora" and source is None:
-        raise RegistryError("a lora task needs --source PEFT_DIR (adapter_config.json + adapter_model.safetensors)")
+    if kind in ("lora", "ia3") and source is None:
+        raise RegistryError(f"a {kind} task needs --source PEFT_DIR (adapter_config.json + adapter_model.safetensors)")
     if kind == "generate" and source is not None:
         raise RegistryError("a generate task takes no --source (it is the backbone itself)")
     out = version_dir(repo, name, version)
@@ -222,11 +223,11 @@ def build_task(
     }
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if kind == "lora":
+        if kind in ("lora", "ia3"):
             assert source is not None
             for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 if not (Path(source) / fname).is_file():
-                    raise ArtifactError(f"{source}: {fname} is missing (a PEFT LoRA directory, as save_pretrained writes it)")
+                    raise ArtifactError(f"{source}: {fname} is missing (a PEFT adapter directory, as save_pretrained writes it)")
                 shutil.copyfile(Path(source) / fname, out / fname)
         write_manifest(out, manifest)
         adapter = check_artifact(out, backbone)
@@ -236,7 +237,8 @@ def build_task(
             out.parent.rmdir()
         raise
     if adapter is not None:
-        echo(f"LoRA: {len(adapter.deltas)} modules, rank {', '.join(map(str, adapter.ranks))}, {adapter.nbytes / 1024:.1f} KiB")
+        ranks = f", rank {', '.join(map(str, adapter.ranks))}" if adapter.ranks else ""
+        echo(f"{'LoRA' if kind == 'lora' else 'IA3'}: {len(adapter.deltas)} modules{ranks}, {adapter.nbytes / 1024:.1f} KiB")
     return manifest
 
 
@@ -280,7 +282,9 @@ class GenerativeFamily(BackboneFamily):
         vdir = version_dir(repo, entry.name, entry.deployed_version or entry.version)
         if (vdir / "adapter_config.json").is_file():
             cfg = json.loads((vdir / "adapter_config.json").read_text(encoding="utf-8"))
-            lines.append(("adapter", f"LoRA r={cfg.get('r')} alpha={cfg.get('lora_alpha')} on {cfg.get('target_modules')}"))
+            lora = cfg.get("peft_type") == "LORA"
+            what = f"LoRA r={cfg.get('r')} alpha={cfg.get('lora_alpha')}" if lora else str(cfg.get("peft_type"))
+            lines.append(("adapter", f"{what} on {cfg.get('target_modules')}"))
         return lines + super().describe_task(repo, entry, manifest)
 
     def write_task_models(self, repo: Path, entry: TaskEntry, reg: Registry) -> list[str]:

@@ -19,7 +19,9 @@ a step mixes rows at different positions and tasks:
   * the new tokens of all rows are packed flat ([tokens, hidden], no padding)
     through every projection, with explicit position ids for the rotary
     embedding;
-  * each task's LoRA delta is added to its own rows only (``lora.py``);
+  * each task's LoRA or IA3 delta changes its own rows only: the rows' owners
+    (:class:`fmplex.row_deltas.Segments`) are built once per step and passed
+    to every projection (``lora.py`` reads the adapters);
   * attention runs per row against that row's KV cache — one SDPA call over
     the batch with a boolean mask (row r sees its own keys ``< past_r + i + 1``),
     queries padded only when a step carries prefills;
@@ -50,7 +52,9 @@ import torch.nn.functional as F
 
 from fmplex.runtime.scheduler import BatchBudget, Pending, QueueFull, TaskPolicy, make_scheduler
 
-from .lora import LoraAdapter
+from fmplex.row_deltas import Segments, linear
+
+from .lora import TaskAdapter
 from .smollm import LoadedLM
 
 __all__ = ["Engine", "QueueFull", "SamplingParams", "Sequence", "StepReport", "Update"]
@@ -118,7 +122,7 @@ class Sequence:
         prompt_ids: list[int],
         params: SamplingParams,
         *,
-        adapter: LoraAdapter | None = None,
+        adapter: TaskAdapter | None = None,
         sink: Callable[[Update], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         deadline: float | None = None,
@@ -477,7 +481,8 @@ class Engine:
             last = torch.tensor(lens)[:, None] - 1
             qpos = torch.tensor([s.past for s in rows])[:, None] + torch.minimum(torch.arange(max_n)[None, :], last)
             mask = (keys[None, None, :] <= qpos[:, :, None])[:, None]
-        groups = self._lora_groups(rows, row_t if not decode_only else None)
+        owners = [seq.adapter for seq in rows]
+        segs = Segments.of_rows(owners) if decode_only else Segments.of_tokens(owners, row_t)  # decode: token r is row r
 
         h = F.embedding(ids_t, self._embed)  # [t, hidden]
         cos, sin = self._rotary(h[None], pos_t[None])
@@ -485,9 +490,9 @@ class Engine:
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         for li, layer in enumerate(self._layers):
             x = layer.input_norm(h)
-            q = self._proj(x, layer, li, "q_proj", groups).view(t, nh, hd)
-            k = self._proj(x, layer, li, "k_proj", groups).view(t, nkv, hd)
-            v = self._proj(x, layer, li, "v_proj", groups).view(t, nkv, hd)
+            q = self._proj(x, layer, li, "q_proj", segs).view(t, nh, hd)
+            k = self._proj(x, layer, li, "k_proj", segs).view(t, nkv, hd)
+            v = self._proj(x, layer, li, "v_proj", segs).view(t, nkv, hd)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             ck, cv = self.cache.k[li], self.cache.v[li]
@@ -502,11 +507,11 @@ class Engine:
                 qb, ck[:b, :, :max_kv], cv[:b, :, :max_kv], attn_mask=mask, scale=self.scaling, enable_gqa=True
             )
             o = o.squeeze(2) if decode_only else o[row_t, :, off_t]
-            h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", groups)
+            h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", segs)
             x = layer.post_norm(h)
-            gate = self._proj(x, layer, li, "gate_proj", groups)
-            up = self._proj(x, layer, li, "up_proj", groups)
-            h = h + self._proj(F.silu(gate) * up, layer, li, "down_proj", groups)
+            gate = self._proj(x, layer, li, "gate_proj", segs)
+            up = self._proj(x, layer, li, "up_proj", segs)
+            h = h + self._proj(F.silu(gate) * up, layer, li, "down_proj", segs)
         last_tok = torch.tensor([sum(lens[: r + 1]) - 1 for r in range(b)], dtype=torch.long)
         hidden = self._norm(h.index_select(0, last_tok))
         logits = F.linear(hidden, self._lm_head)
@@ -515,30 +520,8 @@ class Engine:
         return logits, b * max_n
 
     @staticmethod
-    def _lora_groups(rows: list[Sequence], row_of_token: torch.Tensor | None) -> list[tuple[LoraAdapter, torch.Tensor]]:
-        """Per adapter, the token indices (in the flat batch) of its rows."""
-        by_adapter: dict[int, tuple[LoraAdapter, list[int]]] = {}
-        for r, seq in enumerate(rows):
-            if seq.adapter is not None and seq.adapter.deltas:
-                by_adapter.setdefault(id(seq.adapter), (seq.adapter, []))[1].append(r)
-        groups = []
-        for adapter, rws in by_adapter.values():
-            if row_of_token is None:  # decode only: token r is row r
-                idx = torch.tensor(rws, dtype=torch.long)
-            else:
-                idx = torch.nonzero(torch.isin(row_of_token, torch.tensor(rws)), as_tuple=True)[0]
-            groups.append((adapter, idx))
-        return groups
-
-    @staticmethod
-    def _proj(x: torch.Tensor, layer: _Layer, li: int, name: str, groups: list[tuple[LoraAdapter, torch.Tensor]]) -> torch.Tensor:
-        y = F.linear(x, layer.w[name])
-        for adapter, idx in groups:
-            d = adapter.deltas.get((li, name))
-            if d is not None:
-                a, bm, scale = d
-                y.index_add_(0, idx, F.linear(F.linear(x.index_select(0, idx), a), bm) * scale)
-        return y
+    def _proj(x: torch.Tensor, layer: _Layer, li: int, name: str, segs: Segments) -> torch.Tensor:
+        return linear(x, layer.w[name], None, (li, name), segs)
 
     # --- tokens -> text --------------------------------------------------------------------
     def _choose(self, seq: Sequence, logits: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ from fmplex.kinds import TEXT_PREFIX  # noqa: F401 - slot k answers on TXT_k
 
 def check_artifact(vdir: Path, backbone: str) -> Any:
     """Load an artifact as the host will (None for a plain generate task, else the adapter)."""
-    from .lora import AdapterError, load_peft_lora  # noqa: PLC0415 - torch
+    from .lora import AdapterError, load_peft_adapter  # noqa: PLC0415 - torch
     from .smollm import fingerprint  # noqa: PLC0415
 
     manifest = read_manifest(vdir)
@@ -33,10 +33,10 @@ def check_artifact(vdir: Path, backbone: str) -> Any:
     kind = manifest.get("kind")
     if kind == "generate":
         return None
-    if kind != "lora":
+    if kind not in ("lora", "ia3"):
         raise ArtifactError(f"{vdir}: kind '{kind}' does not run on a generative backbone")
     try:
-        return load_peft_lora(vdir, backbone_config(), name=str(manifest.get("task", vdir.parent.name)))
+        return load_peft_adapter(vdir, backbone_config(), name=str(manifest.get("task", vdir.parent.name)), kind=kind)
     except AdapterError as exc:
         raise ArtifactError(str(exc)) from None
 

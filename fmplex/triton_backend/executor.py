@@ -7,7 +7,9 @@ the backbone in one padded forward pass (inter-task batching), with each
 task's body applied to its own rows only:
 
 - soft prompts: the row's input embeddings are ``[prompt ; tokens]``;
-- LoRA / adapters: per-row deltas inside the shared Linears (:mod:`.segments`);
+- LoRA / IA3 / adapters: per-row deltas inside the shared Linears, with the
+  rows' owners (:class:`fmplex.row_deltas.Segments`) built once per pass and
+  passed explicitly through every layer (:mod:`.segments`);
 - forks: below a task's fork point its rows run the shared layers, above it
   the task's own copies, all rows of that task together (intra-task batching).
 
@@ -26,6 +28,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from fmplex.backbones import BackboneSpec, load_backbone
+from fmplex.row_deltas import NO_SEGMENTS, Segments
 
 from . import segments
 from .extensions import Extension, SlotOutputs
@@ -60,8 +63,7 @@ class Executor:
         # A fast tokenizer refuses concurrent calls ("Already borrowed"); workers share it.
         self._tok_lock = threading.Lock()
         self.vocab_size = int(self.config.vocab_size)
-        self.ctx = segments.SegmentContext()
-        self.targets = segments.install(self.model, self.ctx)
+        self.layer_paths = [segments.layer_paths(j) for j in range(len(self.model.encoder.layer))]
 
     # --- steps ---------------------------------------------------------------
     def tokenize(self, items: list[WorkItem]) -> None:
@@ -131,27 +133,30 @@ class Executor:
             if prompts[i]:
                 embeds[i, : prompts[i]] = o.prompt  # type: ignore[union-attr]
         hidden = self.model.embeddings(inputs_embeds=embeds, token_type_ids=torch.zeros_like(ids))
+        attn = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
         everyone = torch.arange(len(rows), device=self.device)
+        segs = Segments.of_rows(owners, self.device)  # once per pass; rebuilt only where forks split the rows
+        shared_segs, shared_key = segs, None
         for j, layer in enumerate(self.model.encoder.layer):
+            paths = self.layer_paths[j]
             forked = [o is not None and o.fork_point is not None and o.fork_point <= j for o in owners]
             if not any(forked):
-                hidden = self._layer(layer, hidden, mask, owners)
+                hidden = segments.bert_layer(layer, hidden, attn, paths, segs)
                 continue
-            shared = everyone[~torch.tensor(forked)]
+            shared = everyone[~torch.tensor(forked, device=self.device)]
             out = torch.empty_like(hidden)
             if len(shared):
-                out[shared] = self._layer(layer, hidden[shared], mask[shared], [owners[int(i)] for i in shared])
+                key = tuple(forked)
+                if key != shared_key:
+                    shared_segs, shared_key = Segments.of_rows([owners[int(i)] for i in shared], self.device), key
+                sub = create_bidirectional_mask(config=self.config, inputs_embeds=hidden[shared], attention_mask=mask[shared])
+                out[shared] = segments.bert_layer(layer, hidden[shared], sub, paths, shared_segs)
             for ext, idx in _groups(owners, forked, self.device):
                 own = ext.fork_layers[j - ext.fork_point]
-                out[idx] = self._layer(own, hidden[idx], mask[idx], [None] * len(idx))
+                sub = create_bidirectional_mask(config=self.config, inputs_embeds=hidden[idx], attention_mask=mask[idx])
+                out[idx] = segments.bert_layer(own, hidden[idx], sub, paths, NO_SEGMENTS)
             hidden = out
         return hidden, mask
-
-    def _layer(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor, owners: list[Any]) -> torch.Tensor:
-        self.ctx.set_rows(owners)
-        attn = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        out = layer(hidden, attn)
-        return out[0] if isinstance(out, tuple) else out
 
     def encode(self, rows: list[np.ndarray], extension: Extension | None = None) -> torch.Tensor:
         """Pooled sentence vectors of token-id rows (one task, or the plain backbone)."""

@@ -1,21 +1,25 @@
-"""Per-row low-rank deltas inside one shared forward pass (segmented LoRA).
+"""One BERT layer over a batch of rows of many tasks, with per-row deltas.
 
-Each backbone Linear that a task may adapt is wrapped once, at host start, in
-:class:`SegmentedLinear`. Before every layer call the executor says which rows
-of the (sub-)batch belong to which extension; the wrapper computes the shared
-``y = W x + b`` once for all rows and adds each task's delta only to its own
-rows, gathered and scattered by index (the segmented-gather idea of
-Punica/LoRAX, in plain torch). A batch without such tasks pays one empty loop.
+The executor runs the encoder's layers itself, in the same order of
+operations as transformers' ``BertLayer`` in eval mode (its modules and
+weights, not copies), so that every Linear a task may change goes through
+:func:`fmplex.row_deltas.linear` with the batch's :class:`Segments` passed in
+explicitly: which rows belong to which task is decided once per batch (or
+sub-batch), never stored on the modules or in thread-local state, so worker
+threads share the backbone freely.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
 
-# The Linear modules of a BERT layer that LoRA and adapters may target, by
+from fmplex.row_deltas import NO_SEGMENTS, Segments, linear
+
+# The Linear modules of a BERT layer that LoRA, IA3 and adapters may target, by
 # their path inside the layer (PEFT names them the same way).
 TARGETS = (
     "attention.self.query",
@@ -27,50 +31,29 @@ TARGETS = (
 )
 
 
-class SegmentContext(threading.local):
-    """Which extension owns which rows of the batch the layers now see.
-
-    Thread-local: a host runs several worker threads through the same wrapped
-    backbone at once, each with its own batch.
-    """
-
-    def __init__(self) -> None:
-        self.groups: list[tuple[Any, torch.Tensor]] = []
-
-    def set_rows(self, owners: list[Any]) -> None:
-        """``owners[i]`` is the extension of row i of the current (sub-)batch."""
-        groups: dict[int, tuple[Any, list[int]]] = {}
-        for i, ext in enumerate(owners):
-            if ext is not None and ext.deltas:
-                groups.setdefault(id(ext), (ext, []))[1].append(i)
-        self.groups = [(ext, torch.tensor(rows, dtype=torch.long)) for ext, rows in groups.values()]
+def layer_paths(index: int) -> dict[str, str]:
+    """Target -> full module path (the deltas' key) of layer ``index``."""
+    return {t: f"encoder.layer.{index}.{t}" for t in TARGETS}
 
 
-class SegmentedLinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, path: str, ctx: SegmentContext) -> None:
-        super().__init__()
-        self.base, self.path, self.ctx = base, path, ctx
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        for ext, rows in self.ctx.groups:
-            delta = ext.deltas.get(self.path)
-            if delta is not None:
-                y.index_add_(0, rows, delta(x.index_select(0, rows), y.index_select(0, rows)))
-        return y
+def _proj(module: torch.nn.Linear, x: torch.Tensor, key: str, segments: Segments) -> torch.Tensor:
+    return linear(x, module.weight, module.bias, key, segments)
 
 
-def install(model: torch.nn.Module, ctx: SegmentContext) -> list[str]:
-    """Wrap every target Linear of a BERT encoder; returns their full paths."""
-    paths = []
-    for j, layer in enumerate(model.encoder.layer):  # type: ignore[union-attr]
-        for target in TARGETS:
-            parent_path, _, attr = target.rpartition(".")
-            parent = layer.get_submodule(parent_path)
-            base = getattr(parent, attr)
-            if isinstance(base, SegmentedLinear):
-                continue
-            path = f"encoder.layer.{j}.{target}"
-            setattr(parent, attr, SegmentedLinear(base, path, ctx))
-            paths.append(path)
-    return paths
+def bert_layer(
+    layer: Any, hidden: torch.Tensor, attn_mask: torch.Tensor | None, paths: dict[str, str], segments: Segments = NO_SEGMENTS
+) -> torch.Tensor:
+    """``BertLayer(hidden, attn_mask)`` in eval mode, each task's deltas on its own rows."""
+    sa, so = layer.attention.self, layer.attention.output
+    shape = (*hidden.shape[:-1], -1, sa.attention_head_size)
+    q = _proj(sa.query, hidden, paths["attention.self.query"], segments).view(shape).transpose(1, 2)
+    k = _proj(sa.key, hidden, paths["attention.self.key"], segments).view(shape).transpose(1, 2)
+    v = _proj(sa.value, hidden, paths["attention.self.value"], segments).view(shape).transpose(1, 2)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+    ctx, _ = attention(sa, q, k, v, attn_mask, dropout=0.0, scaling=sa.scaling)
+    ctx = ctx.reshape(*hidden.shape[:-1], -1).contiguous()
+    attended = so.LayerNorm(_proj(so.dense, ctx, paths["attention.output.dense"], segments) + hidden)
+    inter = layer.intermediate
+    mid = inter.intermediate_act_fn(_proj(inter.dense, attended, paths["intermediate.dense"], segments))
+    out = layer.output
+    return out.LayerNorm(_proj(out.dense, mid, paths["output.dense"], segments) + attended)

@@ -3,7 +3,7 @@
 One server for this module on a fresh repository made with the CLI:
 ``fmplex init --backbone smollm2``, a base task (``chat``, kind generate) and
 a PEFT LoRA task (``pirate``, made here with peft's ``get_peft_model`` on the
-same weights), deployed offline, served with ``serving.start`` plus the
+same weights) and a PEFT IA3 task (``scaled``, likewise), deployed offline, served with ``serving.start`` plus the
 streaming twins. Answers are compared with ``generate`` in this process on
 the same model (+ adapter): greedy text identical.
 """
@@ -56,7 +56,7 @@ def _cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMServer]:
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import IA3Config, LoraConfig, get_peft_model  # noqa: PLC0415
 
     set_threads(1)
     work = tmp_path_factory.mktemp("gen")
@@ -70,25 +70,34 @@ def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LMServer]:
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.04 if "lora_B" in name else 0.05))
     peft_model.eval()
     peft_model.save_pretrained(str(work / "pirate_lora"))
+    # IA3 with PEFT's defaults for Llama (k_proj, v_proj outputs; down_proj input), vectors moved off 1
+    ia3_model = get_peft_model(copy.deepcopy(lm.model), IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in ia3_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.3)
+    ia3_model.eval()
+    ia3_model.save_pretrained(str(work / "scaled_ia3"))
     _cli("init", str(repo), "--backbone", "smollm2", "--slots", "16")
     _cli("task", "create", "chat", "--backbone", "smollm2", "--kind", "generate", "--repo", str(repo))
     _cli("task", "create", "pirate", "--backbone", "smollm2", "--kind", "lora", "--source", str(work / "pirate_lora"), "--repo", str(repo))
-    _cli("deploy", "chat", "pirate", "--offline", "--repo", str(repo))
+    _cli("task", "create", "scaled", "--backbone", "smollm2", "--kind", "ia3", "--source", str(work / "scaled_ia3"), "--repo", str(repo))
+    _cli("deploy", "chat", "pirate", "scaled", "--offline", "--repo", str(repo))
     refs = {}
-    for task, model in (("chat", lm.model), ("pirate", peft_model)):
+    for task, model in (("chat", lm.model), ("pirate", peft_model), ("scaled", ia3_model)):
         for prompt in PROMPTS:
             ids = lm.tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=lm.eos_token_id)
             refs[(task, prompt, MAX_TOKENS)] = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    del peft_model
+    del peft_model, ia3_model
     ports = free_ports()
     log = work / "tritonserver.log"
     t0 = time.monotonic()
     proc = serving.start(repo, ports, log_path=log)
     try:
         start_up(f"127.0.0.1:{ports.grpc}", repo, None)
-        print(f"server with both LM hosts and 4 vFMs ready in {time.monotonic() - t0:.1f} s")
+        print(f"server with both LM hosts and 6 vFMs ready in {time.monotonic() - t0:.1f} s")
         server = LMServer(proc, repo, ports, log)
         server.refs = refs
         yield server
@@ -184,6 +193,29 @@ def test_whole_answers_equal_generate_while_sharing_batches(lm_server: LMServer)
         assert lm_server.wait_metric("fmplex_task_responses_total", 6, task=task, outcome="ok") >= 6
     assert lm_server.metric("fmplex_task_responses_total", outcome="duplicate_suppressed") == 0
     print(f"12 concurrent requests x {MAX_TOKENS} tokens in {took:.1f} s")
+
+
+def test_ia3_task_answers_equal_peft_generate(lm_server: LMServer) -> None:
+    """The IA3 task's greedy answers are PeftModel.generate's, token for token, with its
+    rows sharing steps with the LoRA and base tasks (HTTP and gRPC)."""
+    jobs = [(task, prompt, via) for task in ("scaled", "pirate", "chat") for prompt in PROMPTS for via in ("http", "grpc")]
+    results: dict[int, Any] = {}
+
+    def run(i: int, task: str, prompt: str, via: str) -> None:
+        try:
+            results[i] = (_infer_http(lm_server, task, prompt, max_tokens=MAX_TOKENS) if via == "http"
+                          else _infer_grpc(lm_server, task, prompt))
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    for i, (task, prompt, via) in enumerate(jobs):
+        assert results.get(i) == lm_server.refs[(task, prompt, MAX_TOKENS)], (task, prompt, via, results.get(i))
+    assert any(lm_server.refs[("scaled", p, MAX_TOKENS)] != lm_server.refs[("chat", p, MAX_TOKENS)] for p in PROMPTS)
 
 
 def test_grpc_stream_pieces_concatenate_to_the_whole_answer(lm_server: LMServer) -> None:

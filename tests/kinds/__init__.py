@@ -25,6 +25,7 @@ class TaskSource:
     create_args: list[str]  # after `fmplex task create NAME`
     reference: Callable[[list[str]], dict[str, np.ndarray]]  # public output -> expected, for these texts
     atol: float = 1e-4
+    rtol: float = 0.0  # numpy's assert_allclose: |got - want| <= atol + rtol * |want|
 
 
 def tokenizer():  # noqa: ANN201

@@ -1,5 +1,6 @@
-"""ONNX heads built with onnx.helper; reference = the same math in numpy on
-plain transformers' outputs (sentence vector or last hidden states).
+"""ONNX heads built with onnx.helper; reference = ONNX Runtime running the
+user's .onnx file alone on plain transformers' outputs (sentence vector, or
+last hidden states + mask), never the graph's math re-written here.
 
 - ``pooled``: Gemm on the pooled sentence vector -> logits for 3 labels
   (family classifier: LOGITS + LABEL);
@@ -73,6 +74,16 @@ def _model(graph):  # noqa: ANN001, ANN202
     return model
 
 
+def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
+    """The user's file in ONNX Runtime alone: CPU, one thread, as written (no fmplex code)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def make(tmp: Path, seed: int = 0, mode: str = "pooled") -> TaskSource:
     import onnx
 
@@ -84,6 +95,7 @@ def make(tmp: Path, seed: int = 0, mode: str = "pooled") -> TaskSource:
         b = rng.normal(0, 0.1, len(POOLED_LABELS)).astype(np.float32)
         onnx.save(pooled_graph(w, b), str(out))
         names = np.array([x.encode() for x in POOLED_LABELS], dtype=object)
+        session = _session(out)
 
         def reference(texts: list[str]) -> dict[str, np.ndarray]:
             embs = []
@@ -91,7 +103,7 @@ def make(tmp: Path, seed: int = 0, mode: str = "pooled") -> TaskSource:
                 enc = tok(t, return_tensors="pt")
                 with torch.no_grad():
                     embs.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])[0])
-            logits = (np.stack(embs).astype(np.float64) @ w.T.astype(np.float64) + b).astype(np.float32)
+            logits = session.run(None, {"pooled": np.stack(embs).astype(np.float32)})[0]
             return {"LOGITS": logits, "LABEL": names[logits.argmax(1)]}
 
         args = ["--labels", ",".join(POOLED_LABELS), "--onnx-input", "pooled", "--onnx-family", "classifier"]
@@ -99,14 +111,15 @@ def make(tmp: Path, seed: int = 0, mode: str = "pooled") -> TaskSource:
         w = rng.normal(0, 0.1, (HIDDEN, len(TOKEN_LABELS))).astype(np.float32)
         b = rng.normal(0, 0.1, len(TOKEN_LABELS)).astype(np.float32)
         onnx.save(token_graph(w, b), str(out))
+        session = _session(out)
 
         def reference(texts: list[str]) -> dict[str, np.ndarray]:
             per = []
             for t in texts:
                 enc = tok(t, return_tensors="pt")
                 with torch.no_grad():
-                    h = model(**enc).last_hidden_state[0].numpy().astype(np.float64)
-                per.append((h @ w.astype(np.float64) + b).astype(np.float32))
+                    h = model(**enc).last_hidden_state.numpy().astype(np.float32)
+                per.append(session.run(None, {"hidden": h, "mask": enc["attention_mask"].numpy().astype(np.int64)})[0][0])
             longest = max(p.shape[0] for p in per)
             padded = np.zeros((len(per), longest, len(TOKEN_LABELS)), dtype=np.float32)
             for i, p in enumerate(per):

@@ -54,7 +54,8 @@ def test_matches_what_peft_applies(tiny, tmp_path: Path) -> None:  # noqa: ANN00
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             parts = name.split(".")
             layer, proj = int(parts[parts.index("layers") + 1]), parts[-1]
-            a, b, scale = adapter.deltas[(layer, proj)]
+            d = adapter.deltas[(layer, proj)]
+            a, b, scale = d.a, d.b, d.scale
             assert torch.equal(a, module.lora_A["default"].weight)
             assert torch.equal(b, module.lora_B["default"].weight)
             assert scale == pytest.approx(module.scaling["default"], rel=1e-12)
@@ -64,7 +65,8 @@ def test_matches_what_peft_applies(tiny, tmp_path: Path) -> None:  # noqa: ANN00
     # and the delta it adds equals PEFT's layer output minus the base layer's
     x = torch.randn(5, 32)
     peft_q = model.base_model.model.model.layers[1].self_attn.q_proj
-    a, b, s = adapter.deltas[(1, "q_proj")]
+    d = adapter.deltas[(1, "q_proj")]
+    a, b, s = d.a, d.b, d.scale
     torch.testing.assert_close(peft_q(x), peft_q.base_layer(x) + (x @ a.T @ b.T) * s, rtol=0, atol=1e-6)
 
 
@@ -115,3 +117,32 @@ def test_missing_or_corrupt_files(tiny, tmp_path: Path) -> None:  # noqa: ANN001
     (path / ADAPTER_CONFIG).write_text("{nope")
     with pytest.raises(AdapterError, match="not valid JSON"):
         load_peft_lora(path, tiny.config)
+
+
+def test_ia3_matches_what_peft_applies(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """IA3 read by the same reader: every projection's output equals PEFT's ia3.Linear."""
+    import copy  # noqa: PLC0415
+
+    from peft import IA3Config, get_peft_model  # noqa: PLC0415
+
+    from fmplex.generative.lora import load_peft_adapter  # noqa: PLC0415
+    from fmplex.row_deltas import Ia3Delta  # noqa: PLC0415
+
+    model = get_peft_model(copy.deepcopy(tiny), IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                                                          feedforward_modules=["down_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + torch.randn(p.shape) * 0.3)
+    model.save_pretrained(str(tmp_path / "ia3"))
+    adapter = load_peft_adapter(tmp_path / "ia3", tiny.config, "t", kind="ia3")
+    assert len(adapter.deltas) == 12 and adapter.ranks == [] and adapter.nbytes > 0
+    layers = model.base_model.model.model.layers
+    for (layer, proj), delta in adapter.deltas.items():
+        assert isinstance(delta, Ia3Delta) and delta.feedforward == (proj in ("down_proj", "up_proj"))
+        module = getattr(layers[layer].self_attn if proj in ("k_proj", "v_proj") else layers[layer].mlp, proj)
+        x = torch.randn(5, module.in_features)
+        w = module.base_layer.weight
+        torch.testing.assert_close(delta(x, torch.nn.functional.linear(x, w), w, None), module(x), rtol=0, atol=1e-6)
+    with pytest.raises(AdapterError, match="not 'LORA'"):
+        load_peft_lora(tmp_path / "ia3", tiny.config)

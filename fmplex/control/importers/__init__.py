@@ -1,7 +1,8 @@
 """Turning what other tools write into fmplex task artifacts.
 
 One module per source kind, each with ``build(source, spec, options, echo) ->
-Built``: PEFT adapter directories (LoRA, prompt tuning), transformers
+Built``: PEFT adapter directories (LoRA, IA3, prompt tuning; read by
+:mod:`fmplex.peft_reader`, heads by :mod:`.peft_encoder`), transformers
 checkpoints (fork), adapter safetensors, ONNX files. An importer only reads
 JSON, safetensors and ONNX — never pickle — and checks that what it reads fits
 the backbone, so a bad source is refused at ``task create``, not at serve time.
@@ -20,6 +21,7 @@ Echo = Callable[[str], None]
 
 IMPORTERS = {
     "lora": "lora",
+    "ia3": "ia3",
     "adapter": "adapter",
     "prompt": "prompt",
     "fork": "fork",

@@ -1,14 +1,17 @@
-"""PEFT prompt-tuning adapter directory -> fmplex ``prompt`` task body.
+"""PEFT prompt-tuning adapter directory -> fmplex ``prompt`` task (body, and head if trained).
 
-Reads ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes
-them for a BERT backbone (task type FEATURE_EXTRACTION or SEQ_CLS): one tensor
+Read by the one PEFT reader (:mod:`fmplex.peft_reader`), for a BERT backbone
+(task type FEATURE_EXTRACTION, SEQ_CLS or TOKEN_CLS): one tensor
 ``prompt_embeddings`` [num_virtual_tokens, token_dim], the soft prompt that
 PEFT puts before the input embeddings (positions counted from 0 at the first
 virtual token, attention mask all ones over the prompt). Stored as
 ``prompt.embeddings`` [P, hidden] with manifest ``{"prompt": {"virtual_tokens": P}}``.
 
 The sentence vector of a prompt task is the masked mean over the input tokens
-only (the P prompt positions are left out), L2-normalised.
+only (the P prompt positions are left out), L2-normalised. A SEQ_CLS
+adapter's trained classifier reads BERT's pooler at position 0 — the first
+virtual token, as in PEFT; a TOKEN_CLS one returns the logits of the input
+tokens (the P virtual positions, which have no input token, are left out).
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fmplex.backbones import BackboneSpec
 
-from . import Built, Echo, SourceError, read_json, read_safetensors
+from . import Built, Echo, SourceError
+from . import peft_encoder as pe
 
 KEY = "prompt_embeddings"
 
@@ -33,15 +35,8 @@ def _int(cfg: dict[str, Any], name: str, source: Path, default: int | None = Non
 
 
 def build(source: Path, spec: BackboneSpec, options: dict[str, Any], echo: Echo) -> Built:
-    if not source.is_dir():
-        raise SourceError(f"{source}: a prompt task's --source is a PEFT adapter directory")
-    cfg = read_json(source / "adapter_config.json")
-    if cfg.get("peft_type") != "PROMPT_TUNING":
-        hint = " (use --kind lora)" if cfg.get("peft_type") == "LORA" else ""
-        raise SourceError(f"{source}: peft_type is {cfg.get('peft_type')!r}, not 'PROMPT_TUNING'{hint}")
-    task_type = cfg.get("task_type")
-    if task_type not in (None, "FEATURE_EXTRACTION", "SEQ_CLS"):
-        echo(f"note: task_type {task_type!r}: only the soft prompt is imported (fmplex heads come from --train)")
+    adapter = pe.read(source, "PROMPT_TUNING", "prompt")
+    cfg = adapter.config
     submodules = _int(cfg, "num_transformer_submodules", source, 1)
     if submodules != 1:
         raise SourceError(
@@ -60,18 +55,8 @@ def build(source: Path, spec: BackboneSpec, options: dict[str, Any], echo: Echo)
             f"'{spec.name}''s limit of {spec.max_tokens} tokens"
         )
 
-    weights = read_safetensors(source / "adapter_model.safetensors")
-    prompt = weights.get(KEY)
-    if prompt is None:
-        raise SourceError(
-            f"{source}: adapter_model.safetensors lacks the tensor '{KEY}' (found: {', '.join(sorted(weights)) or 'none'})"
-        )
-    others = sorted(k for k in weights if k != KEY)
-    if others:
-        echo(f"note: ignoring {len(others)} tensor(s) besides the prompt ({', '.join(others[:4])}"
-             f"{', ...' if len(others) > 4 else ''}): fmplex heads come from --train")
-    if not prompt.is_floating_point():
-        raise SourceError(f"{source}: '{KEY}' has dtype {prompt.dtype}, not a floating-point type")
+    prompt = adapter.prompt
+    assert prompt is not None  # the reader refuses a prompt-tuning adapter without one
     if prompt.dim() == 2 and prompt.shape[1] != spec.hidden_size:
         raise SourceError(
             f"{source}: '{KEY}' holds vectors of width {prompt.shape[1]}, but backbone '{spec.name}' has hidden size {spec.hidden_size}"
@@ -81,8 +66,6 @@ def build(source: Path, spec: BackboneSpec, options: dict[str, Any], echo: Echo)
             f"{source}: '{KEY}' has shape {tuple(prompt.shape)}, but the config says [{virtual}, {token_dim}] "
             "(num_virtual_tokens, token_dim)"
         )
-    prompt = prompt.float().contiguous()
-    if not torch.isfinite(prompt).all():
-        raise SourceError(f"{source}: '{KEY}' holds NaN or Inf")
+    fields, head_tensors = pe.head(adapter, spec, options, echo)
     echo(f"prompt tuning: {virtual} virtual tokens x {token_dim} ({virtual * token_dim} parameters)")
-    return Built(manifest={"prompt": {"virtual_tokens": virtual}}, tensors={"prompt.embeddings": prompt})
+    return Built(manifest={"prompt": {"virtual_tokens": virtual}, **fields}, tensors={"prompt.embeddings": prompt, **head_tensors})

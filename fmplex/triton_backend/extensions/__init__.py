@@ -19,6 +19,7 @@ EXTENSIONS: dict[str, str] = {
     "embedding": "embedding:EmbeddingExtension",
     "classifier": "classifier:ClassifierExtension",
     "lora": "lora:LoraExtension",
+    "ia3": "ia3:Ia3Extension",
     "adapter": "adapter:AdapterExtension",
     "prompt": "prompt:PromptExtension",
     "fork": "fork:ForkExtension",

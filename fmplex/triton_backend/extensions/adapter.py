@@ -3,7 +3,7 @@
 After a layer's attention output projection and/or its MLP output projection
 ``y = W x + b``, the task's rows get ``y + up(act(down(y)))`` — before dropout,
 the residual and the LayerNorm, as in Houlsby et al. (2019). The adapter is a
-delta on that Linear (see :mod:`fmplex.triton_backend.segments`), so rows of
+delta on that Linear (see :mod:`fmplex.row_deltas`), so rows of
 many adapter tasks of any bottleneck, of LoRA tasks and of plain tasks share
 one forward pass. Source format: :mod:`fmplex.control.importers.adapter`.
 """
@@ -28,8 +28,8 @@ _PATH = re.compile(r"^encoder\.layer\.(\d+)\.(attention\.output\.dense|output\.d
 
 
 def _delta(dw: torch.Tensor, db: torch.Tensor, uw: torch.Tensor, ub: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> LinearDelta:
-    def delta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(act(torch.nn.functional.linear(y, dw, db)), uw, ub)
+    def delta(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return y + torch.nn.functional.linear(act(torch.nn.functional.linear(y, dw, db)), uw, ub)
 
     return delta
 

@@ -11,19 +11,20 @@ One small module per kind; :mod:`.heads` holds the heads they share.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from fmplex.artifacts import ArtifactError
 from fmplex.backbones import BackboneSpec
 from fmplex.kinds import head_type
+from fmplex.row_deltas import RowDelta
 
 from .heads import HEADS, Head
 from .outputs import SlotOutputs, require  # noqa: F401 - part of this interface; heads use them too
 
-# delta(x, y) -> what to add to y = base(x) for this task's rows of one Linear.
-LinearDelta = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What a task makes of one shared Linear's output for its rows (see fmplex.row_deltas).
+LinearDelta = RowDelta
 
 
 class Extension:
@@ -80,3 +81,25 @@ def make_head(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: 
     if cls is None:
         raise ArtifactError(f"{where}: unknown head type '{kind}' (known: {', '.join(sorted([*HEADS, 'onnx']))})")
     return cls(manifest, tensors, spec, where)
+
+
+def target_layer(path: str, config: Any, where: str, what: str) -> int:
+    """Layer index of a delta's target ``encoder.layer.<j>.<target>``; refuses any other path."""
+    from fmplex.triton_backend.segments import TARGETS  # noqa: PLC0415 - segments imports torch-heavy transformers parts
+
+    parts = path.split(".")
+    if len(parts) < 4 or parts[:2] != ["encoder", "layer"] or not parts[2].isdigit() or ".".join(parts[3:]) not in TARGETS:
+        raise ArtifactError(f"{where}: {what} target '{path}' is not a backbone Linear")
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and not 0 <= int(parts[2]) < layers:
+        raise ArtifactError(f"{where}: {what} target '{path}' is beyond the backbone's {layers} layers")
+    return int(parts[2])
+
+
+def linear_shape(path: str, config: Any) -> tuple[int, int] | None:
+    """(in, out) features of the backbone Linear at ``path`` (None without a config)."""
+    if config is None:
+        return None
+    h, inter = int(config.hidden_size), int(config.intermediate_size)
+    target = ".".join(path.split(".")[3:])
+    return {"intermediate.dense": (h, inter), "output.dense": (inter, h)}.get(target, (h, h))
