@@ -56,10 +56,6 @@ from fmplex.artifacts import version_dir
 from .config import HEAD_RESOURCE, INGRESS, PLACER, backbone_deployment
 from .placement import Placement, PlacementError, PlacementPolicy, Release, ReplicaState, TaskInfo
 
-# tritonclient 2.51's generated messages say __module__ == "grpc_service_pb2"; Serve pickles gRPC
-# requests between its proxy and the ingress, so that name must import wherever they are unpickled.
-sys.modules.setdefault("grpc_service_pb2", pb)
-
 log = logging.getLogger("ray.serve")
 
 TICK_S = 0.5  # placer: liveness checks and hot-task rebalancing; ingress: load reports
@@ -247,6 +243,7 @@ class Placer:
         self.events: list[dict[str, Any]] = []  # placements, evictions, releases, lost replicas (for status)
         self._lock = asyncio.Lock()
         self._misses: dict[str, int] = {}
+        self.releasing: set[tuple[str, str]] = set()  # (replica, task) out of the table, not yet unloaded
         self._loop_task: asyncio.Task[None] | None = None
 
     def _ensure_loop(self) -> None:
@@ -422,10 +419,14 @@ class Placer:
                     asyncio.get_running_loop().create_task(self._release_later(act.replica, act.task, RELEASE_GRACE_S))
 
     async def _release_later(self, replica: str, task: str, delay: float) -> None:
-        await asyncio.sleep(delay)  # routers refresh their table first; Triton drains what is in flight
-        rec = self.replicas.get(replica)
-        if rec is not None and task not in self.held.get(replica, {}):
-            await asyncio.to_thread(self._unload_now, rec, task)
+        self.releasing.add((replica, task))
+        try:
+            await asyncio.sleep(delay)  # routers refresh their table first; Triton drains what is in flight
+            rec = self.replicas.get(replica)
+            if rec is not None and task not in self.held.get(replica, {}):
+                await asyncio.to_thread(self._unload_now, rec, task)
+        finally:
+            self.releasing.discard((replica, task))
 
     # --- views --------------------------------------------------------------------------
     def _event(self, what: str, **fields: Any) -> None:
@@ -474,6 +475,7 @@ class Placer:
         return {
             "replicas": replicas,
             "tasks": {n: {"replicas": [r["replica"] for r in replicas if n in r["tasks"]], "load": round(self.task_load.get(n, 0.0), 2)} for n in deployed},
+            "releasing": sorted(f"{t}@{r}" for r, t in self.releasing),
             "events": self.events[-30:],
         }
 
