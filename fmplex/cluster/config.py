@@ -31,6 +31,11 @@ INGRESS = "Ingress"
 HEAD_RESOURCE = "fmplex_head"  # a custom resource only head nodes carry: the placer and ingress live there
 
 
+def device_resource(group: str) -> str:
+    """The custom resource the nodes of one device group carry (a backbone's replicas ask for it)."""
+    return f"fmplex_{group}"
+
+
 def backbone_deployment(backbone: str) -> str:
     """The Serve deployment that runs ``backbone``'s tritonserver replicas."""
     return f"fm-{backbone}"
@@ -47,6 +52,7 @@ class ClusterSpec:
     replica_cpus: float = 0.0  # Ray CPUs reserved per tritonserver replica (0 on a shared test machine)
     replica_gpus: float = 0.0
     one_replica_per_node: bool = True
+    devices: dict[str, str] = dataclasses.field(default_factory=dict)  # backbone -> device group (Kubernetes)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +120,8 @@ def serve_config(
         actor: dict[str, Any] = {"num_cpus": spec.replica_cpus}
         if spec.replica_gpus:
             actor["num_gpus"] = spec.replica_gpus
+        if b in spec.devices:  # only nodes of that device group carry the resource
+            actor["resources"] = {device_resource(spec.devices[b]): 0.001}
         dep: dict[str, Any] = {"name": backbone_deployment(b), "num_replicas": spec.replicas[b], "ray_actor_options": actor}
         if spec.one_replica_per_node:
             dep["max_replicas_per_node"] = 1

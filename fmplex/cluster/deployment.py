@@ -155,9 +155,10 @@ class BackboneReplica:
         logs.mkdir(exist_ok=True)
         log_path = logs / f"{backbone_deployment(backbone)}-{replica_id}.log"
         key = generate_key()
-        from fmplex.control.server import free_ports  # noqa: PLC0415
+        from fmplex.control.server import Ports, free_ports  # noqa: PLC0415
 
-        ports = free_ports()
+        fixed = os.environ.get("FMPLEX_TRITON_PORTS")  # one replica per pod: known ports (metrics scraping)
+        ports = Ports(*(int(p) for p in fixed.split(","))) if fixed else free_ports()
         self.proc = serving.start(
             self.repo,
             ports,

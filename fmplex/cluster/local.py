@@ -17,6 +17,7 @@ from typing import Any
 from .config import APP_NAME, HEAD_RESOURCE, INGRESS, PLACER, ClusterSpec, backbone_deployment, serve_config
 
 LOOPBACK = "127.0.0.1"
+_owner = False  # this process started the Ray cluster (init_local), so stopping it is ours to do
 
 
 class ClusterError(RuntimeError):
@@ -40,7 +41,9 @@ def init_local(num_cpus: int = 2, object_store_mb: int = 128) -> Any:
     """Start a one-node Ray cluster owned by this process, on loopback only, carrying the head resource."""
     import ray  # noqa: PLC0415
 
+    global _owner
     loopback_only()
+    _owner = True
     return ray.init(
         _node_ip_address=LOOPBACK,
         include_dashboard=False,
@@ -52,6 +55,10 @@ def init_local(num_cpus: int = 2, object_store_mb: int = 128) -> Any:
         configure_logging=True,
         log_to_driver=False,
     )
+
+
+def is_owner() -> bool:
+    return _owner
 
 
 def connect(address: str) -> None:

@@ -749,6 +749,10 @@ from fmplex.multimodal.cli import multimodal as _multimodal  # noqa: E402 - need
 
 main.add_command(_multimodal)
 
+from fmplex.cluster.cli import cluster as _cluster  # noqa: E402 - scale-out on Ray Serve (the 'cluster' extra)
+
+main.add_command(_cluster)
+
 
 # --- scaling (fmplex/control/scale.py, autoscale.py) -----------------------------
 
