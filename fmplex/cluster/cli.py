@@ -143,45 +143,51 @@ def up(repo: Path, address: str | None, http_port: int, grpc_port: int, num_cpus
 
 @cluster.command("deploy")
 @click.argument("backbone")
+@click.option("--offline", is_flag=True, help="Only record it in REPO/fmplex.cluster.json ('cluster up' and 'cluster k8s' use it).")
 @click.option("--replicas", "-n", default=1, show_default=True, type=click.IntRange(1), help="tritonserver replicas.")
 @_repo_option
 @_address_option
 @click.option("--no-wait", is_flag=True, help="Return once Serve accepted the config.")
-def deploy(backbone: str, replicas: int, repo: Path, address: str | None, no_wait: bool) -> None:
+def deploy(backbone: str, offline: bool, replicas: int, repo: Path, address: str | None, no_wait: bool) -> None:
     """Run BACKBONE on N replicas (declarative: replicas that stay are kept)."""
-    ep = _attach(repo, address)
+    ep = {} if offline else _attach(repo, address)
     spec = _record(repo, backbone, replicas)
-    _apply(repo.resolve(), spec, ep, wait=not no_wait)
+    if not offline:
+        _apply(repo.resolve(), spec, ep, wait=not no_wait)
     click.echo(f"{backbone}: {replicas} replica(s)")
 
 
 @cluster.command("scale")
 @click.argument("backbone")
+@click.option("--offline", is_flag=True, help="Only record it in REPO/fmplex.cluster.json ('cluster up' and 'cluster k8s' use it).")
 @click.option("--replicas", "-n", required=True, type=click.IntRange(1), help="tritonserver replicas.")
 @_repo_option
 @_address_option
 @click.option("--no-wait", is_flag=True, help="Return once Serve accepted the config.")
-def scale(backbone: str, replicas: int, repo: Path, address: str | None, no_wait: bool) -> None:
+def scale(backbone: str, offline: bool, replicas: int, repo: Path, address: str | None, no_wait: bool) -> None:
     """Change a deployed BACKBONE's replica count; existing replicas and their tasks stay."""
     if backbone not in load_spec(repo).replicas:
         raise click.ClickException(f"backbone '{backbone}' is not deployed on the cluster: 'fmplex cluster deploy {backbone}' first")
-    ep = _attach(repo, address)
+    ep = {} if offline else _attach(repo, address)
     spec = _record(repo, backbone, replicas)
-    _apply(repo.resolve(), spec, ep, wait=not no_wait)
+    if not offline:
+        _apply(repo.resolve(), spec, ep, wait=not no_wait)
     click.echo(f"{backbone}: {replicas} replica(s)")
 
 
 @cluster.command("undeploy")
 @click.argument("backbone")
+@click.option("--offline", is_flag=True, help="Only record it in REPO/fmplex.cluster.json ('cluster up' and 'cluster k8s' use it).")
 @_repo_option
 @_address_option
-def undeploy(backbone: str, repo: Path, address: str | None) -> None:
+def undeploy(backbone: str, offline: bool, repo: Path, address: str | None) -> None:
     """Stop BACKBONE's replicas (its tasks stay deployed in the registry)."""
     if backbone not in load_spec(repo).replicas:
         raise click.ClickException(f"backbone '{backbone}' is not deployed on the cluster")
-    ep = _attach(repo, address)
+    ep = {} if offline else _attach(repo, address)
     spec = _record(repo, backbone, 0)
-    _apply(repo.resolve(), spec, ep, wait=False)
+    if not offline:
+        _apply(repo.resolve(), spec, ep, wait=False)
     click.echo(f"{backbone}: undeployed")
 
 

@@ -302,11 +302,11 @@ def test_scaling_2_to_3_keeps_the_old_replicas_processes(env: Env) -> None:
 
 def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) -> None:
     status = local.placer_status()
-    head = env.cluster.head_node.unique_id
+    head = env.cluster.head_node.node_id
     victims = [r for r in status["replicas"] if r["node"] != head and r["tasks"]]
     assert victims, status["replicas"]
     victim = victims[0]
-    node = next(n for n in env.cluster.list_all_nodes() if n.unique_id == victim["node"])
+    node = next(n for n in env.cluster.list_all_nodes() if n.node_id == victim["node"])
 
     stop = threading.Event()
     lock = threading.Lock()

@@ -109,7 +109,9 @@ def test_render_refuses_unknown_backbones_and_device_groups(repo: Path) -> None:
 
 
 def test_the_cli_renders_what_the_repository_records(repo: Path, tmp_path: Path) -> None:
-    set_replicas(repo, "minilm", 2)
+    rec = subprocess.run([FMPLEX, "cluster", "deploy", "minilm", "-n", "2", "--offline", "--repo", str(repo)], capture_output=True, text=True, timeout=120)
+    assert rec.returncode == 0, rec.stderr
+    assert load_spec(repo).replicas == {"minilm": 2}
     out = tmp_path / "fmplex.yaml"
     run = subprocess.run([FMPLEX, "cluster", "k8s", "--repo", str(repo), "--out", str(out), "--group", "cpu=3"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
