@@ -8,6 +8,7 @@ works without the ``cluster`` extra.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def _attach(repo: Path, address: str | None) -> dict[str, Any]:
     if not address:
         raise click.ClickException(f"no cluster: run 'fmplex cluster up --repo {repo}' first, or pass --address")
     try:
-        local.connect(address)
+        local.connect(address, ep.get("auth_mode") if address == ep.get("address") else None)
     except Exception as exc:  # noqa: BLE001 - one line for the user
         raise click.ClickException(f"cannot reach the Ray cluster at {address}: {exc}") from None
     return ep
@@ -111,7 +112,13 @@ def up(repo: Path, address: str | None, http_port: int, grpc_port: int, num_cpus
     else:
         ctx = local.init_local(num_cpus=num_cpus)
         address = ctx.address_info["gcs_address"]
-    ep = {"address": address, "http_port": http_port, "grpc_port": grpc_port, "host": local.LOOPBACK}
+    ep = {
+        "address": address,
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "host": local.LOOPBACK,
+        "auth_mode": os.environ.get("RAY_AUTH_MODE", "disabled"),  # ray.init turns token auth on for a new cluster
+    }
     (repo / ENDPOINT_FILE).write_text(json.dumps(ep) + "\n")
     stop = {"now": False}
 

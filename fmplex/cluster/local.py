@@ -61,7 +61,15 @@ def is_owner() -> bool:
     return _owner
 
 
-def connect(address: str) -> None:
+def connect(address: str, auth_mode: str | None = None) -> None:
+    """Attach this process to a running Ray cluster.
+
+    ``auth_mode`` is the cluster's ``RAY_AUTH_MODE``: a cluster that
+    ``ray.init`` started locally uses token authentication (the token is in
+    ``~/.ray/auth_token``), and a driver must say so to be let in.
+    """
+    if auth_mode and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = auth_mode  # read when ray is first imported
     import ray  # noqa: PLC0415
 
     if address.split(":")[0] in ("127.0.0.1", "localhost"):
