@@ -255,14 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--backbone-mb", type=float, default=90.0)
     ap.add_argument("--device-gb", type=float, default=16.0)
+    ap.add_argument("--max-replicas-per-task", type=int, default=3, help="the cap on a hot task's replicas")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     costs = Costs(device_bytes=int(args.device_gb * 2**30), backbone_bytes=int(args.backbone_mb * 2**20))
     base = Workload(tasks=1, rate_per_task=args.rate, duration_s=args.duration)
+    policy = PlacementPolicy(max_replicas_per_task=args.max_replicas_per_task)
     rows = []
     for g in args.gpus:
-        shared = max_tasks("shared", g, args.slo_ms, base, costs)
-        per_task = max_tasks("per_task", g, args.slo_ms, base, costs)
+        shared = max_tasks("shared", g, args.slo_ms, base, costs, policy)
+        per_task = max_tasks("per_task", g, args.slo_ms, base, costs, policy)
         rows.append({"gpus": g, "shared": shared, "per_task": per_task, "ratio": round(shared / per_task, 2) if per_task else None})
         print(f"R={g:4d}: shared {shared:6d} tasks, one copy per task {per_task:6d} tasks, ratio {rows[-1]['ratio']}", flush=True)
     if args.out:
