@@ -107,7 +107,16 @@ class _Server:
     served: int = 0
 
 
-def simulate(mode: Mode, gpus: int, work: Workload, costs: Costs = Costs(), policy: PlacementPolicy = PlacementPolicy()) -> Result:
+def simulate(
+    mode: Mode,
+    gpus: int,
+    work: Workload,
+    costs: Costs = Costs(),
+    policy: PlacementPolicy = PlacementPolicy(),
+    placement: list[int] | None = None,
+) -> Result:
+    """One run. ``placement`` (shared mode) puts task i on replica ``placement[i]``
+    instead of asking the policy: to replay where a real cluster put its tasks."""
     names = [f"t{i:05d}" for i in range(work.tasks)]
     servers: list[_Server] = []
     holders: dict[str, list[int]] = {n: [] for n in names}
@@ -115,7 +124,13 @@ def simulate(mode: Mode, gpus: int, work: Workload, costs: Costs = Costs(), poli
         budget = costs.device_bytes - costs.backbone_bytes
         states = {f"r{g:04d}": ReplicaState(f"r{g:04d}", "fm", budget, costs.slots) for g in range(gpus)}
         servers = [_Server(g, 1.0, set()) for g in range(gpus)]
-        for n in names:
+        for i, n in enumerate(names):
+            if placement is not None:
+                servers[placement[i]].tasks.add(n)
+                holders[n].append(placement[i])
+                st = states[f"r{placement[i]:04d}"]
+                states[st.replica] = dataclasses.replace(st, tasks={**st.tasks, n: costs.task_bytes})
+                continue
             try:
                 p = policy.place(TaskInfo(n, "fm", costs.task_bytes), list(states.values()))
             except PlacementError:

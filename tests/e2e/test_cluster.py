@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -39,13 +38,13 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from fmplex import registry
 from fmplex.cluster import local
-from fmplex.cluster.config import HEAD_RESOURCE, ClusterSpec
+from fmplex.cluster.config import ClusterSpec
+from fmplex.cluster.testbed import LocalCluster, add_tasks, local_cluster
 from fmplex.control import serving
 from fmplex.control.server import free_ports
 
-from .conftest import EMBEDDED, FMPLEX, text_input
+from .conftest import EMBEDDED, text_input
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +53,11 @@ RECOVERY_BOUND_S = 30.0  # node loss -> every task answered again (measured ~6-1
 SENTENCE = "The battery died within an hour and support never replied."
 EXTRA = 8  # tasks made beside the embedded four: 12 in all
 HOT_LOAD = 5.0  # requests in flight per holding replica: above it a task gets another replica
-OUTPUT = {"classifier": "LOGITS", "embedding": "EMBEDDING"}
 
 
 @dataclasses.dataclass
 class Env:
-    cluster: Any
+    local: LocalCluster
     repo: Path
     http_port: int
     grpc_port: int
@@ -73,22 +71,6 @@ class Env:
 
     def grpc(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-
-
-def _make_tasks(repo: Path) -> dict[str, str]:
-    """Register EXTRA tasks that reuse the embedded tasks' artifacts, then deploy all through the CLI."""
-    sources = ["sentiment", "intent", "topic", "embed"]
-    names = []
-    with registry.editing(repo) as reg:
-        for i in range(EXTRA):
-            src = reg.tasks[sources[i % len(sources)]]
-            name = f"task{i:02d}"
-            shutil.copytree(repo / src.name / str(src.deployed_version), repo / name / "1")
-            reg.tasks[name] = dataclasses.replace(src, name=name, version=1, slot=None, deployed_version=None)
-            names.append(name)
-    subprocess.run([FMPLEX, "deploy", "--offline", *names, "--repo", str(repo)], check=True, capture_output=True, timeout=300)
-    reg = registry.load(repo)
-    return {n: OUTPUT[t.outputs_family] for n, t in reg.tasks.items() if t.deployed}
 
 
 def _infer(client: Any, mod: Any, task: str, output: str) -> np.ndarray:
@@ -116,7 +98,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("cluster")
     repo = work / "repo"  # the shared directory every node sees
     shutil.copytree(EMBEDDED, repo)
-    tasks = _make_tasks(repo)
+    tasks = add_tasks(repo, EXTRA)
     # the single-server reference runs while the Ray cluster starts (both mostly wait on start-ups)
     with cf.ThreadPoolExecutor(1) as pool:
         reference = pool.submit(_reference, repo, tasks)
@@ -124,36 +106,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def _cluster(repo: Path, tasks: dict[str, str], reference: Any, timings: dict[str, float], t0: float) -> Iterator[Env]:
-    from ray.cluster_utils import Cluster  # noqa: PLC0415
-
-    import ray  # noqa: PLC0415
-
-    local.loopback_only()
-    node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 78 * 2**20}
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"include_dashboard": False, "resources": {HEAD_RESOURCE: 1}, **node}
-    )
+    spec = ClusterSpec(replicas={"minilm": 2}, hot_load=HOT_LOAD, cool_load=1.0)
     try:
-        for _ in range(2):
-            cluster.add_node(**node)
-        ray.init(address=cluster.address, namespace="fmplex", log_to_driver=False)
-        ports = free_ports()
-        local.start_serve(ports.http, ports.grpc)
-        spec = ClusterSpec(replicas={"minilm": 2}, hot_load=HOT_LOAD, cool_load=1.0)
-        local.apply(repo, spec, http_port=ports.http, grpc_port=ports.grpc)
-        local.wait_running(spec, timeout=240)
-        local.wait_replicas_registered({"minilm": 2})
-        timings["cluster up"] = time.monotonic() - t0
-        expected = reference.result()
-        yield Env(cluster, repo, ports.http, ports.grpc, tasks, expected, spec, timings)
+        with local_cluster(repo, spec) as lc:
+            timings["cluster up"] = time.monotonic() - t0
+            yield Env(lc, repo, lc.http_port, lc.grpc_port, tasks, reference.result(), spec, timings)
     finally:
-        from ray import serve  # noqa: PLC0415
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
         timings["total"] = time.monotonic() - t0
         print(f"\ncluster e2e timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
 
@@ -291,9 +249,8 @@ def test_scaling_2_to_3_keeps_the_old_replicas_processes(env: Env) -> None:
     before = {r["replica"]: r["server_pid"] for r in _settled()["replicas"]}
     t0 = time.monotonic()
     env.spec.replicas["minilm"] = 3
-    local.apply(env.repo, env.spec, http_port=env.http_port, grpc_port=env.grpc_port)
-    local.wait_running(env.spec, timeout=240)
-    status = local.wait_replicas_registered({"minilm": 3})
+    env.local.apply()
+    status = local.placer_status()
     env.timings["scale 2->3"] = time.monotonic() - t0
     after = {r["replica"]: r["server_pid"] for r in status["replicas"]}
     assert len(after) == 3
@@ -306,11 +263,11 @@ def test_scaling_2_to_3_keeps_the_old_replicas_processes(env: Env) -> None:
 
 def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) -> None:
     status = local.placer_status()
-    head = env.cluster.head_node.node_id
+    head = env.local.cluster.head_node.node_id
     victims = [r for r in status["replicas"] if r["node"] != head and r["tasks"]]
     assert victims, status["replicas"]
     victim = victims[0]
-    node = next(n for n in env.cluster.list_all_nodes() if n.node_id == victim["node"])
+    node = next(n for n in env.local.cluster.list_all_nodes() if n.node_id == victim["node"])
 
     stop = threading.Event()
     lock = threading.Lock()
@@ -351,7 +308,7 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
     try:
         time.sleep(2)
         killed_at = time.monotonic()
-        env.cluster.remove_node(node, allow_graceful=False)
+        env.local.cluster.remove_node(node, allow_graceful=False)
         deadline = killed_at + RECOVERY_BOUND_S
         while time.monotonic() < deadline:
             with lock:
