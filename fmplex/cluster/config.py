@@ -28,6 +28,7 @@ APP_NAME = "fmplex"
 IMPORT_PATH = "fmplex.cluster.deployment:build_app"
 PLACER = "Placer"
 INGRESS = "Ingress"
+TICK_S = 0.5  # placer: liveness checks and hot-task rebalancing; ingress: load reports
 HEAD_RESOURCE = "fmplex_head"  # a custom resource only head nodes carry: the placer and ingress live there
 
 
