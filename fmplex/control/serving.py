@@ -30,18 +30,30 @@ def start(
     echo: Callable[[str], None] = lambda _msg: None,
     api_key: str | None = None,
     watchdog: bool = False,
+    backbones: list[str] | None = None,
+    load_vfms: bool = True,
+    extra_args: list[str] | None = None,
 ) -> TritonProcess:
     """Start tritonserver on ``repo`` and load what the registry says is deployed.
 
     ``api_key`` locks the server's control APIs (see ``server``); the vFMs are
-    then loaded with it. None serves unlocked.
+    then loaded with it. None serves unlocked. A cluster replica passes
+    ``backbones`` (the hosts it owns; default all) and ``load_vfms=False``: it
+    loads vFMs on demand, where placement puts them.
     """
     reg = registry.load(repo)
+    if backbones is not None:
+        missing = sorted(set(backbones) - set(reg.hosts))
+        if missing:
+            raise registry.RegistryError(f"no host for backbone(s) {', '.join(missing)} in {repo}")
+        reg.hosts = {b: h for b, h in reg.hosts.items() if b in backbones}
+        reg.tasks = {n: t for n, t in reg.tasks.items() if t.backbone in backbones}
     proc = TritonProcess(
         repo,
         ports,
         prefer=prefer,
         load=[h.model for h in reg.hosts.values()],
+        extra_args=extra_args,
         log_path=log_path,
         torch_threads=torch_threads,
         inherit_output=inherit_output,
@@ -53,7 +65,7 @@ def start(
         echo(f"hosts ready: {', '.join(h.model for h in reg.hosts.values())}")
         with Triton(f"127.0.0.1:{ports.grpc}", key=api_key) as triton:
             for entry in sorted(reg.tasks.values(), key=lambda t: t.name):
-                if not entry.deployed:
+                if not entry.deployed or not load_vfms:
                     continue
                 try:
                     triton.load(entry.name)

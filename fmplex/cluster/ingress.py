@@ -1,0 +1,266 @@
+"""The cluster's one endpoint (a Ray Serve deployment class): KServe v2 HTTP and Triton's gRPC service.
+
+Routes every call by model name to a replica that holds the vFM, from a
+cached copy of the placer's table; retries once elsewhere when a replica is
+gone, else answers UNAVAILABLE / 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import tritonclient.grpc.service_pb2 as pb
+import tritonclient.grpc.service_pb2_grpc as pb_grpc
+
+from fmplex import registry
+
+from .config import TICK_S
+from .placement import PlacementError
+from .replica import ReplicaRecord
+
+log = logging.getLogger("ray.serve")
+
+UNKNOWN_MARKERS = ("unknown model", "is not ready", "not found", "is not available")
+
+
+class _Forward(Exception):
+    """A forwarded call that did not reach a working replica (retry once elsewhere)."""
+
+
+class Ingress:
+    """The one endpoint: KServe v2 over HTTP and Triton's gRPC service, routed by model name."""
+
+    def __init__(self, placer: Any, repository: str) -> None:
+        self.placer = placer
+        self.repo = Path(repository)
+        self.view = registry.RegistryView(self.repo)
+        self.table: dict[str, Any] = {"version": -1, "routes": {}, "replicas": {}}
+        self.inflight_task: dict[str, int] = {}
+        self.inflight_replica: dict[str, int] = {}
+        self._load_area: dict[str, float] = {}
+        self._replica_area: dict[str, float] = {}
+        self._used: set[str] = set()
+        self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self._http: Any = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self.retries = 0
+        self.unavailable = 0
+
+    # --- table and load reports ----------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        samples = 0
+        while True:
+            await asyncio.sleep(TICK_S / 5)
+            samples += 1
+            for t, n in self.inflight_task.items():
+                self._load_area[t] = self._load_area.get(t, 0.0) + n
+            for r, n in self.inflight_replica.items():
+                self._replica_area[r] = self._replica_area.get(r, 0.0) + n
+            if samples < 5:
+                continue
+            task_load = {t: a / samples for t, a in self._load_area.items()}
+            replica_load = {r: a / samples for r, a in self._replica_area.items()}
+            self._load_area, self._replica_area, samples = {}, {}, 0
+            used, self._used = sorted(self._used), set()
+            try:
+                version = await self.placer.report.remote(task_load, replica_load, used)
+                if version != self.table["version"]:
+                    await self._refresh()
+            except Exception as exc:  # noqa: BLE001 - keep serving from the cached table
+                log.warning("ingress: report to placer failed: %s", exc)
+
+    async def _refresh(self) -> None:
+        fresh = await self.placer.table_since.remote(self.table["version"])
+        if fresh is not None:
+            self.table = fresh
+
+    def _backbone_of(self, name: str) -> tuple[str, bool] | None:
+        """(backbone, is_task) for a vFM or a host model name; None if the cluster does not serve it."""
+        reg = self.view.current()
+        entry = reg.tasks.get(name)
+        if entry is not None and entry.deployed:
+            return entry.backbone, True
+        for backbone, host in reg.hosts.items():
+            if host.model == name:
+                return backbone, False
+        return None
+
+    async def _pick(self, name: str, avoid: set[str]) -> ReplicaRecord:
+        """The replica for a call on model ``name``; KeyError if the cluster does not serve it."""
+        self._ensure_loop()
+        found = self._backbone_of(name)
+        if found is None:
+            raise KeyError(name)
+        backbone, is_task = found
+        for attempt in range(2):
+            replicas = self.table["replicas"]
+            if is_task:
+                ids = [r for r in self.table["routes"].get(name, []) if r not in avoid and r in replicas]
+            else:
+                ids = [r for r, rec in replicas.items() if rec["backbone"] == backbone and r not in avoid]
+            if ids:
+                rid = min(ids, key=lambda r: (self.inflight_replica.get(r, 0), r))
+                return ReplicaRecord(**replicas[rid])
+            if attempt == 0:
+                if is_task:
+                    self.table = await self.placer.ensure.remote(name)
+                else:
+                    await self._refresh()
+        raise _Forward(f"no replica of backbone '{backbone}' is available for '{name}'")
+
+    async def _call(self, name: str, fn: Any) -> Any:
+        """Run ``fn(record)`` on a replica for ``name``, retrying once on another one."""
+        avoid: set[str] = set()
+        last: Exception | None = None
+        for attempt in range(2):
+            try:
+                rec = await self._pick(name, avoid)
+            except _Forward as exc:
+                last = exc
+                break
+            self.inflight_task[name] = self.inflight_task.get(name, 0) + 1
+            self.inflight_replica[rec.replica] = self.inflight_replica.get(rec.replica, 0) + 1
+            self._used.add(name)
+            try:
+                return await fn(rec)
+            except _Forward as exc:
+                last = exc
+                avoid.add(rec.replica)
+                if attempt == 0:
+                    self.retries += 1
+                    await self.placer.suspect.remote(rec.replica)
+                    await self._refresh()
+            finally:
+                self.inflight_task[name] -= 1
+                self.inflight_replica[rec.replica] -= 1
+        self.unavailable += 1
+        raise _Forward(f"'{name}' is unavailable right now (retried once): {last}")
+
+    # --- HTTP ---------------------------------------------------------------------------
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, Response  # noqa: PLC0415
+
+        path = request.url.path.rstrip("/")
+        parts = path.split("/")
+        if path in ("/v2/health/live",):
+            return Response(status_code=200)
+        if path == "/v2/health/ready":
+            ready = bool(self.table["replicas"]) or bool((await self.placer.table_since.remote(-2))["replicas"])
+            return Response(status_code=200 if ready else 503)
+        if len(parts) >= 3 and parts[2] in ("repository", "systemsharedmemory", "cudasharedmemory", "trace", "logging"):
+            return JSONResponse({"error": "not available through the cluster endpoint: use 'fmplex cluster' / 'fmplex deploy'"}, 403)
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")}
+        if len(parts) >= 4 and parts[2] == "models" and parts[3]:
+            name = parts[3]
+        elif path == "/v2":
+            name = ""
+        else:
+            return JSONResponse({"error": f"unknown path {path}"}, 404)
+        if name == "":
+            reg = self.view.current()
+            name = next(iter(h.model for h in reg.hosts.values()), "")
+
+        async def forward(rec: ReplicaRecord) -> Any:
+            import aiohttp  # noqa: PLC0415
+
+            if self._http is None:
+                # bytes pass through as they are: compressed bodies stay compressed, with their header
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), auto_decompress=False)
+            url = rec.http_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            try:
+                async with self._http.request(request.method, url, data=body, headers=headers) as resp:
+                    content = await resp.read()
+                    if resp.status == 400 and any(m in content.decode("utf-8", "replace").lower() for m in UNKNOWN_MARKERS) and parts[-1] != "ready":
+                        raise _Forward(f"{rec.replica} does not hold {name}")
+                    keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
+                    return Response(content=content, status_code=resp.status, headers=keep)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
+
+        try:
+            return await self._call(name, forward)
+        except KeyError:
+            return JSONResponse({"error": f"Request for unknown model: '{name}' is not found"}, 400)
+        except _Forward as exc:
+            return JSONResponse({"error": f"UNAVAILABLE: {exc}"}, 503)
+        except PlacementError as exc:
+            return JSONResponse({"error": f"UNAVAILABLE: {exc}"}, 503)
+
+    # --- gRPC (inference.GRPCInferenceService) -------------------------------------------
+    def _stub(self, rec: ReplicaRecord) -> Any:
+        cached = self._channels.get(rec.replica)
+        if cached is None:
+            channel = grpc.aio.insecure_channel(
+                rec.grpc_url, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+            )
+            cached = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
+            self._channels[rec.replica] = cached
+        return cached[1]
+
+    async def _grpc(self, method: str, name: str, request: Any, grpc_context: Any, empty: Any) -> Any:
+        async def forward(rec: ReplicaRecord) -> Any:
+            try:
+                return await getattr(self._stub(rec), method)(request, timeout=300)
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "socket" in details.lower() or "reset" in details.lower() or "closed" in details.lower()):
+                    raise _Forward(f"replica {rec.replica} unreachable: {details}") from None
+                if method != "ModelReady" and any(m in details.lower() for m in UNKNOWN_MARKERS) and "unknown model" in details.lower():
+                    raise _Forward(f"{rec.replica} does not hold {name}") from None
+                grpc_context.set_code(exc.code())
+                grpc_context.set_details(details)
+                return empty
+
+        try:
+            return await self._call(name, forward)
+        except KeyError:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"Request for unknown model: '{name}' is not found")
+        except (_Forward, PlacementError) as exc:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(f"UNAVAILABLE: {exc}")
+        return empty
+
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        self._ensure_loop()
+        if not self.table["replicas"]:
+            await self._refresh()
+        return pb.ServerReadyResponse(ready=bool(self.table["replicas"]))
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        reg = self.view.current()
+        host = next(iter(h.model for h in reg.hosts.values()), "")
+        return await self._grpc("ServerMetadata", host, request, grpc_context, pb.ServerMetadataResponse())
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        if self._backbone_of(request.name) is None:
+            return pb.ModelReadyResponse(ready=False)
+        return await self._grpc("ModelReady", request.name, request, grpc_context, pb.ModelReadyResponse())
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self._grpc("ModelMetadata", request.name, request, grpc_context, pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self._grpc("ModelConfig", request.name, request, grpc_context, pb.ModelConfigResponse())
+
+    async def ModelStatistics(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self._grpc("ModelStatistics", request.name, request, grpc_context, pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self._grpc("ModelInfer", request.model_name, request, grpc_context, pb.ModelInferResponse())
+
+    async def counters(self) -> dict[str, int]:
+        """Calls retried on another replica, and calls answered UNAVAILABLE (for status and tests)."""
+        return {"retries": self.retries, "unavailable": self.unavailable}

@@ -1,0 +1,221 @@
+"""Where a task's vFM lives in the cluster, and which replica answers a request.
+
+A pure decision step, like the scheduler: it reads no clock, imports neither
+Ray nor Triton, and is fed snapshots (:class:`ReplicaState`) and task facts
+(:class:`TaskInfo`). The placement actor in :mod:`fmplex.cluster.deployment`
+owns the one mutable table and asks this module what to do with it, so the
+same policy runs in the cluster, in the unit tests and in a simulation.
+
+Why not Ray Serve's multiplexing alone: it bounds a replica by a model
+count, while a replica here is bounded by its host's extension memory budget
+(bytes) and by its slot pool; its table of who holds what is eventually
+consistent, so concurrent first requests for a new task can load it on every
+replica; and a hot model stays on one replica. This policy places a task
+exactly once on first use (one decision point, deterministic order), keeps it
+where it is, and gives a hot task a second and third replica only while its
+load calls for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Sequence
+
+
+class PlacementError(RuntimeError):
+    """No replica of the task's backbone can take it (none alive, or all full of pinned tasks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What placement needs to know about one task."""
+
+    name: str
+    backbone: str
+    bytes: int  # resident extension size (the artifact's weights)
+    pinned: bool = False  # never evicted to make room for another task
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaState:
+    """A snapshot of one replica (one tritonserver holding one backbone host).
+
+    ``tasks`` maps each task the replica holds (READY, or being loaded) to its
+    bytes; ``load`` is its requests in flight as the router sees them;
+    ``last_used`` orders its tasks for eviction (a router tick counter, larger is
+    more recent; absent means never used).
+    """
+
+    replica: str
+    backbone: str
+    budget_bytes: int
+    slots: int
+    tasks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    load: float = 0.0
+    healthy: bool = True
+    last_used: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    pinned: frozenset[str] = frozenset()  # held tasks that are never evicted
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.tasks.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.tasks)
+
+    def fits(self, task: TaskInfo) -> bool:
+        return task.name in self.tasks or (self.free_slots >= 1 and self.free_bytes >= task.bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Put ``task`` on ``replica``, after unloading ``evict`` there (least recently used first)."""
+
+    task: str
+    replica: str
+    evict: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Unload ``task`` from ``replica`` (a hot task's extra replica, no longer needed)."""
+
+    task: str
+    replica: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPolicy:
+    """Sharing-aware placement and routing.
+
+    ``hot_load``: a task whose requests in flight per replica holding it exceed
+    this gets one more replica (up to ``max_replicas_per_task``).
+    ``cool_load``: below this per replica (counted as if it had one fewer) the
+    newest extra replica is released. ``cool_load < hot_load`` is the
+    hysteresis that keeps a task from flapping between one and two replicas.
+    """
+
+    hot_load: float = 8.0
+    cool_load: float = 2.0
+    max_replicas_per_task: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cool_load < self.hot_load:
+            raise ValueError(f"need 0 <= cool_load < hot_load, got {self.cool_load} and {self.hot_load}")
+        if self.max_replicas_per_task < 1:
+            raise ValueError("max_replicas_per_task must be at least 1")
+
+    # --- routing ------------------------------------------------------------
+    def route(self, task: TaskInfo, replicas: Sequence[ReplicaState]) -> str | None:
+        """The replica to send one request to, among the healthy ones holding the
+        task: the least loaded, ties broken by replica id. None: nobody holds it
+        (then :meth:`place` decides where it goes)."""
+        holders = [r for r in replicas if r.healthy and r.backbone == task.backbone and task.name in r.tasks]
+        if not holders:
+            return None
+        return min(holders, key=lambda r: (r.load, r.replica)).replica
+
+    # --- first placement and eviction ----------------------------------------
+    def place(self, task: TaskInfo, replicas: Sequence[ReplicaState]) -> Placement:
+        """Where a task nobody healthy holds goes, deterministically.
+
+        Only healthy replicas of the task's backbone are candidates. Those with
+        room (a free slot and enough free budget bytes) come first, ordered by
+        fewest tasks, then fewest bytes, then least load, then replica id: so
+        tasks spread evenly, and two routers asking about the same snapshot get
+        the same answer. If no replica has room, the one that frees room by
+        evicting the fewest least-recently-used unpinned tasks (then least
+        load, then id) is chosen.
+        """
+        existing = self.route(task, replicas)
+        if existing is not None:
+            return Placement(task.name, existing)
+        candidates = [r for r in replicas if r.healthy and r.backbone == task.backbone]
+        if not candidates:
+            raise PlacementError(f"no healthy replica of backbone '{task.backbone}' to place task '{task.name}' on")
+        roomy = [r for r in candidates if r.fits(task)]
+        if roomy:
+            best = min(roomy, key=lambda r: (len(r.tasks), r.used_bytes, r.load, r.replica))
+            return Placement(task.name, best.replica)
+        options = []
+        for r in candidates:
+            victims = self._victims(task, r)
+            if victims is not None:
+                options.append((len(victims), r.load, r.replica, victims))
+        if not options:
+            raise PlacementError(
+                f"task '{task.name}' ({task.bytes} bytes) fits on no replica of '{task.backbone}': "
+                "their budgets and slots are taken by pinned tasks, or it is larger than a whole budget"
+            )
+        _, _, replica, victims = min(options)
+        return Placement(task.name, replica, victims)
+
+    @staticmethod
+    def _victims(task: TaskInfo, replica: ReplicaState) -> tuple[str, ...] | None:
+        """Least recently used unpinned tasks to unload so that ``task`` fits (None: impossible)."""
+        order = sorted(
+            (t for t in replica.tasks if t not in replica.pinned), key=lambda t: (replica.last_used.get(t, -1), t)
+        )
+        freed_bytes, freed_slots, out = 0, 0, []
+        for name in order:
+            if replica.free_bytes + freed_bytes >= task.bytes and replica.free_slots + freed_slots >= 1:
+                break
+            out.append(name)
+            freed_bytes += replica.tasks[name]
+            freed_slots += 1
+        if replica.free_bytes + freed_bytes >= task.bytes and replica.free_slots + freed_slots >= 1:
+            return tuple(out)
+        return None
+
+    # --- hot tasks ------------------------------------------------------------
+    def wanted_replicas(self, task_load: float, current: int) -> int:
+        """How many replicas a task with ``task_load`` requests in flight should have,
+        given it has ``current`` now (hysteresis between hot_load and cool_load)."""
+        current = max(1, current)
+        if task_load > self.hot_load * current and current < self.max_replicas_per_task:
+            return current + 1
+        if current > 1 and task_load < self.cool_load * (current - 1):
+            return current - 1
+        return current
+
+    def rebalance(
+        self,
+        tasks: Mapping[str, TaskInfo],
+        task_load: Mapping[str, float],
+        replicas: Sequence[ReplicaState],
+    ) -> list[Placement | Release]:
+        """One step of hot-task scaling: at most one replica more or fewer per task.
+
+        A hot task gains the replica :meth:`place` would pick among those not
+        holding it yet, and never evicts for it (an extra copy is not worth
+        another task's only one). A cooled task loses one extra copy: the holder
+        with the highest replica id goes (a stable, predictable choice). Tasks
+        are visited in name order, so the result is deterministic. A pinned
+        task is never reduced below what it has.
+        """
+        actions: list[Placement | Release] = []
+        for name in sorted(tasks):
+            task = tasks[name]
+            holders = sorted(r.replica for r in replicas if r.healthy and name in r.tasks)
+            if not holders:
+                continue
+            want = self.wanted_replicas(task_load.get(name, 0.0), len(holders))
+            if want > len(holders):
+                others = [r for r in replicas if r.healthy and r.backbone == task.backbone and name not in r.tasks and r.fits(task)]
+                if others:
+                    best = min(others, key=lambda r: (r.load, len(r.tasks), r.used_bytes, r.replica))
+                    actions.append(Placement(name, best.replica))
+            elif want < len(holders) and not task.pinned:
+                actions.append(Release(name, holders[-1]))
+        return actions
+
+
+def spread(counts: Iterable[int]) -> int:
+    """Max minus min of per-replica task counts (0 or 1 means as even as it gets)."""
+    values = list(counts)
+    return max(values) - min(values) if values else 0

@@ -1,0 +1,88 @@
+"""A local multi-node cluster on one machine, for the end-to-end test and the calibration benchmark.
+
+Both start it the same way: a ``ray.cluster_utils.Cluster`` (a head carrying
+the head resource, plus worker nodes; all on 127.0.0.1), Serve with one HTTP
+and one gRPC proxy, and the fmplex application applied from a
+:class:`~fmplex.cluster.config.ClusterSpec`. Leaving the context shuts Serve,
+the driver and every node down (and with them every tritonserver).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from fmplex import registry
+
+from . import local
+from .config import HEAD_RESOURCE, ClusterSpec
+
+OUTPUT = {"classifier": "LOGITS", "embedding": "EMBEDDING"}  # the output a task of each family answers on
+
+
+def add_tasks(repo: Path, extra: int) -> dict[str, str]:
+    """Register ``extra`` tasks that reuse the repository's deployed tasks' artifacts, deploy them
+    through ``fmplex deploy --offline`` (the single-server path), and return every deployed task's output name."""
+    reg = registry.load(repo)
+    sources = sorted(n for n, t in reg.tasks.items() if t.deployed)
+    names = []
+    with registry.editing(repo) as reg:
+        for i in range(extra):
+            src = reg.tasks[sources[i % len(sources)]]
+            name = f"task{i:02d}"
+            shutil.copytree(repo / src.name / str(src.deployed_version), repo / name / "1")
+            reg.tasks[name] = dataclasses.replace(src, name=name, version=1, slot=None, deployed_version=None)
+            names.append(name)
+    if names:
+        fmplex = str(Path(sys.executable).parent / "fmplex")
+        subprocess.run([fmplex, "deploy", "--offline", *names, "--repo", str(repo)], check=True, capture_output=True, timeout=300)
+    reg = registry.load(repo)
+    return {n: OUTPUT[t.outputs_family] for n, t in reg.tasks.items() if t.deployed}
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    cluster: Any  # ray.cluster_utils.Cluster
+    repo: Path
+    spec: ClusterSpec
+    http_port: int
+    grpc_port: int
+
+    def apply(self) -> None:
+        """Apply ``spec`` (after editing it) and wait until it runs."""
+        local.apply(self.repo, self.spec, http_port=self.http_port, grpc_port=self.grpc_port)
+        local.wait_running(self.spec, timeout=240)
+        local.wait_replicas_registered({b: n for b, n in self.spec.replicas.items()})
+
+
+@contextlib.contextmanager
+def local_cluster(repo: Path, spec: ClusterSpec, workers: int = 2) -> Iterator[LocalCluster]:
+    import ray  # noqa: PLC0415
+    from ray import serve  # noqa: PLC0415
+    from ray.cluster_utils import Cluster  # noqa: PLC0415
+
+    from fmplex.control.server import free_ports  # noqa: PLC0415
+
+    local.loopback_only()
+    node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 78 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, "resources": {HEAD_RESOURCE: 1}, **node})
+    try:
+        for _ in range(workers):
+            cluster.add_node(**node)
+        ray.init(address=cluster.address, namespace="fmplex", log_to_driver=False)
+        ports = free_ports()
+        local.start_serve(ports.http, ports.grpc)
+        lc = LocalCluster(cluster, repo, spec, ports.http, ports.grpc)
+        lc.apply()
+        yield lc
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
