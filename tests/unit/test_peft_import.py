@@ -23,7 +23,7 @@ from fmplex.control import importers
 from fmplex.control.importers import SourceError
 from fmplex.triton_backend.executor import Executor, WorkItem, pad_tokens
 from fmplex.triton_backend.extensions import extension_class
-from fmplex.triton_backend.validation import Rows
+from fmplex.runtime.validation import Rows
 
 from ..kinds import TaskSource, peft_heads
 
