@@ -99,23 +99,41 @@ def train_classifier(
     with torch.inference_mode():
         x = executor.embed(texts, progress=progress, extension=extension)
     x = x.clone()  # leave inference mode: the head is fitted with autograd
+    head, acc, holdout = fit_probe(x, y, len(names), echo)
+    return head, FitReport(len(texts), names, acc, holdout, 100)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, echo: Echo) -> tuple[torch.nn.Linear, float, float | None]:
+    """(head, training accuracy, held-out accuracy or None): the linear probe every family trains.
+
+    A fixed 80/20 split (20 rows or more) tells the user whether the head
+    generalises; then the head that ships is fitted on every row.
+    """
     holdout = None
-    if len(texts) >= 20:
-        # A fixed 80/20 split tells the user whether the head generalises,
-        # then the head that ships is fitted on every row.
+    if len(y) >= 20:
         g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(texts), generator=g)
-        cut = int(0.8 * len(texts))
+        perm = torch.randperm(len(y), generator=g)
+        cut = int(0.8 * len(y))
         tr, te = perm[:cut], perm[cut:]
-        probe = fit_softmax(x[tr], y[tr], len(names))
+        probe = fit_softmax(x[tr], y[tr], classes)
         with torch.no_grad():
             holdout = float((probe(x[te]).argmax(1) == y[te]).float().mean())
         echo(f"held-out accuracy (80/20 split): {holdout:.3f}")
-    head = fit_softmax(x, y, len(names))
+    head = fit_softmax(x, y, classes)
     with torch.no_grad():
         acc = float((head(x).argmax(1) == y).float().mean())
-    echo(f"training accuracy: {acc:.3f} over {len(names)} labels")
-    return head, FitReport(len(texts), names, acc, holdout, 100)
+    echo(f"training accuracy: {acc:.3f} over {classes} labels")
+    return head, acc, holdout
+
+
+def probe_artifact(head: torch.nn.Linear, names: list[str], rows: int, acc: float, holdout: float | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest fields and tensors of a linear probe over a backbone's features (vision, series)."""
+    fields = {
+        "head": {"type": "linear"},
+        "labels": names,
+        "training": {"rows": rows, "train_accuracy": round(acc, 4), "holdout_accuracy": None if holdout is None else round(holdout, 4)},
+    }
+    return fields, {"head.weight": head.weight.detach().clone(), "head.bias": head.bias.detach().clone()}
 
 
 def write_artifact(

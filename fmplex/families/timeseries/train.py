@@ -76,33 +76,14 @@ def read_labelled_series(path: Path) -> tuple[list[np.ndarray], list[str]]:
 
 def train_probe(executor: Any, rows: list[np.ndarray], labels: list[str], echo: Echo) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Fit the probe on the embeddings of ``rows``: (manifest fields, tensors)."""
-    from fmplex.control.train import fit_softmax  # noqa: PLC0415 - control plane, torch-heavy
+    from fmplex.control.train import fit_probe, probe_artifact  # noqa: PLC0415 - control plane, torch-heavy
 
     names = sorted(set(labels))
     y = torch.tensor([names.index(lab) for lab in labels])
     echo(f"embedding {len(rows)} series with backbone 'fm.fracast'")
     x = executor.embed(rows).clone()  # leave inference mode: the head is fitted with autograd
-    holdout = None
-    if len(rows) >= 20:
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(rows), generator=g)
-        cut = int(0.8 * len(rows))
-        tr, te = perm[:cut], perm[cut:]
-        probe = fit_softmax(x[tr], y[tr], len(names))
-        with torch.no_grad():
-            holdout = float((probe(x[te]).argmax(1) == y[te]).float().mean())
-        echo(f"held-out accuracy (80/20 split): {holdout:.3f}")
-    head = fit_softmax(x, y, len(names))
-    with torch.no_grad():
-        acc = float((head(x).argmax(1) == y).float().mean())
-    echo(f"training accuracy: {acc:.3f} over {len(names)} labels")
-    fields = {
-        "head": {"type": "linear"},
-        "labels": names,
-        "training": {"rows": len(rows), "train_accuracy": round(acc, 4),
-                     "holdout_accuracy": None if holdout is None else round(holdout, 4)},
-    }
-    return fields, {"head.weight": head.weight.detach().clone(), "head.bias": head.bias.detach().clone()}
+    head, acc, holdout = fit_probe(x, y, len(names), echo)
+    return probe_artifact(head, names, len(rows), acc, holdout)
 
 
 def train_classifier(executor: Any, source: Path, echo: Echo) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

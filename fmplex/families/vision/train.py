@@ -87,33 +87,14 @@ def load_pixels(paths: list[Path]) -> np.ndarray:
 
 def train_probe(executor: Any, pixels: np.ndarray, labels: list[str], echo: Echo) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Fit the probe on ``pixels`` (``[rows, 3, 224, 224]``): (manifest fields, tensors)."""
-    from fmplex.control.train import fit_softmax  # noqa: PLC0415 - control plane, torch-heavy
+    from fmplex.control.train import fit_probe, probe_artifact  # noqa: PLC0415 - control plane, torch-heavy
 
     names = sorted(set(labels))
     y = torch.tensor([names.index(lab) for lab in labels])
     echo(f"embedding {len(labels)} images with backbone 'fm.efficientnet'")
     x = torch.cat([executor.pooled_features(pixels[i : i + BATCH]) for i in range(0, len(labels), BATCH)]).clone()
-    holdout = None
-    if len(labels) >= 20:
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(labels), generator=g)
-        cut = int(0.8 * len(labels))
-        tr, te = perm[:cut], perm[cut:]
-        probe = fit_softmax(x[tr], y[tr], len(names))
-        with torch.no_grad():
-            holdout = float((probe(x[te]).argmax(1) == y[te]).float().mean())
-        echo(f"held-out accuracy (80/20 split): {holdout:.3f}")
-    head = fit_softmax(x, y, len(names))
-    with torch.no_grad():
-        acc = float((head(x).argmax(1) == y).float().mean())
-    echo(f"training accuracy: {acc:.3f} over {len(names)} labels")
-    fields = {
-        "head": {"type": "linear"},
-        "labels": names,
-        "training": {"rows": len(labels), "train_accuracy": round(acc, 4),
-                     "holdout_accuracy": None if holdout is None else round(holdout, 4)},
-    }
-    return fields, {"head.weight": head.weight.detach().clone(), "head.bias": head.bias.detach().clone()}
+    head, acc, holdout = fit_probe(x, y, len(names), echo)
+    return probe_artifact(head, names, len(labels), acc, holdout)
 
 
 def train_classifier(executor: Any, source: Path, echo: Echo) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
