@@ -40,7 +40,7 @@ from .extensions import Extension, load_extension
 class EncoderSettings(HostSettings):
     policy: str = "wfq"  # wfq, or fifo (a baseline)
     max_batch_rows: int = 16  # rows of one batch while a light task waits
-    saturated_batch_rows: int = 64  # rows a batch may grow to under saturation (<= max_batch_rows: off)
+    saturated_batch_rows: int = 0  # rows a batch may grow to under saturation (<= max_batch_rows: off, the default)
     max_batch_tokens: int = 8192  # padded tokens of a max_batch_rows batch
     max_lag: float = 4096.0
     max_queue_delay_us: float = 0.0
