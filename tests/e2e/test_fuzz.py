@@ -583,7 +583,7 @@ def _alive_and_serving(server: Server) -> tuple[int | str, int | str, str]:
         reply = infer(server, "sentiment", text_body([FIXED]))
     except OSError as exc:
         return ready, repr(exc), "-"
-    return ready, reply.status, reply.body[:200].decode("utf-8", "replace")
+    return ready, reply.status, reply.body[:4000].decode("utf-8", "replace")
 
 
 class Bystanders:
@@ -641,26 +641,40 @@ class Bystanders:
         assert not any(t.is_alive() for t in self.threads), "a bystander's call hung past its deadline"
 
 
-def crash_and_recover(srv: Served, ref: EmbeddedReference, crash: Callable[[], None]) -> dict[str, Any]:
+def crash_and_recover(srv: Served, ref: EmbeddedReference, crash: Callable[[], None], *, in_stub_lost: bool = False) -> dict[str, Any]:
     """Send ``crash`` with bystanders running; service must be back within CRASH_BOUND_S,
-    no bystander call lost or answered wrong, and every call sent after the recovery answered."""
-    restarts0 = srv.out.read_text(errors="replace").count("restarting it")
+    no bystander call lost or answered wrong, and every call sent after the recovery answered.
+
+    ``in_stub_lost``: the crash kills the host's stub, and Triton (2.51) never
+    answers the requests that were inside it (measured: each bystander's call
+    in flight ran into its deadline, while the server itself stayed up). Then
+    those calls -- sent before the crash, at most one per client -- are the
+    only ones allowed to go unanswered.
+    """
+    said0 = srv.out.read_text(errors="replace")
     with Bystanders(srv, ref) as others:
         t_crash = time.monotonic()
         crash()
+        t_crashed = time.monotonic()
         back = srv.wait_serving(CRASH_BOUND_S)
         t_back = time.monotonic()
         while sum(1 for c in others.calls if c[0] > t_back) < 8 and time.monotonic() < t_back + 60:
             time.sleep(0.1)  # bystanders' calls after the recovery
     calls = others.calls
+    said = srv.out.read_text(errors="replace")  # what 'fmplex serve' printed: its watchdog and supervisor
     counts = {o: sum(1 for c in calls if c[2] == o) for o in ("ok", "refused", "lost", "wrong")}
     after = [c for c in calls if c[0] > t_back]
     report = {"back_after_s": round(back, 1), **counts, "after_recovery": len(after),
-              "server_restarts": srv.out.read_text(errors="replace").count("restarting it") - restarts0,
-              "host_reloads": srv.log.read_text(errors="replace").count("fmplex_recovery")}  # fmt: skip
+              "server_restarts": said.count("restarting it") - said0.count("restarting it"),
+              "host_reloads": said.count("is gone; reloading") - said0.count("is gone; reloading")}  # fmt: skip
     print(f"\ncrash at t=0: {report}")
     assert counts["wrong"] == 0, [c for c in calls if c[2] == "wrong"][:3]
-    assert counts["lost"] == 0, f"bystander calls without an answer: {[c for c in calls if c[2] == 'lost'][:3]}"
+    lost = [c for c in calls if c[2] == "lost"]
+    if in_stub_lost:
+        assert len(lost) <= len(others.threads), lost
+        assert all(c[0] < t_crashed for c in lost), f"a call sent after the crash went unanswered: {lost}"
+    else:
+        assert not lost, f"bystander calls without an answer: {lost[:3]}"
     assert after and all(c[2] == "ok" for c in after), [c for c in after if c[2] != "ok"][:3]
     assert all(c[1] >= t_crash for c in calls if c[2] == "refused"), "a call was refused before the crash"
     return report
@@ -684,7 +698,8 @@ def test_shape_whose_element_count_overflows_is_survived(served: Served, crash_r
         except OSError:
             pass
 
-    crash_and_recover(served, crash_ref, crash)
+    report = crash_and_recover(served, crash_ref, crash, in_stub_lost=True)
+    assert report["server_restarts"] == 0 and report["host_reloads"] >= 1, report  # the watchdog, not a restart
 
 
 def test_classification_on_the_label_output_is_survived(served: Served, crash_ref: EmbeddedReference) -> None:
