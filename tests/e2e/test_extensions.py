@@ -151,7 +151,7 @@ def verdicts(server: Server) -> Reference:
 
 
 @fuzz
-@fuzz_settings(12)
+@fuzz_settings(6)
 @given(
     name=st.sampled_from(["x_lora4", "x_lora16", "x_prompt", "x_adapter", "x_fork_cls", "x_fork_tok", "x_onnx", "x_onnx_tok"]),
     rows=text_rows(max_rows=3),
