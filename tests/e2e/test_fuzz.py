@@ -18,7 +18,8 @@ model (so fmplex cannot change them):
 
 - Triton's HTTP front end answers 500 when its JSON parser (TritonJson)
   refuses the body ("Unable to parse 'shape': ...", "failed to parse the
-  request JSON buffer: ..."): TritonJson reports every parse failure as
+  request JSON buffer: ...", and "parameter key '' was not found in the JSON"
+  for a parameter name holding a NUL, found by ``make fuzz``): TritonJson reports every parse failure as
   TRITONSERVER_ERROR_INTERNAL (triton-inference-server/server#8762, #8773).
 - 503 "deadline exceeded", when a request sets Triton's ``timeout`` parameter
   shorter than its queueing (documented in the README's error table).
@@ -81,7 +82,8 @@ TASKS = ("sentiment", "embed")
 # Triton's front end, before any model: its JSON parser reports errors as INTERNAL (HTTP 500).
 TRITON_JSON_PARSE_500 = re.compile(
     r"^(Unable to parse |Unable to set '|failed to parse the request JSON buffer|failed to get request params|"
-    r"attempt to access JSON|Shape does not match)"
+    r"attempt to access JSON|Shape does not match|"
+    r"parameter key '[^']*' was not found in the JSON)"  # a parameter name with a NUL: TritonJson cuts the key there
 )
 SEEN_5XX: dict[str, int] = {}  # justified 5xx seen (message prefix -> count), for the report
 
@@ -238,6 +240,7 @@ def assume_no_huge_allocation(req: Any) -> None:
     headers=st.sampled_from([{}, {"Content-Type": "application/json"}, {"Inference-Header-Content-Length": "7"}]),
 )
 @example(model="sentiment", body=b"", headers={})
+@example(model="sentiment", body=b'{"":null,"parameters":{"\\u0000":null}}', headers={})  # found by make fuzz: Triton's 500
 @example(model="sentiment", body=b"\xff\xfe\x00garbage", headers={"Inference-Header-Content-Length": "2"})
 @example(model="sentiment", body=b'{"inputs": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}', headers={})
 def test_random_bodies_get_a_json_error(server: Server, ref: Reference, model: str, body: bytes, headers: dict[str, str]) -> None:
