@@ -19,16 +19,18 @@ model (so fmplex cannot change them):
 - Triton's HTTP front end answers 500 when its JSON parser (TritonJson)
   refuses the body ("Unable to parse 'shape': ...", "failed to parse the
   request JSON buffer: ...", and "parameter key '' was not found in the JSON"
-  for a parameter name holding a NUL, found by ``make fuzz``): TritonJson reports every parse failure as
-  TRITONSERVER_ERROR_INTERNAL (triton-inference-server/server#8762, #8773).
+  for a parameter name holding a NUL, found by ``make fuzz``): TritonJson
+  reports every parse failure as TRITONSERVER_ERROR_INTERNAL (triton-inference-server/server#8762, #8773).
 - 503 "deadline exceeded", when a request sets Triton's ``timeout`` parameter
   shorter than its queueing (documented in the README's error table).
 
 Three requests crash Triton instead; the shared-server properties leave them
 out, and each runs against ``fmplex serve`` (its host watchdog and server
 supervisor on), with other clients calling all along: service must come back
-within a bound, and no other client's call may go unanswered or be answered
-wrong:
+within a bound, no other client's call may be answered wrong, and none may go
+unanswered -- except, where the host's stub dies, the calls that were inside
+it (Triton never answers those; at most one per client, all sent before the
+crash):
 
 - a shape whose element count overflows 64 bits, with empty data: the host's
   Python stub aborts (the watchdog reloads the host);
