@@ -63,12 +63,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from tritonclient.utils import InferenceServerException
 
 from fmplex.control.server import free_ports
