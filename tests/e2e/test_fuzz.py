@@ -33,7 +33,8 @@ it (Triton never answers those; at most one per client, all sent before the
 crash):
 
 - a shape whose element count overflows 64 bits, with empty data: the host's
-  Python stub aborts (the watchdog reloads the host);
+  Python stub aborts (the watchdog reloads the host; that reload sometimes
+  aborts tritonserver, and ``fmplex serve`` starts it again);
 - a JSON input of a fixed-size datatype with a huge shape: Triton allocates
   the shape's byte size before reading the data (std::bad_alloc aborts it;
   ``fmplex serve`` starts it again);
@@ -702,7 +703,9 @@ def test_shape_whose_element_count_overflows_is_survived(served: Served, crash_r
             pass
 
     report = crash_and_recover(served, crash_ref, crash, in_stub_lost=True)
-    assert report["server_restarts"] == 0 and report["host_reloads"] >= 1, report  # the watchdog, not a restart
+    # The watchdog reloads the host; measured: that reload sometimes aborts tritonserver itself
+    # (SIGABRT, "Stream removed"), and then 'fmplex serve' starts the server again.
+    assert report["host_reloads"] >= 1 or report["server_restarts"] >= 1, report
 
 
 def test_classification_on_the_label_output_is_survived(served: Served, crash_ref: EmbeddedReference) -> None:
