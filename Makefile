@@ -47,7 +47,7 @@ test: $(STAMP) system-deps
 # generative, multimodal). Hours at the default; FUZZ_EXAMPLES=200 for a quick pass.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP) system-deps
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -s --durations=15 -o timeout=0 -m fuzz tests/e2e
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -s --durations=15 -o timeout=0 --hypothesis-show-statistics -m fuzz tests/e2e
 
 soak: $(STAMP) system-deps
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m pytest -q -ra -s -m soak tests/soak
