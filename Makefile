@@ -10,12 +10,13 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test soak test-unit test-e2e bench bench-more bench-multimodal repo clean
+.PHONY: help install system-deps demo test soak fuzz test-unit test-e2e bench bench-more bench-multimodal repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
 	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
+	@echo "make fuzz   - every property test with FUZZ_EXAMPLES (default 2000) random examples each, failures kept in .hypothesis/fuzz"
 	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
 	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
@@ -40,7 +41,13 @@ demo: $(STAMP)
 	$(PY) -m fmplex.demo
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -ra -m "not soak" tests
+	$(PY) -m pytest -q -ra --durations=15 -m "not soak" tests
+
+# Randomized, with an example database: every task kind and every family's inputs (text encoder,
+# generative, multimodal). Hours at the default; FUZZ_EXAMPLES=200 for a quick pass.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP) system-deps
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -s --durations=15 -o timeout=0 --hypothesis-show-statistics -m fuzz tests/e2e
 
 soak: $(STAMP) system-deps
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m pytest -q -ra -s -m soak tests/soak

@@ -499,32 +499,38 @@ def serve(
     def _interrupt(signum: int, frame: Any) -> None:
         stop["now"] = True
 
+    def launch() -> Any:
+        proc = serving.start(  # Ctrl-C while starting: KeyboardInterrupt stops the server
+            repo,
+            Ports(http_port, grpc_port, metrics_port),
+            prefer=prefer,
+            log_path=log,
+            torch_threads=torch_threads,
+            inherit_output=verbose,
+            echo=click.echo,
+            api_key=api_key,
+            watchdog=not no_watchdog,
+        )
+        try:  # the families' start-up extras, e.g. a generative backbone's streaming twin and NAME.stream vFMs
+            workflows.start_up(f"127.0.0.1:{grpc_port}", repo, api_key, echo=click.echo)
+        except BaseException:
+            proc.stop()
+            raise
+        return proc
+
+    from .supervise import Supervisor  # noqa: PLC0415
+
     t0 = time.monotonic()
-    proc = serving.start(  # Ctrl-C while starting: KeyboardInterrupt stops the server
-        repo,
-        Ports(http_port, grpc_port, metrics_port),
-        prefer=prefer,
-        log_path=log,
-        torch_threads=torch_threads,
-        inherit_output=verbose,
-        echo=click.echo,
-        api_key=api_key,
-        watchdog=not no_watchdog,
-    )
-    try:  # the families' start-up extras, e.g. a generative backbone's streaming twin and NAME.stream vFMs
-        workflows.start_up(f"127.0.0.1:{grpc_port}", repo, api_key, echo=click.echo)
-    except BaseException:
-        proc.stop()
-        raise
+    proc = launch()
+    supervisor = Supervisor(launch, lambda: stop["now"], first=proc, echo=click.echo)  # a dead tritonserver is started again
     old = signal.signal(signal.SIGINT, _interrupt), signal.signal(signal.SIGTERM, _interrupt)
     try:
         click.echo(f"{proc.install.kind} tritonserver {proc.install.binary} up in {time.monotonic() - t0:.1f}s")
         click.echo("serving; Ctrl-C to stop")
-        while not stop["now"] and proc.proc is not None and proc.proc.poll() is None:
-            time.sleep(0.2)
+        supervisor.run()
     finally:
         click.echo("stopping tritonserver ...")
-        code = proc.stop()
+        code = supervisor.current.stop() if supervisor.current is not None else None
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])
         click.echo(f"tritonserver stopped (exit code {code})")

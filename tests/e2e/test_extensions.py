@@ -19,6 +19,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
 
 from fmplex.control.cli import main as fmplex_main
 
@@ -29,6 +32,8 @@ from ..kinds import lora as lora_src
 from ..kinds import onnx as onnx_src
 from ..kinds import prompt as prompt_src
 from .conftest import Server, text_input
+from .fuzzing import Reference, fuzz, fuzz_settings, text_rows
+from .reference import ATOL, EmbeddedReference
 
 TEXTS = [
     "The match went to extra time before the home side scored.",
@@ -91,9 +96,13 @@ def test_each_kind_matches_its_library_alone(server: Server, tasks: dict[str, Ta
 
 def test_one_shared_batch_mixing_all_kinds_changes_no_answer(server: Server, tasks: dict[str, TaskSource]) -> None:
     """Requests of every kind (two LoRA ranks, prompt, adapter, two forks,
-    two ONNX heads) plus plain tasks, sent at once so they share batches."""
+    two ONNX heads) plus plain tasks, sent at once so they share batches;
+    every answer is checked against its task's reference."""
     names = [*tasks, "sentiment", "embed"]
     wants = {n: tasks[n].reference(TEXTS) for n in tasks}
+    plain = EmbeddedReference(server.repo)  # the plain tasks' own reference (transformers + their head file)
+    wants.update({n: plain.answer(n, TEXTS) for n in ("sentiment", "embed")})
+    atol = {n: (tasks[n].atol if n in tasks else ATOL) for n in names}
     batches0 = server.metric("fmplex_batch_batches_total")
     rows0 = server.metric("fmplex_batch_rows_total")
 
@@ -108,13 +117,10 @@ def test_one_shared_batch_mixing_all_kinds_changes_no_answer(server: Server, tas
 
     with cf.ThreadPoolExecutor(len(names)) as pool:
         results = list(pool.map(one, range(4 * len(names))))
-    for name, (texts, result) in results:
-        if name in tasks:
-            order = [TEXTS.index(t) for t in texts]
-            want = {k: (v[order] if v.dtype != object else v[order]) for k, v in wants[name].items()}
-            check(result, want, tasks[name].atol)
-        else:
-            assert result.as_numpy("LABEL" if name == "sentiment" else "EMBEDDING") is not None
+    assert sorted({name for name, _ in results}) == sorted(names)
+    for name, (texts, result) in results:  # every task's answer, its rows in the order sent
+        order = [TEXTS.index(t) for t in texts]
+        check(result, {k: v[order] for k, v in wants[name].items()}, atol[name])
     rows = server.wait_metric("fmplex_batch_rows_total", rows0 + 3 * len(results)) - rows0
     batches = server.metric("fmplex_batch_batches_total") - batches0
     assert rows == 3 * len(results)
@@ -137,3 +143,40 @@ def test_status_reports_extension_memory_per_task(server: Server, tasks: dict[st
     assert kib["x_lora16"] > kib["x_lora4"] > 0
     assert kib["x_fork_cls"] > 1024 * 2  # two BERT layers of fp32 weights: megabytes
     assert server.metric("fmplex_task_extension_bytes", task="x_fork_cls") > 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def verdicts(server: Server) -> Reference:
+    return Reference(server.repo)
+
+
+@fuzz
+@fuzz_settings(6)
+@given(
+    name=st.sampled_from(["x_lora4", "x_lora16", "x_prompt", "x_adapter", "x_fork_cls", "x_fork_tok", "x_onnx", "x_onnx_tok"]),
+    rows=text_rows(max_rows=3),
+    protocol=st.sampled_from(["http", "grpc"]),
+)
+def test_fuzz_every_kind_answers_its_library_or_refuses_clearly(
+    server: Server, tasks: dict[str, TaskSource], verdicts: Reference, name: str, rows: list[str], protocol: str
+) -> None:
+    """Odd texts (emoji, RTL, control characters, 10k-character strings) to every
+    extension kind: the kind's own library answer, or a clear client error
+    where the MiniLM host's limits refuse the rows (the same for every kind)."""
+    verdict = verdicts.texts("embed", [r.encode() for r in rows])
+    mod = grpcclient if protocol == "grpc" else httpclient
+    client = grpcclient.InferenceServerClient(server.grpc_url) if protocol == "grpc" else httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        kwargs = {"client_timeout": 120} if protocol == "grpc" else {}
+        try:
+            result = client.infer(name, [text_input(mod, rows)], **kwargs)
+        except InferenceServerException as exc:
+            assert verdict[0] == "error", f"{name} refused valid rows: {exc}"
+            assert verdict[1].lower() in str(exc).lower() and "Traceback" not in str(exc), (verdict[1], str(exc))
+            assert exc.status() in ("400", "StatusCode.INVALID_ARGUMENT"), exc.status()
+        else:
+            assert verdict[0] == "ok", f"{name} answered rows the host must refuse ({verdict[1]})"
+            check(result, tasks[name].reference(rows), tasks[name].atol)
+        check(client.infer(name, [text_input(mod, TEXTS)], **kwargs), tasks[name].reference(TEXTS), tasks[name].atol)  # still right
+    finally:
+        client.close()

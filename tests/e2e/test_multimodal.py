@@ -23,6 +23,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from hypothesis import given
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from fmplex.control import serving
@@ -31,6 +33,8 @@ from fmplex.control import workflows
 from fmplex.families import multimodal as control
 from fmplex.multimodal import models
 from fmplex.multimodal.models import EOS_ID, IMAGE_ID, PAD_ID, ByteTokenizer
+
+from .fuzzing import fuzz, fuzz_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -267,6 +271,70 @@ def test_bad_inputs_get_clear_errors(mm: MMServer) -> None:
     assert mm.encoder_stats("llava-tiny") == before  # refused before any encoding
 
 
+@st.composite
+def mm_requests(draw: Any) -> tuple[str, bytes, np.ndarray | None, dict[str, Any]]:
+    """(task, TEXT bytes, IMAGES or None, scalar inputs): mostly valid, often not."""
+    task = draw(st.sampled_from(sorted(TASKS)))
+    n = draw(st.integers(0, 3) | st.sampled_from([8, 9]))
+    markers = draw(st.sampled_from([0, n, n + 1]))
+    text = draw(st.sampled_from(["What is shown?", "Look.", "", "😀 \u202e rtl", "a\u0000b"]) | st.text(max_size=20))
+    raw = (" ".join(["<image>"] * markers) + " " + text).encode() if markers else text.encode()
+    if draw(st.integers(0, 9)) == 0:
+        raw = draw(st.binary(min_size=1, max_size=8))  # maybe not UTF-8
+    images = None
+    if n or draw(st.booleans()):
+        shape = [n, 3, 32, 32] if draw(st.integers(0, 3)) else [n, draw(st.sampled_from([1, 3])), draw(st.sampled_from([16, 32])), 32]
+        images = np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal(shape).astype(np.float32)
+        if n and draw(st.integers(0, 7)) == 0:
+            images[0, 0, 0, 0] = draw(st.sampled_from([np.nan, np.inf]))
+    scalars: dict[str, Any] = {}
+    if draw(st.booleans()):
+        scalars["MAX_NEW_TOKENS"] = draw(st.integers(1, 6) | st.sampled_from([0, -1, 257]))
+    if draw(st.integers(0, 3)) == 0:
+        scalars["TEMPERATURE"] = draw(st.sampled_from([0.0, 0.7, 1.3, -0.5]))
+        scalars["SEED"] = draw(st.integers(0, 2**20))
+    return task, raw, images, scalars
+
+
+@fuzz
+@fuzz_settings(15)
+@given(case=mm_requests(), proto=st.sampled_from(["grpc", "http"]))
+def test_fuzz_multimodal_inputs_answer_one_piece_or_refuse_clearly(mm: MMServer, case: Any, proto: str) -> None:
+    """Image counts, shapes, markers, NaN, odd or non-UTF-8 text, out-of-range
+    scalars: a client error (INVALID_ARGUMENT / 400) where a rule says so,
+    else exactly the one-piece model's answer; then the stages still answer right."""
+    task, raw, images, scalars = case
+    n = 0 if images is None else images.shape[0]
+    mod, client = (grpcclient, mm.grpc) if proto == "grpc" else (httpclient, mm.http)
+    inputs = _inputs(mod, "", images, **scalars)
+    inputs[0].set_data_from_numpy(np.array([raw], dtype=object))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    must_refuse = (
+        text is None
+        or (images is not None and list(images.shape[1:]) != [3, 32, 32])
+        or (n > 0 and not np.isfinite(images).all())  # type: ignore[union-attr]
+        or n > 8
+        or not 1 <= scalars.get("MAX_NEW_TOKENS", 1) <= 256
+        or scalars.get("TEMPERATURE", 0.0) < 0
+        or (text is not None and 0 < text.count("<image>") != n)
+    )
+    try:
+        res = client.infer(task, inputs, outputs=[mod.InferRequestedOutput(o) for o in OUTPUTS])
+    except InferenceServerException as exc:
+        assert exc.status() in ("StatusCode.INVALID_ARGUMENT", "400"), (exc.status(), str(exc), raw, scalars)
+        assert "Traceback" not in str(exc), str(exc)
+    else:
+        assert not must_refuse, f"answered a request a rule refuses: {raw!r} {None if images is None else images.shape} {scalars}"
+        gen = {"max_new_tokens": scalars.get("MAX_NEW_TOKENS", TASKS[task][2])}
+        if scalars.get("TEMPERATURE"):
+            gen.update(temperature=scalars["TEMPERATURE"], seed=scalars["SEED"])
+        assert_exact(mm, task, text, images if n else None, {o: res.as_numpy(o) for o in OUTPUTS}, **gen)  # type: ignore[arg-type]
+    assert_exact(mm, task, "still fine", _images(1, 3), ask(mm, task, "still fine", _images(1, 3)))
+
+
 # --- placement and control plane --------------------------------------------------------------
 
 
@@ -332,30 +400,41 @@ def test_encoder_down_fails_only_requests_with_images(mm: MMServer) -> None:
 
 def test_unloading_the_lm_stage_answers_every_request_in_flight(mm: MMServer) -> None:
     """Triton drains the LM stage before unloading it: every request in flight
-    (text-only and with images) gets its full answer; the vFMs work again once
-    the stage is loaded back (their ensembles untouched)."""
-    results: list[Any] = []
+    (text-only and with images) gets its full answer, the one-piece model's;
+    the vFMs work again once the stage is loaded back (their ensembles
+    untouched). The unload starts once the LM stage has received every
+    request (its own counter), so all twelve are in flight by construction."""
+    results: list[Any] = [None] * 12
+    images_of = {i: (_images(3, 200 + i) if i % 2 else None) for i in range(12)}
+    received = ("fmplex_task_received_total", {"host": "fm.llava-tiny.lm", "task": "caption"})
+    before = mm.metric(received[0], **received[1])
 
     def run(i: int) -> None:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{mm.ports.grpc}")
         try:
-            images = _images(3, 200 + i) if i % 2 else None
-            res = client.infer("caption", _inputs(grpcclient, "long", images, MAX_NEW_TOKENS=120), client_timeout=120)
-            results.append(res.as_numpy("TOKEN_IDS").tolist())
+            res = client.infer("caption", _inputs(grpcclient, "long", images_of[i], MAX_NEW_TOKENS=120),
+                               outputs=[grpcclient.InferRequestedOutput(o) for o in OUTPUTS], client_timeout=120)  # fmt: skip
+            results[i] = {o: res.as_numpy(o) for o in OUTPUTS}
         except Exception as exc:  # noqa: BLE001 - asserted below
-            results.append(exc)
+            results[i] = exc
         finally:
             client.close()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while mm.metric(received[0], **received[1]) < before + 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    in_flight = mm.metric(received[0], **received[1]) - before
     mm.grpc.unload_model("fm.llava-tiny.lm")
     for t in threads:
         t.join(timeout=180)
     try:
-        assert len(results) == 12 and all(isinstance(r, list) and (len(r) == 120 or r[-1] == EOS_ID) for r in results), results
+        assert in_flight == 12, f"the LM stage had received {in_flight:.0f} of 12 requests when it was unloaded"
+        assert all(isinstance(r, dict) for r in results), [r for r in results if not isinstance(r, dict)]
+        for i, got in enumerate(results):
+            assert_exact(mm, "caption", "long", images_of[i], got, max_new_tokens=120)
     finally:
         mm.grpc.load_model("fm.llava-tiny.lm")
     assert_exact(mm, "caption", "after", _images(1, 1), ask(mm, "caption", "after", _images(1, 1)))

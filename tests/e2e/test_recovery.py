@@ -39,12 +39,14 @@ class Flood:
         self.stop = threading.Event()
         self.ok = 0
         self.errors: list[str] = []
+        self.lost: list[tuple[int, float]] = []  # (client, time.time() it was sent) of calls that ran into their deadline
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
 
-    def _run(self) -> None:
+    def _run(self, k: int) -> None:
         c = grpcclient.InferenceServerClient(self.server.grpc_url)
         while not self.stop.is_set():
+            sent = time.time()
             try:
                 c.infer("topic", [text_input(grpcclient, ["Shares rallied after strong earnings"] * 4)], client_timeout=self.timeout)
                 with self.lock:
@@ -52,6 +54,8 @@ class Flood:
             except InferenceServerException as exc:
                 with self.lock:
                     self.errors.append(str(exc)[:200])
+                    if "DEADLINE_EXCEEDED" in str(exc):
+                        self.lost.append((k, sent))
                 time.sleep(0.05)
         c.close()
 
@@ -108,10 +112,15 @@ def test_killed_stub_is_reloaded_by_the_watchdog(locked: Server) -> None:
     assert wd is not None and len(wd.recoveries) == 1 and wd.recoveries[0].error is None
     assert flood.ok > 0
     # Requests inside the stub when it died are never answered by Triton: their
-    # clients see their own deadline (at most one per client); requests in the
-    # dead window get Triton's "not healthy" error at once.
+    # clients see their own deadline. Counted and ordered, not timed: each client
+    # has one call in flight, so at most one such call per client, and every one
+    # was sent before the watchdog saw the stub gone (later calls get Triton's
+    # "not healthy" error at once, or an answer).
     lost = [e for e in flood.errors if "DEADLINE_EXCEEDED" in e]
-    assert len(lost) <= 6, lost
+    clients = [k for k, _ in flood.lost]
+    assert len(clients) == len(set(clients)), f"a client lost more than one call: {flood.lost}"
+    detected = wd.recoveries[0].detected_at
+    assert all(sent < detected for _, sent in flood.lost), f"a call sent after the death was detected got no answer: {flood.lost}"
     assert all("not healthy" in e or "unavailable" in e.lower() or "DEADLINE_EXCEEDED" in e for e in flood.errors), flood.errors[:3]
     print(f"in flight at the kill: {len(lost)} client deadlines; refused while dead: {len(flood.errors) - len(lost)}")
     assert int(locked.metric("fmplex_host_pid")) != pid
