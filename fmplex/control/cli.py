@@ -204,7 +204,7 @@ def _create_help() -> str:
     "--train",
     "train_csv",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, adapter, prompt).",
+    help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, ia3, adapter, prompt).",
 )
 @click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(min=0.001), help="Fair-share weight.")
 @click.option("--queue-limit", default=256, show_default=True, type=click.IntRange(1), help="Max queued requests.")
