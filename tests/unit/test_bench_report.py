@@ -116,3 +116,23 @@ def test_baseline_candidate_settings():
     assert s == {"1x1": BaselineSetting(1, 1), "1x4threads": BaselineSetting(1, 4), "4instances": BaselineSetting(4, 1)}
     assert isolated_settings(1) == {"1x1": BaselineSetting(1, 1)}  # one core: the three settings are one
     assert {v.max_batch for v in partitioned_settings((4, 16)).values()} == {4, 16}
+
+
+def test_no_tasks_verdict_when_the_isolated_count_was_cut_short():
+    b = {"budget_mib": 8192.0, "wall_limit_s": {"fmplex": 600.0, "isolated": 1200.0},
+         "fmplex": {"tasks": 5000, "budget_reached": True, "stopped_by": "budget", "hosts": 2, "mix": {}},
+         "isolated": {"tasks": 10, "budget_reached": False, "stopped_by": "wall-clock limit", "mix": {}}}
+    s = build_summary(_full(budget=b))
+    assert s["ratios"]["tasks_fmplex_vs_isolated"] == 500.0
+    assert s["targets"]["tasks_in_budget_vs_isolated"]["met"] is None  # 10 is a lower bound: the ratio would be overstated
+    assert "isolated 600 s" not in render_markdown(s) and "isolated 1200 s" in render_markdown(s)
+
+
+def test_a_budget_only_run_summarizes_without_workloads():
+    full = _full()
+    full["runs"] = []
+    s = build_summary(full)
+    assert all(v == {} for v in s["workloads"].values()) and s["fairness"] == {}
+    assert s["targets"]["throughput_vs_raw"]["met"] is None
+    assert s["targets"]["tasks_in_budget_vs_isolated"]["met"] is True
+    assert "tasks in the memory budget" in render_markdown(s)
