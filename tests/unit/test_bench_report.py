@@ -136,3 +136,15 @@ def test_a_budget_only_run_summarizes_without_workloads():
     assert s["targets"]["throughput_vs_raw"]["met"] is None
     assert s["targets"]["tasks_in_budget_vs_isolated"]["met"] is True
     assert "tasks in the memory budget" in render_markdown(s)
+
+
+def test_a_lower_bound_below_the_bar_settles_nothing():
+    b = {"budget_mib": 1024.0, "wall_limit_s": 90.0,
+         "fmplex": {"tasks": 150, "budget_reached": False, "stopped_by": "wall-clock limit", "hosts": 1, "mix": {}},
+         "isolated": {"tasks": 2, "budget_reached": True, "stopped_by": "budget", "mix": {}}}
+    s = build_summary(_full(budget=b))
+    assert s["ratios"]["tasks_fmplex_vs_isolated"] == 75.0
+    assert s["targets"]["tasks_in_budget_vs_isolated"]["met"] is None
+    assert "lower bound" in s["causes"]["tasks_in_budget_vs_isolated"]
+    b["fmplex"]["budget_reached"] = True  # the same count with the budget reached is a miss
+    assert build_summary(_full(budget=b))["targets"]["tasks_in_budget_vs_isolated"]["met"] is False
