@@ -433,19 +433,20 @@ def main() -> int:
     texts = sentences()
     names = dep.task_names(cfg.tasks)
     zipf = [1.0 / (i + 1) for i in range(cfg.tasks)]
-    log(f"== {reps} repetition(s)" + (" (QUICK run: 1 repetition, no spread; make bench without QUICK for the median of 3)" if reps == 1 else ""))
-
-    log("== raw batched forward (this process, 1 torch thread)")
-    raw0 = raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
-    raw_rps = max(raw0.values())
-    log("   " + ", ".join(f"{k} {v:.1f}" for k, v in raw0.items()) + " sentences/s")
-    loads = [round(f * raw_rps, 1) for f in fractions]
-    matched = round(cfg.matched * raw_rps, 1)
-
+    if cfg.budget_only:
+        reps, raw0, loads, matched, trace = 0, {}, [], float("nan"), Path()
+    else:
+        log(f"== {reps} repetition(s)" + (" (QUICK run: 1 repetition, no spread; make bench without QUICK for the median of 3)" if reps == 1 else ""))
+        log("== raw batched forward (this process, 1 torch thread)")
+        raw0 = raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
+        raw_rps = max(raw0.values())
+        log("   " + ", ".join(f"{k} {v:.1f}" for k, v in raw0.items()) + " sentences/s")
+        loads = [round(f * raw_rps, 1) for f in fractions]
+        matched = round(cfg.matched * raw_rps, 1)
+        trace = cfg.trace or write_trace(results / "baselines_trace.csv", [
+            a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, zipf, seed=11))
+        ])
     work = Path(tempfile.mkdtemp(prefix="fmplex-baselines-"))
-    trace = cfg.trace or write_trace(results / "baselines_trace.csv", [
-        a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, zipf, seed=11))
-    ])
     cores = len(os.sched_getaffinity(0))
     full: dict[str, Any] = {"machine": machine(cfg.device), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "tasks": cfg.tasks,
                             "quick": cfg.quick, "repetitions": reps, "duration_s": cfg.duration, "loads_rps": loads,

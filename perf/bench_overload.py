@@ -16,6 +16,7 @@ Writes ``perf/results/overload_bench.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ def _metric(metrics_url: str, name: str, **labels: str) -> float:
 
     want = set(labels.items())
     prefix = "fmplex_" if name.startswith("fmplex_") else name
-    return sum(v for (n, lab), v in scrape_metrics(metrics_url, prefix).items() if n == name and want <= set(lab))
+    found = [v for (n, lab), v in scrape_metrics(metrics_url, prefix).items() if n == name and want <= set(lab)]
+    return sum(found) if found else float("nan")  # NaN: not exposed (a counter not yet bumped), never a silent 0
 
 
 def _flood_failures(metrics_url: str, flooder: str) -> dict[str, float]:
@@ -49,6 +51,14 @@ def _flood_failures(metrics_url: str, flooder: str) -> dict[str, float]:
         "rejected_queue_full": _metric(metrics_url, "fmplex_task_rejected_queue_full_total", task=flooder),
         "expired": _metric(metrics_url, "fmplex_task_expired_total", task=flooder),
     }
+
+
+def flood_counts(before: dict[str, float], after: dict[str, float], flooder: str) -> dict[str, int]:
+    """Counter increases over the flood. A counter not exposed (NaN) was never bumped: 0. Triton's
+    own failure counter exists once the vFM has been called, so its absence after the flood is an error."""
+    if math.isnan(after["failed"]):
+        raise RuntimeError(f"Triton exposes no nv_inference_request_failure for '{flooder}': cannot count the flood's errors")
+    return {k: 0 if math.isnan(after[k]) else int(after[k] - (0.0 if math.isnan(before[k]) else before[k])) for k in before}
 
 
 def flood_error_lines(output: str) -> list[str]:
@@ -111,7 +121,7 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
         flood_out, _ = flood.communicate()
     shutil.rmtree(data.parent, ignore_errors=True)
     flood_done = [int((f1 - f0 - len(loaded)) / 8)]
-    flood_errors = {k: int(e1[k] - e0[k]) for k in e0}
+    flood_errors = flood_counts(e0, e1, flooder)
     batch_s = (s1 - s0) / max(1.0, b1 - b0)
     p = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
     res = {
