@@ -138,15 +138,19 @@ def causes(summary: dict[str, Any], full: dict[str, Any]) -> dict[str, str]:
             f"while saturated, cores busy (median): host processes {parts['models']:.2f}, Triton front end "
             f"{parts['triton_frontend']:.2f}, benchmark client {parts['client']:.2f} of {full['machine']['cpus']}; the raw limit "
             "runs the forward with no server, no client and no other work on the cores")
+    def cores(d: str) -> float:
+        return spread([r["deployments"][d].get("cpu_cores_busy", {}).get("models", float("nan")) for r in full["runs"] if d in r["deployments"]])["median"]
+
     for key, other in (("p99_uniform_vs_best_isolated", "isolated"), ("p99_uniform_vs_best_partitioned", "partitioned")):
         if vd[key]["met"] is False:
             f, o = w["matched_uniform"].get("fmplex", {}), w["matched_uniform"].get(other, {})
             out[key] = (
+                f"cores the model processes got while saturated (median): fmplex {cores('fmplex'):.2f}, {other} {cores(other):.2f} of "
+                f"{full['machine']['cpus']}; "
                 f"uniform mix at {summary['matched_load_rps']:.0f} req/s: fmplex p50 {f.get('p50_ms', float('nan')):.0f} ms, "
                 f"p99 {f.get('p99_ms', float('nan')):.0f} ms, shed {100 * f.get('shed_share', 0):.1f}%; {other} p50 "
                 f"{o.get('p50_ms', float('nan')):.0f} ms, p99 {o.get('p99_ms', float('nan')):.0f} ms, shed "
-                f"{100 * o.get('shed_share', 0):.1f}% - with load spread evenly every baseline copy gets a small "
-                "steady stream it can batch on its own, so sharing one backbone gains little in the tail")
+                f"{100 * o.get('shed_share', 0):.1f}%")
     if vd["jain"]["met"] is False:
         out["jain"] = f"fmplex served shares {summary['fairness']['fmplex'].get('served_share')} for weights 1:2:4"
     if vd["tasks_in_budget_vs_isolated"]["met"] is not True and not summary["tasks_in_budget"].get("skipped"):
