@@ -353,6 +353,8 @@ def plots(full: dict[str, Any], results: Path) -> None:
         a.set_ylabel(t)
         if "latency" in t:
             a.set_yscale("log")
+        else:
+            a.set_ylim(0, 100)
         if full["runs"]:
             a.axvline(full["runs"][0]["raw_limit_rps"], color="grey", ls=":", label="raw forward limit")
         a.legend()
