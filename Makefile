@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test soak fuzz test-unit test-e2e bench bench-more bench-multimodal repo clean
+.PHONY: help install system-deps demo test soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-gpu-bundle bench-gpu repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
@@ -18,6 +18,7 @@ help:
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
 	@echo "make fuzz   - every property test with FUZZ_EXAMPLES (default 2000) random examples each, failures kept in .hypothesis/fuzz"
 	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
+	@echo "make bench-gpu-bundle / bench-gpu - the benchmark on a GPU machine without internet (docs/benchmarks.md)"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
 	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
@@ -58,9 +59,19 @@ test-unit: $(STAMP)
 test-e2e: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra tests/e2e
 
-# The comparison against the baselines (summary.json/.md + plots in perf/results/): <20 min, QUICK=1 <5 min.
+# The comparison against the baselines (summary.json/.md + plots in perf/results/, docs/benchmarks.md):
+# each baseline's settings tried first, then 3 repetitions in rotated order, then tasks in an 8 GiB budget
+# (about 60-80 min on a quiet 2-core machine). QUICK=1: 1 repetition, short runs, 1 GiB budget (it says so).
 bench: $(STAMP) system-deps
 	$(PY) perf/bench_baselines.py $(if $(QUICK),--quick,)
+
+# The same benchmark on an NVIDIA GPU machine without internet (perf/gpu_check.sh): build the wheel
+# bundle here (perf/gpu_bundle/, ~230 MB, not committed), copy the checkout there, run `make bench-gpu`.
+bench-gpu-bundle: $(STAMP)
+	PYTHON=$(PY) perf/gpu_check.sh bundle
+
+bench-gpu:
+	perf/gpu_check.sh run
 
 # The focused benchmarks: vFM vs raw forward, cost of mixing extension kinds, overload isolation.
 bench-more: $(STAMP) system-deps

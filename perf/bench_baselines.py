@@ -1,27 +1,33 @@
 """fmplex side by side with the deployments a user would pick instead.
 
-One run, one machine, deployments measured one after another with the same
-clients and the same tasks (read the ratios: these machines are shared):
+Deployments are measured one after another with the same clients and tasks,
+in an order rotated every repetition (the machine's noise favours none):
 
 - ``raw``: the backbone's batched forward in a tight loop in this process
-  (1 torch thread): the physical limit, ``raw_limit_rps``.
+  (1 torch thread per forward): the physical limit, ``raw_limit_rps``.
 - ``fmplex``: N classifier tasks as vFMs on one shared host.
-- ``isolated``: one model per task, own backbone copy, Triton's dynamic batcher.
-- ``partitioned``: the same, each confined to 1/N of the machine (CFS quota).
+- ``isolated``: one model per task, own backbone copy, Triton's dynamic
+  batcher; run with its best setting (1 instance x 1 thread, 1 instance x
+  cores threads, cores instances), picked by its own p99 at the matched load.
+- ``partitioned``: the same, each confined to 1/N of the machine (CFS quota);
+  its best batch size picked the same way.
 
-Per deployment: saturation throughput (closed loop, every task), latency vs
-offered load (open-loop Poisson sweep), bursty arrivals and a trace replay at
-the matched load, perf_analyzer per vFM, memory (PSS of tritonserver + stubs),
-fairness under saturation with weights 1:2:4 (Jain's index of served rows /
-weight). Then tasks that fit a memory budget, for fmplex and isolated.
+Workloads per deployment: saturation (closed loop), matched load with the
+uniform mix and with the zipf mix, bursty arrivals, a trace replay, a load
+sweep (first repetition), perf_analyzer (first repetition), fairness under
+saturation with weights 1:2:4 (scored only where weights exist). Every sent
+request counts: a shed or failed one counts as the client timeout in the
+percentiles. Then tasks that fit a memory budget, measured (perf/budget.py).
 
-Writes perf/results/summary.json, summary.md, latency_vs_load.png,
-memory_vs_tasks.png (and baselines_trace.csv, the replayed trace).
+Writes perf/results/summary.json, summary.md (perf/report.py), baselines_bench.json
+(every repetition and setting), latency_vs_load.png, memory_vs_tasks.png and
+baselines_trace.csv (the replayed trace).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,14 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fmplex.control import serving  # noqa: E402
-from fmplex.control.server import Ports, free_ports, perf_analyzer_command  # noqa: E402
+from fmplex.control.server import free_ports, perf_analyzer_command  # noqa: E402
 from fmplex.control.train import read_labelled_csv  # noqa: E402
-from fmplex.control.triton_api import Triton  # noqa: E402
+from perf import budget  # noqa: E402
 from perf import deployments as dep  # noqa: E402
 from perf.common import RESULTS, cpu_seconds, process_tree, server_memory, text_input_file, write_results  # noqa: E402
-from perf.load import Driver, Target, bursty, jain, poisson, read_trace, summarize, write_trace  # noqa: E402
+from perf.load import Driver, Target, bursty, jain, pick_best, poisson, read_trace, rotations, summarize, write_trace  # noqa: E402
+from perf.report import DEPLOYMENTS, build_summary, render_markdown  # noqa: E402
 
-DEPLOYMENTS = ("fmplex", "isolated", "partitioned")
 FAIR_WEIGHTS = (1.0, 2.0, 4.0)
 
 
@@ -157,21 +163,38 @@ def perf_analyzer_runs(url: str, models: list[str], data: Path, concurrency: int
     return out
 
 
+def workload(driver: Driver, arrivals: list, span: float, cfg: argparse.Namespace, pid: int) -> dict[str, Any]:
+    """One open-loop workload: its summary (every request counted) and the server's memory after it."""
+    s = summarize(driver.open_loop(arrivals), (0.0, span), timeout_s=cfg.timeout, slo_s=cfg.slo_ms / 1e3)
+    s["memory_mib"] = server_memory(pid)["pss_mib"]
+    return s
+
+
+def line(k: str, s: dict[str, Any]) -> str:
+    return (f"   {k:<15} offered {s['offered_rps']:6.1f}, served {s['throughput_rps']:6.1f}, goodput {s['goodput_rps']:6.1f} req/s, "
+            f"shed {100 * s['shed_share']:4.1f}%, p50 {s['p50_ms']:7.1f} p90 {s['p90_ms']:7.1f} p99 {s['p99_ms']:7.1f} ms")
+
+
 def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace, pid: int, loads: list[float],
-            matched: float, trace: Path, set_weights: Callable[[dict[str, float]], None] | None) -> dict[str, Any]:
+            matched: float, trace: Path, set_weights: Callable[[dict[str, float]], None] | None, first: bool) -> dict[str, Any]:
+    """Every workload on one running deployment. ``first``: also the load sweep
+    and perf_analyzer (run once: they feed the plot and a cross-check, not a headline)."""
     tasks = list(target.models)
-    driver = Driver(target, texts)
+    zipf = [1.0 / (i + 1) for i in range(len(tasks))]
+    driver = Driver(target, texts, timeout_s=cfg.timeout)
+    d = cfg.duration
     res: dict[str, Any] = {}
     try:
         log(f"   warm-up ({name})")
         driver.closed_loop({t: 1 for t in tasks}, 2.0)
 
-        d = cfg.duration
         pids = process_tree(pid)
         c0, own0, w0 = cpu_seconds(pids), time.process_time(), time.perf_counter()
         recs = driver.closed_loop({t: cfg.concurrency for t in tasks}, d)
         c1, own1, w1 = cpu_seconds(pids), time.process_time(), time.perf_counter()
-        sat = summarize(recs, (0.5, d))
+        sat = summarize(recs, (0.5, d), timeout_s=cfg.timeout, slo_s=cfg.slo_ms / 1e3)
+        mem = server_memory(pid)
+        sat["memory_mib"] = mem["pss_mib"]
         res["saturation"] = sat
         # Where the cores went while saturated: the model processes (stubs), Triton's
         # front end (tritonserver itself) and this client; in cores (1.0 = one core busy).
@@ -179,36 +202,26 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
         stubs = sum(c1.get(p, 0) - c0.get(p, 0) for p in pids if p != pid and p in c0)
         res["cpu_cores_busy"] = {"models": stubs / span, "triton_frontend": (c1.get(pid, 0) - c0.get(pid, 0)) / span,
                                  "client": (own1 - own0) / span}
-        mem = server_memory(pid)
-        gpu = gpu_memory_mib()
-        res["memory"] = {**mem, "gpu_mib": gpu}
-        log(f"   saturation c={cfg.concurrency}/task: {sat['throughput_rps']:.1f} req/s, p50 {sat['p50_ms']:.0f} ms, "
-            f"p99 {sat['p99_ms']:.0f} ms, failed {sat['failed']}; memory {mem['pss_mib']:.0f} MiB PSS in {mem['processes']} processes")
+        res["memory"] = {**mem, "gpu_mib": gpu_memory_mib()}
+        log(line("saturation", sat) + f"; memory {mem['pss_mib']:.0f} MiB PSS in {mem['processes']} processes")
         log("   cores busy while saturated: " + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_cores_busy"].items()))
 
-        sweep = []
-        for rate in loads:
-            recs = driver.open_loop(poisson(rate, d, tasks, cfg.mix_weights, seed=int(rate)))
-            s = summarize(recs, (0.0, d))
-            s["offered_rps"] = rate
-            sweep.append(s)
-            log(f"   poisson {rate:6.1f} req/s: served {s['throughput_rps']:6.1f}, p50 {s['p50_ms']:7.1f} ms, p90 {s['p90_ms']:7.1f}, "
-                f"p99 {s['p99_ms']:7.1f} ms, failed {s['failed']}")
-        res["poisson_sweep"] = sweep
+        if first:
+            sweep = []
+            for rate in loads:
+                s = workload(driver, poisson(rate, d, tasks, seed=int(rate)), d, cfg, pid)
+                sweep.append(s)
+                log(line(f"poisson {rate:.0f}", s))
+            res["poisson_sweep"] = sweep
 
-        recs = driver.open_loop(poisson(matched, d, tasks, cfg.mix_weights, seed=7))
-        res["matched"] = {**summarize(recs, (0.0, d)), "offered_rps": matched, "mix": cfg.mix}
-        recs = driver.open_loop(poisson(matched, d, tasks, seed=7))  # every task the same share
-        res["matched_uniform"] = {**summarize(recs, (0.0, d)), "offered_rps": matched, "mix": "uniform"}
-        recs = driver.open_loop(bursty(matched, d, tasks, cfg.mix_weights, seed=7))
-        res["bursty"] = {**summarize(recs, (0.0, d)), "offered_rps": matched}
+        res["matched_uniform"] = {**workload(driver, poisson(matched, d, tasks, seed=7), d, cfg, pid), "mix": "uniform"}
+        res["matched_zipf"] = {**workload(driver, poisson(matched, d, tasks, zipf, seed=7), d, cfg, pid), "mix": "zipf"}
+        res["bursty"] = {**workload(driver, bursty(matched, d, tasks, zipf, seed=7), d, cfg, pid), "mix": "zipf"}
         replay = read_trace(trace, tasks)
-        recs = driver.open_loop(replay)
-        res["trace"] = {**summarize(recs, (0.0, replay[-1].at + 1e-3)), "requests": len(replay),
+        res["trace"] = {**workload(driver, replay, replay[-1].at + 1e-3, cfg, pid), "requests": len(replay),
                         "rows": sum(a.size for a in replay), "span_s": replay[-1].at}
-        for k in ("matched", "matched_uniform", "bursty", "trace"):
-            s = res[k]
-            log(f"   {k:<8} p50 {s['p50_ms']:7.1f} ms, p90 {s['p90_ms']:7.1f}, p99 {s['p99_ms']:7.1f} ms, served {s['throughput_rps']:.1f} req/s, failed {s['failed']}")
+        for k in ("matched_uniform", "matched_zipf", "bursty", "trace"):
+            log(line(k, res[k]))
 
         fair_tasks = tasks[:3]
         weights = dict(zip(fair_tasks, FAIR_WEIGHTS))
@@ -216,48 +229,56 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
             set_weights(weights)
             time.sleep(0.5)
         # Weights only matter with a backlog: far more requests outstanding than
-        # the batches in flight can hold (2 workers x 16 rows on this CPU).
+        # the batches in flight can hold.
         recs = driver.closed_loop({t: cfg.concurrency * 4 for t in fair_tasks}, d)
         if set_weights is not None:
             set_weights({t: 1.0 for t in fair_tasks})
-        f = summarize(recs, (0.5, d))
+        f = summarize(recs, (0.5, d), timeout_s=cfg.timeout)
         served = {t: f["per_task"][t]["rows_per_s"] for t in fair_tasks}  # type: ignore[index]
-        res["fairness"] = {"weights": weights, "served_rows_per_s": served,
-                           "jain": jain([served[t] / weights[t] for t in fair_tasks]),
-                           "weights_applied": set_weights is not None}
-        log(f"   fairness 1:2:4 served {', '.join(f'{t}={v:.1f}' for t, v in served.items())} rows/s -> Jain {res['fairness']['jain']:.3f}")
+        res["fairness"] = {"weights": weights, "served_rows_per_s": served, "weights_applied": set_weights is not None,
+                           "failed": f["failed"]}
+        total = sum(served.values()) or 1.0
+        log(f"   fairness 1:2:4 served shares {', '.join(f'{t}={v / total:.2f}' for t, v in served.items())}"
+            + (f" -> Jain {jain([served[t] / weights[t] for t in fair_tasks]):.3f}" if set_weights else " (no weights in this deployment: not scored)"))
     finally:
         driver.close()
-    data = text_input_file(Path(tempfile.mkdtemp(prefix="fmplex-pa-")) / "input.json", [texts[0]])
-    pa_models = [target.models[t] for t in (tasks if cfg.pa_all else tasks[:1])]
-    res["perf_analyzer"] = perf_analyzer_runs(target.grpc_url, pa_models, data, cfg.concurrency, cfg.pa_interval_ms, target.batch_dim)
-    for m, r in res["perf_analyzer"].items():
-        log(f"   perf_analyzer {m} c={cfg.concurrency}: " + (f"{r['throughput_rps']:.1f} infer/s, p99 {r['p99_ms']:.0f} ms" if "error" not in r else f"FAILED {r['error'][:200]}"))
-    shutil.rmtree(data.parent, ignore_errors=True)
+    if first and cfg.perf_analyzer:
+        data = text_input_file(Path(tempfile.mkdtemp(prefix="fmplex-pa-")) / "input.json", [texts[0]])
+        pa_models = [target.models[t] for t in (tasks if cfg.pa_all else tasks[:1])]
+        res["perf_analyzer"] = perf_analyzer_runs(target.grpc_url, pa_models, data, cfg.concurrency, cfg.pa_interval_ms, target.batch_dim)
+        for m, r in res["perf_analyzer"].items():
+            log(f"   perf_analyzer {m} c={cfg.concurrency}: " + (f"{r['throughput_rps']:.1f} infer/s, p99 {r['p99_ms']:.0f} ms" if "error" not in r else f"FAILED {r['error'][:200]}"))
+        shutil.rmtree(data.parent, ignore_errors=True)
     return res
 
 
-def run_deployment(name: str, work: Path, names: list[str], texts: list[str], cfg: argparse.Namespace, loads: list[float],
-                   matched: float, trace: Path) -> dict[str, Any]:
-    log(f"== {name}: {len(names)} tasks")
+def start_deployment(name: str, work: Path, names: list[str], cfg: argparse.Namespace,
+                     setting: dep.BaselineSetting | None) -> tuple[Any, Target, Callable[[dict[str, float]], None] | None]:
+    """A running server for one deployment (in a fresh folder under ``work``)."""
     ports = free_ports()
-    t0 = time.perf_counter()
-    weights_fn = None
+    work.mkdir(parents=True, exist_ok=True)
     if name == "fmplex":
         repo = dep.fmplex_repo(work, names, device=cfg.device, workers=cfg.fmplex_workers, max_batch_rows=cfg.fmplex_batch_rows)
         proc = serving.start(repo, ports, log_path=work / f"{name}.log")
-        weights_fn = lambda w: dep.set_weights(repo, w)  # noqa: E731
-        target = Target(name, f"127.0.0.1:{ports.grpc}", {t: t for t in names})
-    else:
-        repo = dep.baseline_repo(work, names, name, cfg.device)
-        proc = dep.start(repo, ports, names, work / f"{name}.log")
-        target = Target(name, f"127.0.0.1:{ports.grpc}", {t: t for t in names}, batch_dim=True)
+        return proc, Target(name, f"127.0.0.1:{ports.grpc}", {t: t for t in names}), lambda w: dep.set_weights(repo, w)
+    repo = dep.baseline_repo(work, names, name, cfg.device, setting=setting or dep.BaselineSetting())
+    proc = dep.start(repo, ports, names, work / f"{name}.log")
+    return proc, Target(name, f"127.0.0.1:{ports.grpc}", {t: t for t in names}, batch_dim=True), None
+
+
+def run_deployment(name: str, work: Path, names: list[str], texts: list[str], cfg: argparse.Namespace, loads: list[float],
+                   matched: float, trace: Path, setting: dep.BaselineSetting | None, first: bool) -> dict[str, Any]:
+    log(f"== {name}: {len(names)} tasks" + (f", {setting.label}" if setting else ""))
+    t0 = time.perf_counter()
+    proc, target, weights_fn = start_deployment(name, work, names, cfg, setting)
     up = time.perf_counter() - t0
     log(f"   up in {up:.1f} s")
     try:
         assert proc.proc is not None
-        res = measure(name, target, texts, cfg, proc.proc.pid, loads, matched, trace, weights_fn)
+        res = measure(name, target, texts, cfg, proc.proc.pid, loads, matched, trace, weights_fn, first)
         res["startup_s"] = up
+        if setting is not None:
+            res["setting"] = {**dataclasses.asdict(setting), "label": setting.label}
         if name == "partitioned":
             res["partition"] = dep.partition_report(names)
             log(f"   partition: {next(iter(res['partition'].values()))}")
@@ -268,142 +289,80 @@ def run_deployment(name: str, work: Path, names: list[str], texts: list[str], cf
     return res
 
 
-# --- tasks in a memory budget -----------------------------------------------------------
-
-
-def budget_isolated(work: Path, budget_mib: float, limit: int) -> dict[str, Any]:
-    """Load one-copy-per-task models one by one until the server's PSS passes the budget."""
-    names = dep.task_names(limit, "b")
-    repo = dep.baseline_repo(work / "budget-iso", names, "isolated")
-    ports = free_ports()
-    proc = dep.start(repo, ports, [], work / "budget-isolated.log")
-    curve, fitted = [], 0
-    try:
-        assert proc.proc is not None
-        curve.append((0, server_memory(proc.proc.pid)["pss_mib"]))
-        with Triton(f"127.0.0.1:{ports.grpc}", timeout=300) as triton:
-            for i, n in enumerate(names, start=1):
-                triton.load(n)
-                mem = server_memory(proc.proc.pid)["pss_mib"]
-                curve.append((i, mem))
-                log(f"   isolated: {i:3d} tasks, {mem:7.0f} MiB PSS")
-                if mem > budget_mib:
-                    break
-                fitted = i
-    finally:
-        proc.stop()
-    return {"tasks": fitted, "budget_reached": curve[-1][1] > budget_mib, "curve": curve}
-
-
-def budget_fmplex(work: Path, budget_mib: float, limit: int, step: int) -> dict[str, Any]:
-    """Deploy vFMs in steps of ``step`` (answering one request each) until the
-    budget or the host's slot pool (``limit``) is reached; beyond the pool the
-    count is projected from the measured per-task slope, and says so."""
-    import numpy as np  # noqa: PLC0415
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
-
-    names = dep.task_names(limit, "v")
-    wdir = work / "budget-fmplex"
-    repo = dep.fmplex_repo(wdir, [], slots=limit)
-    ports = free_ports()
-    proc = serving.start(repo, ports, log_path=work / "budget-fmplex.log")
-    curve: list[tuple[int, float]] = []
-    fitted, reached = 0, False
-    url = f"127.0.0.1:{ports.grpc}"
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        assert proc.proc is not None
-        curve.append((0, server_memory(proc.proc.pid)["pss_mib"]))
-        for start in range(0, limit, step):
-            chunk = names[start : start + step]
-            dep.add_fmplex_tasks(repo, chunk, offset=start)
-            subprocess.run([dep.FMPLEX, "deploy", "--repo", str(repo), "--url", url, *chunk], check=True, capture_output=True)
-            for n in chunk:  # every task has answered (its extension is resident)
-                inp = grpcclient.InferInput("TEXT", [1], "BYTES")
-                inp.set_data_from_numpy(np.array([b"warm"], dtype=np.object_))
-                client.infer(n, [inp], client_timeout=120)
-            mem = server_memory(proc.proc.pid)["pss_mib"]
-            curve.append((start + len(chunk), mem))
-            log(f"   fmplex: {start + len(chunk):5d} tasks, {mem:7.0f} MiB PSS")
-            if mem > budget_mib:
-                reached = True
-                break
-            fitted = start + len(chunk)
-    finally:
-        client.close()
-        proc.stop()
-    out: dict[str, Any] = {"tasks_measured": fitted, "budget_reached": reached, "curve": curve}
-    if not reached and len(curve) >= 2:
-        (n0, m0), (n1, m1) = curve[1], curve[-1]
-        slope = max((m1 - m0) / max(n1 - n0, 1), 1e-6)
-        out["per_task_mib"] = slope
-        out["tasks_projected"] = int(n1 + (budget_mib - m1) / slope)
-    return out
-
+def tune(name: str, settings: dict[str, dep.BaselineSetting], work: Path, names: list[str], texts: list[str],
+         cfg: argparse.Namespace, matched: float) -> dict[str, Any]:
+    """Each candidate setting of a baseline at the matched load (uniform mix);
+    the best is the lowest p99 counting shed requests (ties: more goodput)."""
+    tried: dict[str, Any] = {}
+    tasks = list(names)
+    for label, setting in settings.items():
+        log(f"== tuning {name}: {label} ({setting.label})")
+        t0 = time.perf_counter()
+        proc, target, _ = start_deployment(name, work / f"tune-{name}-{label}", names, cfg, setting)
+        up = time.perf_counter() - t0
+        try:
+            assert proc.proc is not None
+            driver = Driver(target, texts, timeout_s=cfg.timeout)
+            try:
+                driver.closed_loop({t: 1 for t in tasks}, 2.0)
+                s = workload(driver, poisson(matched, cfg.duration, tasks, seed=7), cfg.duration, cfg, proc.proc.pid)
+            finally:
+                driver.close()
+        finally:
+            proc.stop()
+            if name == "partitioned":
+                dep.remove_partitions()
+        log(line(label, s) + f" (up in {up:.0f} s)")
+        tried[label] = {"setting": {**dataclasses.asdict(setting), "label": setting.label}, "matched_uniform": s, "startup_s": up}
+    chosen = pick_best({k: v["matched_uniform"] for k, v in tried.items()}, "p99_ms")
+    log(f"   {name}: best setting {chosen}")
+    return {"tried": tried, "chosen": chosen,
+            "picked_by": f"lowest p99 counting shed requests (ties: more goodput), open-loop Poisson at {matched:.0f} req/s, uniform mix"}
 
 # --- output ----------------------------------------------------------------------------
 
 
-def write_outputs(summary: dict[str, Any], full: dict[str, Any]) -> None:
-    write_results("summary.json", summary)
-    write_results("baselines_bench.json", full)
-    rows = ["| deployment | throughput (req/s) | p50 ms | p90 ms | p99 ms | p99 ms, uniform mix | memory MiB (PSS) | fairness Jain 1:2:4 |",
-            "|---|---|---|---|---|---|---|---|"]
-    for d in DEPLOYMENTS:
-        s = summary.get(d)
-        if s:
-            rows.append(f"| {d} | {s['throughput_rps']:.1f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
-                        f"{s['p99_ms_uniform_mix']:.1f} | {s['memory_mib']:.0f} | {s['fairness_jain']:.3f} |")
-    tib = summary["tasks_in_budget"]
-    md = [
-        f"# fmplex vs baselines ({summary['when']})", "",
-        f"Machine: {summary['machine']['cpus']} x {summary['machine']['cpu']}, device {summary['machine']['device']}"
-        + (f" ({summary['machine'].get('gpu')})" if summary['machine'].get('gpu') else "") + f"; {summary['tasks']} tasks; "
-        f"latency at matched offered load {summary['matched_load_rps']:.0f} req/s (open-loop Poisson, 1 sentence per request, "
-        f"{summary['mix']} mix over tasks); "
-        "throughput = closed-loop saturation.", "",
-        *rows, "",
-        f"- raw batched forward limit: **{summary['raw_limit_rps']:.1f}** sentences/s; fmplex saturation = "
-        f"**{summary['ratios']['fmplex_vs_raw']:.2f}x** raw",
-        f"- p99 at matched load: fmplex / isolated = **{summary['ratios']['p99_fmplex_vs_isolated']:.2f}**, "
-        f"fmplex / partitioned = **{summary['ratios']['p99_fmplex_vs_partitioned']:.2f}**; with every task the same share: "
-        f"{summary['ratios']['p99_uniform_fmplex_vs_isolated']:.2f} / {summary['ratios']['p99_uniform_fmplex_vs_partitioned']:.2f}",
-        f"- fairness (weights 1:2:4, saturated): Jain **{summary['fairness_jain']:.3f}**",
-        ("- tasks in a memory budget: skipped (--skip-budget)" if tib.get("skipped") else
-         f"- tasks in a {summary['budget_mib'] / 1024:g} GiB budget: fmplex **{tib['fmplex']}**"
-         f"{' (projected from ' + str(tib['fmplex_measured']) + ' deployed)' if tib.get('fmplex_projected') else ''}, "
-         f"isolated **{tib['isolated']}** -> **{summary['ratios']['tasks_fmplex_vs_isolated']:.0f}x**"),
-        "", "Plots: [latency vs load](latency_vs_load.png), [memory vs tasks](memory_vs_tasks.png). Full figures: baselines_bench.json.", "",
-    ]
-    (RESULTS / "summary.md").write_text("\n".join(md))
-    log(f"== written {RESULTS / 'summary.md'}")
-    plots(full)
+def write_outputs(full: dict[str, Any], results: Path) -> dict[str, Any]:
+    summary = build_summary(full)
+    write_results("summary.json", summary, results)
+    write_results("baselines_bench.json", full, results)
+    (results / "summary.md").write_text(render_markdown(summary))
+    log(f"== written {results / 'summary.md'}")
+    plots(full, results)
+    return summary
 
 
-def plots(full: dict[str, Any]) -> None:
+def plots(full: dict[str, Any], results: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    first = full["runs"][0]["deployments"] if full["runs"] else {}
     for d in DEPLOYMENTS:
-        sweep = full["deployments"].get(d, {}).get("poisson_sweep")
+        sweep = first.get(d, {}).get("poisson_sweep")
         if not sweep:
             continue
         x = [s["offered_rps"] for s in sweep]
         ax[0].plot(x, [s["p50_ms"] for s in sweep], "o-", label=d)
         ax[1].plot(x, [s["p99_ms"] for s in sweep], "o-", label=d)
-    for a, t in zip(ax, ("p50", "p99")):
-        a.set_xlabel("offered load (requests/s, Poisson)")
-        a.set_ylabel(f"{t} latency (ms)")
-        a.set_yscale("log")
-        a.axvline(full["raw_limit_rps"], color="grey", ls=":", label="raw forward limit")
+        ax[2].plot(x, [100 * s["shed_share"] for s in sweep], "o-", label=d)
+    for a, t in zip(ax, ("p50 latency (ms)", "p99 latency (ms), shed = timeout", "shed / failed share (%)")):
+        a.set_xlabel("offered load (requests/s, Poisson, uniform mix)")
+        a.set_ylabel(t)
+        if "latency" in t:
+            a.set_yscale("log")
+        else:
+            a.set_ylim(0, 100)
+        if full["runs"]:
+            a.axvline(full["runs"][0]["raw_limit_rps"], color="grey", ls=":", label="raw forward limit")
         a.legend()
         a.grid(alpha=0.3)
-    fig.suptitle(f"latency vs load, {full['tasks']} tasks ({full['machine']['device']}, {full['machine']['cpus']} cores)")
+    fig.suptitle(f"latency vs load, {full['tasks']} tasks ({full['machine']['device']}, {full['machine']['cpus']} cores; "
+                 f"a shed request counts as the {full['timeout_ms'] / 1e3:g} s timeout)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "latency_vs_load.png", dpi=110)
+    fig.savefig(results / "latency_vs_load.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -411,120 +370,131 @@ def plots(full: dict[str, Any]) -> None:
         curve = full["budget"].get(d, {}).get("curve")
         if curve:
             ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label=d)
-    ax.axhline(full["budget_mib"], color="grey", ls=":", label="budget")
+    if full["budget"].get("budget_mib"):
+        ax.axhline(full["budget"]["budget_mib"], color="grey", ls=":", label="budget")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(left=0)
-    ax.set_xlabel("tasks deployed")
-    ax.set_ylabel("server memory, MiB PSS (tritonserver + stubs)")
+    ax.set_xlabel("tasks deployed (kind mix), measured")
+    ax.set_ylabel("server memory, MiB PSS (every server + stubs)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "memory_vs_tasks.png", dpi=110)
+    fig.savefig(results / "memory_vs_tasks.png", dpi=110)
     plt.close(fig)
-    log(f"== written {RESULTS / 'latency_vs_load.png'}, {RESULTS / 'memory_vs_tasks.png'}")
+    log(f"== written {results / 'latency_vs_load.png'}, {results / 'memory_vs_tasks.png'}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter runs, smaller budget (under 5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="1 repetition, shorter runs, 1 GiB budget (says so in the summary)")
+    ap.add_argument("--repetitions", type=int, help="repetitions of every deployment, order rotated each time (default 3; quick 1)")
     ap.add_argument("--tasks", type=int, help="tasks per deployment (default 8; quick 4)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:n] on a GPU machine")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 8; quick 3)")
     ap.add_argument("--concurrency", type=int, default=8, help="closed-loop requests in flight per task")
     ap.add_argument("--loads", help="comma-separated offered loads as fractions of the raw limit (default 0.15,0.3,0.45,0.6,0.75)")
     ap.add_argument("--matched", type=float, default=0.45, help="matched offered load for the summary, fraction of the raw limit")
-    ap.add_argument("--mix", choices=("zipf", "uniform"), default="zipf",
-                    help="how open-loop requests spread over tasks: zipf (task i gets 1/(i+1) of the weight: a few hot tasks, "
-                         "as real multi-task traffic) or uniform; the matched load is also measured uniform")
+    ap.add_argument("--timeout", type=float, default=10.0,
+                    help="client timeout per request, s; a shed or failed request counts as this in the percentiles")
+    ap.add_argument("--slo-ms", type=float, default=500.0, help="latency objective for goodput (answers within it per second)")
+    ap.add_argument("--tune", choices=("all", "none"), default="all",
+                    help="try each baseline setting first and keep the best (none: 1 instance x 1 thread, batch 16)")
+    ap.add_argument("--max-instances", type=int, help="cap on the isolated baseline's instances per task (default: the cores)")
+    ap.add_argument("--partition-batches", default="4,16,64", help="the partitioned baseline's batch sizes to try")
     ap.add_argument("--budget-gib", type=float, help="memory budget for tasks_in_budget (default 8; quick 1)")
-    ap.add_argument("--fmplex-max-tasks", type=int, help="vFMs deployed at most for the budget (host slot pool; default 1024; quick 128)")
+    ap.add_argument("--budget-wall-s", type=float, help="wall-clock limit of fmplex's budget run, s (default 600; quick 90)")
+    ap.add_argument("--budget-isolated-wall-s", type=float,
+                    help="wall-clock limit of the isolated budget run, s (default 1200; quick 300): long enough to reach the budget")
     ap.add_argument("--trace", type=Path, help="replay this trace (timestamp_s,task,size) instead of a generated one")
     ap.add_argument("--only", help="comma-separated subset of deployments")
     ap.add_argument("--fmplex-workers", default="auto", help="the fmplex host's workers (default auto: one per core)")
     ap.add_argument("--fmplex-batch-rows", type=int, help="the fmplex host's max_batch_rows (default: fmplex's default, 16)")
     ap.add_argument("--skip-budget", action="store_true", help="skip the tasks-in-budget measurement")
+    ap.add_argument("--budget-only", action="store_true", help="only the tasks-in-budget measurement (use with --results DIR)")
+    ap.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false", help="skip the perf_analyzer cross-check")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the results go (default perf/results)")
     cfg = ap.parse_args()
     cfg.tasks = cfg.tasks or (4 if cfg.quick else 8)
     if cfg.tasks < 3:
         ap.error("--tasks must be >= 3 (the fairness run uses three tasks)")
+    reps = cfg.repetitions or (1 if cfg.quick else 3)
     cfg.duration = cfg.duration or (3.0 if cfg.quick else 8.0)
     cfg.pa_all = not cfg.quick
     cfg.pa_interval_ms = 1500 if cfg.quick else 2500
     budget_mib = (cfg.budget_gib or (1.0 if cfg.quick else 8.0)) * 1024
-    fmplex_max = cfg.fmplex_max_tasks or (128 if cfg.quick else 1024)
+    budget_wall = cfg.budget_wall_s or (90.0 if cfg.quick else 600.0)
+    budget_iso_wall = cfg.budget_isolated_wall_s or (300.0 if cfg.quick else 1200.0)
     fractions = [float(x) for x in (cfg.loads or ("0.2,0.45,0.7" if cfg.quick else "0.15,0.3,0.45,0.6,0.75")).split(",")]
-    only = cfg.only.split(",") if cfg.only else list(DEPLOYMENTS)
+    only = [] if cfg.budget_only else [d for d in (cfg.only.split(",") if cfg.only else DEPLOYMENTS)]
+    unknown = set(only) - set(DEPLOYMENTS)
+    if unknown:
+        ap.error(f"unknown deployment(s) {', '.join(sorted(unknown))} (known: {', '.join(DEPLOYMENTS)})")
+    results: Path = cfg.results
+    results.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     texts = sentences()
     names = dep.task_names(cfg.tasks)
-    cfg.mix_weights = [1.0 / (i + 1) for i in range(cfg.tasks)] if cfg.mix == "zipf" else [1.0] * cfg.tasks
-
-    log("== raw batched forward (this process, 1 torch thread)")
-    raw = raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
-    raw_rps = max(raw.values())
-    log("   " + ", ".join(f"{k} {v:.1f}" for k, v in raw.items()) + " sentences/s")
-    loads = [round(f * raw_rps, 1) for f in fractions]
-    matched = round(cfg.matched * raw_rps, 1)
-
+    zipf = [1.0 / (i + 1) for i in range(cfg.tasks)]
+    if cfg.budget_only:
+        reps, raw0, loads, matched, trace = 0, {}, [], float("nan"), Path()
+    else:
+        log(f"== {reps} repetition(s)" + (" (QUICK run: 1 repetition, no spread; make bench without QUICK for the median of 3)" if reps == 1 else ""))
+        log("== raw batched forward (this process, 1 torch thread)")
+        raw0 = raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
+        raw_rps = max(raw0.values())
+        log("   " + ", ".join(f"{k} {v:.1f}" for k, v in raw0.items()) + " sentences/s")
+        loads = [round(f * raw_rps, 1) for f in fractions]
+        matched = round(cfg.matched * raw_rps, 1)
+        trace = cfg.trace or write_trace(results / "baselines_trace.csv", [
+            a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, zipf, seed=11))
+        ])
     work = Path(tempfile.mkdtemp(prefix="fmplex-baselines-"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    trace = cfg.trace or write_trace(RESULTS / "baselines_trace.csv", [
-        a.__class__(a.at, a.task, 1 + (i % 7 == 0) * 3) for i, a in enumerate(bursty(matched * 0.8, cfg.duration, names, cfg.mix_weights, seed=11))
-    ])
+    cores = len(os.sched_getaffinity(0))
     full: dict[str, Any] = {"machine": machine(cfg.device), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "tasks": cfg.tasks,
-                            "raw": raw, "raw_limit_rps": raw_rps, "loads_rps": loads, "matched_load_rps": matched,
-                            "budget_mib": budget_mib, "deployments": {}, "budget": {}, "quick": cfg.quick}
+                            "quick": cfg.quick, "repetitions": reps, "duration_s": cfg.duration, "loads_rps": loads,
+                            "matched_load_rps": matched, "timeout_ms": cfg.timeout * 1e3, "slo_ms": cfg.slo_ms,
+                            "baseline_settings": {}, "runs": [], "budget": {}}
+    chosen: dict[str, dep.BaselineSetting | None] = {"fmplex": None}
     try:
-        for d in only:
-            full["deployments"][d] = run_deployment(d, work, names, texts, cfg, loads, matched, trace)
+        candidates = {"isolated": dep.isolated_settings(min(cores, cfg.max_instances or cores)),
+                      "partitioned": dep.partitioned_settings(tuple(int(b) for b in cfg.partition_batches.split(",")))}
+        for b in ("isolated", "partitioned"):
+            if b not in only:
+                continue
+            cands = candidates[b] if cfg.tune == "all" else {"1x1" if b == "isolated" else "batch16": dep.BaselineSetting()}
+            if len(cands) > 1:
+                full["baseline_settings"][b] = tune(b, cands, work, names, texts, cfg, matched)
+                chosen[b] = cands[full["baseline_settings"][b]["chosen"]]
+            else:
+                label, setting = next(iter(cands.items()))
+                full["baseline_settings"][b] = {"tried": {}, "chosen": label, "picked_by": "not tuned (--tune none)"}
+                chosen[b] = setting
+        for r, order in enumerate(rotations(only, reps)):
+            log(f"== repetition {r + 1}/{reps}: {' > '.join(order)}")
+            raw = raw0 if r == 0 else raw_limit(texts, 2.0 if cfg.quick else 5.0, cfg.device)
+            if r:
+                log("   raw: " + ", ".join(f"{k} {v:.1f}" for k, v in raw.items()) + " sentences/s")
+            run: dict[str, Any] = {"repetition": r + 1, "order": order, "raw": raw, "raw_limit_rps": max(raw.values()), "deployments": {}}
+            for d in order:
+                run["deployments"][d] = run_deployment(d, work / f"{d}-r{r + 1}", names, texts, cfg, loads, matched, trace,
+                                                       chosen.get(d), first=(r == 0))
+            full["runs"].append(run)
         if cfg.skip_budget:
-            full["budget"] = {"isolated": {"tasks": 0, "budget_reached": False, "curve": []},
-                              "fmplex": {"tasks_measured": 0, "budget_reached": False, "curve": []}, "skipped": True}
+            full["budget"] = {"skipped": True}
         else:
-            log(f"== tasks in a {budget_mib / 1024:g} GiB budget")
-            full["budget"]["isolated"] = budget_isolated(work, budget_mib, limit=64)
-            full["budget"]["fmplex"] = budget_fmplex(work, budget_mib, fmplex_max, step=max(16, fmplex_max // 8))
+            log(f"== tasks in a {budget_mib / 1024:g} GiB budget (measured; wall-clock limit fmplex {budget_wall:.0f} s, isolated {budget_iso_wall:.0f} s)")
+            kinds = budget.kind_sources(work / "kinds", log)
+            full["budget"] = {"budget_mib": budget_mib, "wall_limit_s": {"fmplex": budget_wall, "isolated": budget_iso_wall},
+                              "isolated": budget.budget_isolated(work, kinds, budget_mib, budget_iso_wall, limit=64, log=log),
+                              "fmplex": budget.budget_fmplex(work, kinds, budget_mib, budget_wall, step=64 if cfg.quick else 256, log=log)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
         dep.remove_partitions()
     full["seconds"] = time.perf_counter() - t_start
-
-    def brief(d: str) -> dict[str, Any] | None:
-        r = full["deployments"].get(d)
-        if not r:
-            return None
-        return {"throughput_rps": r["saturation"]["throughput_rps"], "p50_ms": r["matched"]["p50_ms"], "p90_ms": r["matched"]["p90_ms"],
-                "p99_ms": r["matched"]["p99_ms"], "p99_ms_uniform_mix": r["matched_uniform"]["p99_ms"],
-                "memory_mib": r["memory"]["pss_mib"], "gpu_memory_mib": r["memory"]["gpu_mib"],
-                "fairness_jain": r["fairness"]["jain"], "failed": r["matched"]["failed"] + r["saturation"]["failed"]}
-
-    bf, bi = full["budget"]["fmplex"], full["budget"]["isolated"]
-    fm_tasks = bf["tasks_measured"] if bf["budget_reached"] else bf.get("tasks_projected", bf["tasks_measured"])
-    summary: dict[str, Any] = {
-        **{d: brief(d) for d in DEPLOYMENTS},
-        "raw_limit_rps": raw_rps,
-        "fairness_jain": (brief("fmplex") or {}).get("fairness_jain"),
-        "tasks_in_budget": {"fmplex": fm_tasks, "isolated": bi["tasks"], "fmplex_measured": bf["tasks_measured"],
-                            "fmplex_projected": not bf["budget_reached"], "skipped": bool(full["budget"].get("skipped"))},
-        "budget_mib": budget_mib, "matched_load_rps": matched, "tasks": cfg.tasks, "mix": cfg.mix,
-        "machine": full["machine"], "when": full["when"], "quick": cfg.quick, "seconds": full["seconds"],
-    }
-
-    def ratio(a: float | None, b: float | None) -> float:
-        return float("nan") if not a or not b else a / b
-
-    f, i, p = (summary.get(d) or {} for d in DEPLOYMENTS)
-    summary["ratios"] = {
-        "fmplex_vs_raw": ratio(f.get("throughput_rps"), raw_rps),
-        "p99_fmplex_vs_isolated": ratio(f.get("p99_ms"), i.get("p99_ms")),
-        "p99_fmplex_vs_partitioned": ratio(f.get("p99_ms"), p.get("p99_ms")),
-        "p99_uniform_fmplex_vs_isolated": ratio(f.get("p99_ms_uniform_mix"), i.get("p99_ms_uniform_mix")),
-        "p99_uniform_fmplex_vs_partitioned": ratio(f.get("p99_ms_uniform_mix"), p.get("p99_ms_uniform_mix")),
-        "throughput_fmplex_vs_isolated": ratio(f.get("throughput_rps"), i.get("throughput_rps")),
-        "tasks_fmplex_vs_isolated": ratio(fm_tasks, bi["tasks"]),
-    }
-    write_outputs(summary, full)
+    summary = write_outputs(full, results)
     log(f"== done in {full['seconds'] / 60:.1f} min: " + json.dumps(summary["ratios"]))
+    for k, t in summary["targets"].items():
+        log(f"   {k}: {t['value']} {t['target']} -> {'not measured' if t['met'] is None else ('met' if t['met'] else 'MISSED')}")
     return 0
 
 

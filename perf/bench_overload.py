@@ -16,6 +16,7 @@ Writes ``perf/results/overload_bench.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shutil
 import subprocess
@@ -31,10 +32,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _metric(metrics_url: str, name: str) -> float:
+def _metric(metrics_url: str, name: str, **labels: str) -> float:
+    """A counter summed over the series whose labels include ``labels``."""
     from fmplex.control.triton_api import scrape_metrics  # noqa: PLC0415
 
-    return sum(v for (n, _), v in scrape_metrics(metrics_url).items() if n == name)
+    want = set(labels.items())
+    prefix = "fmplex_" if name.startswith("fmplex_") else name
+    found = [v for (n, lab), v in scrape_metrics(metrics_url, prefix).items() if n == name and want <= set(lab)]
+    return sum(found) if found else float("nan")  # NaN: not exposed (a counter not yet bumped), never a silent 0
+
+
+def _flood_failures(metrics_url: str, flooder: str) -> dict[str, float]:
+    """What the server counted against the flooding task: requests that failed
+    (Triton's own counter for the vFM, what its client saw) and the host's
+    reasons (queue full, expired)."""
+    return {
+        "failed": _metric(metrics_url, "nv_inference_request_failure", model=flooder),
+        "rejected_queue_full": _metric(metrics_url, "fmplex_task_rejected_queue_full_total", task=flooder),
+        "expired": _metric(metrics_url, "fmplex_task_expired_total", task=flooder),
+    }
+
+
+def flood_counts(before: dict[str, float], after: dict[str, float], flooder: str) -> dict[str, int]:
+    """Counter increases over the flood. A counter not exposed (NaN) was never bumped: 0. Triton's
+    own failure counter exists once the vFM has been called, so its absence after the flood is an error."""
+    if math.isnan(after["failed"]):
+        raise RuntimeError(f"Triton exposes no nv_inference_request_failure for '{flooder}': cannot count the flood's errors")
+    return {k: 0 if math.isnan(after[k]) else int(after[k] - (0.0 if math.isnan(before[k]) else before[k])) for k in before}
+
+
+def flood_error_lines(output: str) -> list[str]:
+    """perf_analyzer's error lines (it prints failed requests' messages)."""
+    return [ln.strip() for ln in output.splitlines() if "error" in ln.lower() or "failed" in ln.lower()][:20]
 
 
 def _latencies(grpc_url: str, task: str, seconds: float) -> list[float]:
@@ -59,6 +88,7 @@ def _latencies(grpc_url: str, task: str, seconds: float) -> list[float]:
 
 def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds: float = 8.0, flood_clients: int = 10) -> dict[str, Any]:
     unloaded = _latencies(grpc_url, victim, seconds)
+    e0 = _flood_failures(metrics_url, flooder)  # the flood's failures are counted from its start to the victim's last request
     # The flood comes from perf_analyzer, another process: flood clients in
     # this process would hold its GIL and delay the victim's own client.
     from fmplex.control.server import perf_analyzer_command  # noqa: PLC0415
@@ -82,15 +112,16 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
     b1, s1 = _metric(metrics_url, "fmplex_batch_batches_total"), _metric(metrics_url, "fmplex_batch_seconds_total")
     r1 = _metric(metrics_url, "fmplex_batch_rows_total")
     f1 = _metric(metrics_url, "fmplex_task_served_rows_total")
+    e1 = _flood_failures(metrics_url, flooder)
     flood.terminate()
     try:
-        flood.communicate(timeout=60)
+        flood_out, _ = flood.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         flood.kill()
-        flood.communicate()
+        flood_out, _ = flood.communicate()
     shutil.rmtree(data.parent, ignore_errors=True)
     flood_done = [int((f1 - f0 - len(loaded)) / 8)]
-    flood_errors: list[str] = []
+    flood_errors = flood_counts(e0, e1, flooder)
     batch_s = (s1 - s0) / max(1.0, b1 - b0)
     p = lambda xs, q: float(np.percentile(np.array(xs) * 1000, q))  # noqa: E731
     res = {
@@ -103,7 +134,10 @@ def measure(grpc_url: str, metrics_url: str, victim: str, flooder: str, seconds:
         "flood_requests_served": flood_done[0],
         "victim_requests_per_s": len(loaded) / seconds,
         "flood_rows_per_s": 8 * flood_done[0] / (seconds + 0.5),
-        "flood_errors": len(flood_errors),
+        "flood_errors": flood_errors["failed"],  # flood requests that failed while the victim was measured
+        "flood_rejected_queue_full": flood_errors["rejected_queue_full"],
+        "flood_expired": flood_errors["expired"],
+        "flood_error_lines": flood_error_lines(flood_out or ""),
     }
     res["target_ms"] = 1.25 * res["unloaded_ms"]["p99"] + res["batch_ms_mean"]
     res["meets_target"] = res["loaded_ms"]["p99"] <= res["target_ms"]
@@ -142,6 +176,7 @@ def main() -> int:
         print(f"   while '{res['flooder']}' floods: p50 {res['loaded_ms']['p50']:7.1f} ms  p99 {res['loaded_ms']['p99']:7.1f} ms")
         print(f"   mean batch {res['batch_ms_mean']:.1f} ms ({res['rows_per_batch']:.1f} rows); flood {res['flood_rows_per_s']:.0f} rows/s; "
               f"target p99 <= {res['target_ms']:.1f} ms: {'met' if res['meets_target'] else 'MISSED'}")
+        print(f"   flood errors {res['flood_errors']} (queue full {res['flood_rejected_queue_full']}, expired {res['flood_expired']})")
     write_results("overload_bench.json", results)
     return 0
 

@@ -10,10 +10,10 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_results(name: str, results: Any) -> Path:
-    """perf/results/<name> as indented JSON; prints where it went."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / name
+def write_results(name: str, results: Any, folder: Path = RESULTS) -> Path:
+    """perf/results/<name> (or ``folder``/<name>) as indented JSON; prints where it went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"== written {out}")
     return out

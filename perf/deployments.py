@@ -28,9 +28,13 @@ from pathlib import Path
 from fmplex import registry
 from fmplex.families import encoder as encoder_family
 from fmplex.control.server import Ports, TritonProcess
+from fmplex.kinds import outputs_of
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "model_repository"
+# The trained classifier tasks every deployment clones. FMPLEX_BENCH_TASKS names another repository
+# holding the same three tasks (perf/gpu_check.sh trains them on a random-init backbone: an artifact
+# records the backbone weights it was built on and is refused by any other).
+EMBEDDED = Path(os.environ.get("FMPLEX_BENCH_TASKS") or ROOT / "model_repository")
 SOURCES = ("sentiment", "topic", "intent")  # trained classifier tasks of the embedded repository
 FMPLEX = str(Path(sys.executable).parent / "fmplex")
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
@@ -49,10 +53,12 @@ def source_of(i: int) -> Path:
 
 
 def fmplex_repo(work: Path, names: list[str], *, slots: int = registry.DEFAULT_SLOTS, max_batch_rows: int | None = None,
-                device: str = "cpu", workers: str = "auto") -> Path:
+                device: str = "cpu", workers: str = "auto", extension_budget_mb: float | None = None) -> Path:
     """A fresh repository with ``names`` as deployed classifier vFMs (offline)."""
     repo = work / "fmplex-repo"
     kwargs: dict = {"workers": workers} if max_batch_rows is None else {"max_batch_rows": max_batch_rows, "workers": workers}
+    if extension_budget_mb is not None:
+        kwargs["extension_budget_mb"] = extension_budget_mb
     encoder_family.init_hosts(repo, ["minilm"], slots, **kwargs)
     if device != "cpu":
         cfg = repo / "fm.minilm" / "config.pbtxt"
@@ -99,14 +105,50 @@ def partitions(n: int, device: str = "cpu") -> list[Partition]:
     ]
 
 
-def single_task_config(name: str, artifact: Path, *, max_batch: int = 16, partition: Partition | None = None, device: str = "cpu") -> str:
-    params = {"artifact": str(artifact), "torch_threads": "1", "device": device}
+@dataclasses.dataclass(frozen=True)
+class BaselineSetting:
+    """How a per-task baseline model runs: Triton instances (stub processes,
+    each with its own backbone copy), torch threads per instance, and the
+    dynamic batcher's largest batch."""
+
+    instances: int = 1
+    threads: int = 1
+    max_batch: int = 16
+
+    @property
+    def label(self) -> str:
+        return f"{self.instances} instance(s) x {self.threads} thread(s), batch {self.max_batch}"
+
+
+def isolated_settings(cores: int) -> dict[str, BaselineSetting]:
+    """The isolated baseline's candidate settings: one thread; as many threads
+    as cores in one instance; as many instances as cores (duplicates dropped)."""
+    cand = {
+        "1x1": BaselineSetting(1, 1),
+        f"1x{cores}threads": BaselineSetting(1, cores),
+        f"{cores}instances": BaselineSetting(cores, 1),
+    }
+    seen: dict[BaselineSetting, str] = {}
+    for name, s in cand.items():
+        seen.setdefault(s, name)
+    return {name: s for s, name in seen.items()}
+
+
+def partitioned_settings(batches: tuple[int, ...] = (4, 16, 64)) -> dict[str, BaselineSetting]:
+    """The partitioned baseline's candidates: its batch size (the partition fixes the rest)."""
+    return {f"batch{b}": BaselineSetting(1, 1, b) for b in batches}
+
+
+def single_task_config(name: str, artifact: Path, *, max_batch: int = 16, partition: Partition | None = None, device: str = "cpu",
+                       instances: int = 1, threads: int = 1, family: str = "classifier") -> str:
+    params = {"artifact": str(artifact), "torch_threads": str(threads), "device": device}
     if partition is not None:
         params["cpu_quota"] = f"{partition.cpu_quota:g}"
         params["cpu_cores"] = ",".join(map(str, partition.cpu_cores))
         if partition.gpu_percent:
             params["gpu_percent"] = str(partition.gpu_percent)
     ptext = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
+    outputs = ",\n".join(f'  {{ name: "{o.name}" data_type: {o.data_type} dims: {o.dims} }}' for o in outputs_of(family))
     kind = "KIND_CPU" if device == "cpu" else "KIND_MODEL"
     return f"""# Baseline written by perf/deployments.py: task '{name}' alone on its own backbone copy.
 name: "{name}"
@@ -115,28 +157,33 @@ max_batch_size: {max_batch}
 dynamic_batching {{ }}
 input [ {{ name: "TEXT" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true }} ]
 output [
-  {{ name: "LOGITS" data_type: TYPE_FP32 dims: [ -1, -1 ] }},
-  {{ name: "LABEL" data_type: TYPE_STRING dims: [ -1 ] }}
+{outputs}
 ]
-instance_group [ {{ kind: {kind} count: 1 }} ]
+instance_group [ {{ kind: {kind} count: {instances} }} ]
 {ptext}
 """
 
 
-def baseline_repo(work: Path, names: list[str], kind: str, device: str = "cpu") -> Path:
-    """``isolated`` or ``partitioned``: one model directory per task."""
+def baseline_repo(work: Path, names: list[str], kind: str, device: str = "cpu", setting: BaselineSetting = BaselineSetting(),
+                  sources: list[tuple[Path, str]] | None = None) -> Path:
+    """``isolated`` or ``partitioned``: one model directory per task.
+
+    ``sources``: (artifact version directory, output family) per task;
+    default: the embedded trained classifiers in turn."""
     if kind not in ("isolated", "partitioned"):
         raise ValueError(f"unknown baseline '{kind}'")
     repo = work / f"{kind}-repo"
     arts = work / f"{kind}-artifacts"
     parts = partitions(len(names), device) if kind == "partitioned" else [None] * len(names)
     for i, (name, part) in enumerate(zip(names, parts)):
+        src, family = sources[i % len(sources)] if sources else (source_of(i), "classifier")
         art = arts / name / "1"
-        shutil.copytree(source_of(i), art, dirs_exist_ok=True)
+        shutil.copytree(src, art, dirs_exist_ok=True)
         mdir = repo / name
         (mdir / "1").mkdir(parents=True, exist_ok=True)
         (mdir / "1" / "model.py").write_text(SHIM)
-        (mdir / "config.pbtxt").write_text(single_task_config(name, art, partition=part, device=device))
+        (mdir / "config.pbtxt").write_text(single_task_config(name, art, partition=part, device=device, instances=setting.instances,
+                                                              threads=setting.threads, max_batch=setting.max_batch, family=family))
     return repo
 
 

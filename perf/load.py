@@ -137,10 +137,18 @@ class Record:
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
+    """Percentiles in ms of latencies in s (``inf`` allowed: the lower rank wins
+    where numpy's interpolation would compute inf - inf)."""
     if not values:
         return {f"p{q:g}_ms": float("nan") for q in qs}
-    arr = np.asarray(values, dtype=float) * 1e3
-    return {f"p{q:g}_ms": float(np.percentile(arr, q)) for q in qs}
+    arr = np.sort(np.asarray(values, dtype=float)) * 1e3
+    out = {}
+    for q in qs:
+        pos = (len(arr) - 1) * q / 100.0
+        lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+        a, b = arr[lo], arr[hi]
+        out[f"p{q:g}_ms"] = float(a if hi == lo or a == b else (b if math.isinf(b) else a + (b - a) * (pos - lo)))
+    return out
 
 
 def jain(values: Sequence[float]) -> float:
@@ -151,33 +159,81 @@ def jain(values: Sequence[float]) -> float:
     return float(v.sum() ** 2 / (len(v) * (v**2).sum()))
 
 
-def summarize(records: Sequence[Record], window: tuple[float, float]) -> dict[str, object]:
-    """Throughput (requests answered per second in ``window``) and latency
-    percentiles per task and overall; failures counted, never dropped."""
+def summarize(records: Sequence[Record], window: tuple[float, float], *, timeout_s: float = math.inf, slo_s: float = math.inf) -> dict[str, object]:
+    """What one workload measured, every sent request counted.
+
+    - ``offered_rps``: requests sent in ``window`` per second of the window;
+    - ``throughput_rps``: answered requests per second of the time it took to
+      answer them (an overloaded server's last answers come after the window,
+      so this is its capacity, not the offer);
+    - ``goodput_rps``: the same, counting only answers within ``slo_s``;
+    - ``shed_share``: share of the sent requests that got no answer (shed at
+      a queue limit, refused, timed out);
+    - ``p50_ms/p90_ms/p99_ms``: over every sent request, a shed or failed one
+      counting as ``timeout_s`` (the client's deadline; ``inf`` when none), so
+      a deployment cannot improve its tail by dropping requests;
+      ``answered_p*_ms``: over the answered ones only, for reference.
+    """
     lo, hi = window
     inside = [r for r in records if lo <= r.sent < hi]
     ok = [r for r in inside if r.latency_s is not None]
-    # Served rate over the time it took to answer them: an overloaded server's
-    # last answers come long after the window, so this is its capacity, not the offer.
     last = max((r.sent + (r.latency_s or 0.0) for r in ok), default=hi)
     span = max(hi - lo, last - lo, 1e-9)
 
     def one(rs: list[Record], all_rs: list[Record]) -> dict[str, object]:
+        lat = [r.latency_s for r in rs if r.latency_s is not None]
+        failed = len(all_rs) - len(rs)
         return {
             "sent": len(all_rs),
             "answered": len(rs),
-            "failed": len(all_rs) - len(rs),
+            "failed": failed,
+            "shed_share": failed / len(all_rs) if all_rs else 0.0,
+            "offered_rps": len(all_rs) / max(hi - lo, 1e-9),
             "throughput_rps": len(rs) / span,
+            "goodput_rps": sum(x <= slo_s for x in lat) / span,
             "rows_per_s": sum(r.size for r in rs) / span,
-            **percentiles([r.latency_s for r in rs if r.latency_s is not None]),
+            **percentiles(lat + [timeout_s] * failed),
+            **{f"answered_{k}": v for k, v in percentiles(lat).items()},
         }
 
     tasks = sorted({r.task for r in records})
     return {
         **one(ok, inside),
+        "timeout_ms": timeout_s * 1e3,
+        "slo_ms": slo_s * 1e3,
         "per_task": {t: one([r for r in ok if r.task == t], [r for r in inside if r.task == t]) for t in tasks},
         "errors": sorted({r.error for r in inside if r.error})[:5],
     }
+
+
+def spread(values: Sequence[float]) -> dict[str, object]:
+    """Median, min and max of a figure's repetitions (NaNs left out, kept in ``values``)."""
+    vals = [float(v) for v in values]
+    finite = [v for v in vals if not math.isnan(v)]
+    if not finite:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "values": vals}
+    return {"median": float(np.median(finite)), "min": min(finite), "max": max(finite), "values": vals}
+
+
+def rotations(items: Sequence[str], repetitions: int) -> list[list[str]]:
+    """The order of ``items`` in each repetition: rotated by one each time, so
+    every item runs in every position (first, after a cold machine; last,
+    after the others heated it) as often as the repetitions allow."""
+    items = list(items)
+    n = max(len(items), 1)
+    return [items[r % n :] + items[: r % n] for r in range(repetitions)]
+
+
+def pick_best(results: dict[str, dict[str, float]], key: str = "p99_ms") -> str:
+    """The setting with the lowest ``key`` (ties: the higher ``goodput_rps``); a NaN never wins."""
+    if not results:
+        raise ValueError("no settings to pick from")
+
+    def rank(name: str) -> tuple[float, float]:
+        v = results[name].get(key, float("nan"))
+        return (math.inf if v is None or math.isnan(v) else v, -(results[name].get("goodput_rps") or 0.0))
+
+    return min(results, key=rank)
 
 
 # --- the driver (real clients) ------------------------------------------------------

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from perf.load import Arrival, Record, bursty, jain, percentiles, poisson, read_trace, summarize, write_trace
+from perf.load import Arrival, Record, bursty, jain, percentiles, pick_best, poisson, read_trace, rotations, spread, summarize, write_trace
 
 TASKS = ["a", "b", "c"]
 
@@ -105,3 +105,62 @@ def test_served_rate_of_an_overloaded_server_is_its_capacity_not_the_offer():
     s = summarize(recs, (0.0, 1.0))
     assert s["answered"] == 100
     assert s["throughput_rps"] == pytest.approx(50.0, rel=0.01)
+
+
+def test_shed_requests_count_in_the_percentiles_as_the_timeout():
+    # 95 answered at 10 ms, 5 shed: answered-only p99 would be 10 ms; counting the shed as the 2 s timeout it is 2 s
+    recs = [Record("a", 0.01 * i, 0.010) for i in range(95)] + [Record("a", 0.5 + 0.01 * i, None, error="queue full") for i in range(5)]
+    s = summarize(recs, (0.0, 1.0), timeout_s=2.0, slo_s=0.5)
+    assert s["shed_share"] == pytest.approx(0.05)
+    assert s["answered_p99_ms"] == pytest.approx(10.0)
+    assert s["p99_ms"] == pytest.approx(2000.0)
+    assert s["p50_ms"] == pytest.approx(10.0)
+    assert s["offered_rps"] == pytest.approx(100.0)
+    assert s["goodput_rps"] == pytest.approx(s["throughput_rps"])  # all answers within the SLO
+    # without a timeout a shed request counts as infinity, never as a NaN
+    s_inf = summarize(recs, (0.0, 1.0))
+    assert math.isinf(s_inf["p99_ms"]) and s_inf["p50_ms"] == pytest.approx(10.0)
+
+
+def test_goodput_counts_only_answers_within_the_slo():
+    recs = [Record("a", 0.1 * i, 0.1 if i % 2 else 0.9) for i in range(10)]  # half at 100 ms, half at 900 ms
+    s = summarize(recs, (0.0, 1.0), slo_s=0.5)
+    assert s["answered"] == 10
+    assert s["goodput_rps"] == pytest.approx(s["throughput_rps"] / 2)
+    assert s["per_task"]["a"]["goodput_rps"] == pytest.approx(s["goodput_rps"])
+
+
+def test_percentiles_match_numpy_on_finite_values_and_handle_infinity():
+    import numpy as np
+
+    vals = [0.003, 0.001, 0.2, 0.05, 0.07, 0.011]
+    p = percentiles(vals, (10, 50, 90, 99))
+    for q in (10, 50, 90, 99):
+        assert p[f"p{q}_ms"] == pytest.approx(float(np.percentile(np.array(vals) * 1e3, q)))
+    p = percentiles([0.001, math.inf, math.inf], (50, 99))
+    assert math.isinf(p["p50_ms"]) and math.isinf(p["p99_ms"])
+    assert percentiles([0.001, 0.002, math.inf], (0,))["p0_ms"] == pytest.approx(1.0)
+
+
+def test_spread_is_median_min_max_and_skips_nan():
+    s = spread([3.0, 1.0, float("nan"), 2.0])
+    assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
+    assert len(s["values"]) == 4
+    assert math.isnan(spread([float("nan")])["median"])
+
+
+def test_rotations_put_every_deployment_in_every_position():
+    orders = rotations(["f", "i", "p"], 3)
+    assert orders == [["f", "i", "p"], ["i", "p", "f"], ["p", "f", "i"]]
+    for pos in range(3):
+        assert sorted(o[pos] for o in orders) == ["f", "i", "p"]
+    assert rotations(["f", "i"], 1) == [["f", "i"]]
+
+
+def test_pick_best_by_p99_ties_by_goodput_nan_never_wins():
+    res = {"a": {"p99_ms": 300.0, "goodput_rps": 10.0}, "b": {"p99_ms": 200.0, "goodput_rps": 5.0},
+           "c": {"p99_ms": float("nan"), "goodput_rps": 99.0}, "d": {"p99_ms": 200.0, "goodput_rps": 7.0}}
+    assert pick_best(res) == "d"
+    assert pick_best({"c": res["c"], "a": res["a"]}) == "a"
+    with pytest.raises(ValueError):
+        pick_best({})
