@@ -108,7 +108,7 @@ def _mixed(rows, seconds: float) -> dict:  # noqa: ANN001
 
     from fmplex.families.vision.executor import VisionExecutor
     from fmplex.families.vision.model import N_STAGES
-    from fmplex.families.vision.tasks import load_task
+    from fmplex.families.vision.loading import load_task
     from fmplex.families.vision.weights import load_state_dict
 
     ex = VisionExecutor()

@@ -10,7 +10,7 @@ import torch
 
 from fmplex.artifacts import ArtifactError
 from fmplex.families.vision import importers
-from fmplex.families.vision.tasks import load_task
+from fmplex.families.vision.loading import load_task
 from fmplex.families.vision.weights import load_state_dict
 
 

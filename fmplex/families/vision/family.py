@@ -20,7 +20,8 @@ import numpy as np
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
 
 from .preprocess import ImageLimits, decode_request
-from .tasks import BACKBONE, KINDS, VisionTask, load_task
+from .loading import load_task
+from .tasks import BACKBONE, KINDS, VisionTask
 
 Echo = Callable[[str], None]
 

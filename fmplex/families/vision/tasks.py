@@ -208,23 +208,5 @@ class OnnxTask(VisionTask):
     kind = "onnx"
 
 
-def load_task(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], artifact_dir: Path | None = None,
-              device: torch.device | None = None) -> VisionTask:
-    """The task of an artifact (manifest + tensors [+ its directory, for ONNX files])."""
-    from .fork import ForkTask  # noqa: PLC0415 - they import this module
-    from .lora import LoraTask  # noqa: PLC0415
-
-    classes: dict[str, type[VisionTask]] = {
-        "embedding": EmbeddingTask, "classifier": ClassifierTask, "onnx": OnnxTask, "fork": ForkTask, "lora": LoraTask,
-    }
-    kind = manifest.get("kind")
-    where = f"task '{manifest.get('task', '?')}'"
-    if manifest.get("backbone") != BACKBONE:
-        raise ArtifactError(f"{where}: made for backbone {manifest.get('backbone')!r}, not '{BACKBONE}'")
-    if kind not in classes:
-        raise ArtifactError(f"{where}: kind {kind!r} is not a vision kind (known: {', '.join(KINDS)})")
-    return classes[kind](manifest, tensors, artifact_dir, device)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
