@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable

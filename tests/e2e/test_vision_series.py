@@ -13,7 +13,7 @@ Tolerance: fp32, |fmplex - reference| <= 1e-4 + 1e-4 * |reference|; labels equal
 
 from __future__ import annotations
 
-import shutil
+import re
 import subprocess
 import sys
 import time
@@ -348,6 +348,22 @@ def test_bad_series_fail_alone_under_load(served: dict[str, Any]) -> None:
     server.settled(SERIES)
     assert _responses(server, SERIES, "invalid") - before_bad == len(bad)
     assert _responses(server, SERIES, "ok") - before_ok == 2 * len(good)
+
+
+# --- perf ------------------------------------------------------------------------------------
+
+
+def test_perf_runs_perf_analyzer_on_an_image_and_a_series_vfm(served: dict[str, Any]) -> None:
+    server: Server = served["server"]
+    before = _responses(server, ("v_clf", "s_fc"), "ok")
+    out = subprocess.run([FMPLEX, "perf", "v_clf", "s_fc", "--url", server.grpc_url, "--concurrency-range", "2",
+                          "--request-count", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    counts = {m.group(1): int(m.group(2)) for m in
+              re.finditer(r"^  (\S+)\s+concurrency \d+\s+[\d.]+ infer/s\s+(\d+) requests", out.stdout, re.M)}
+    assert counts == {"v_clf": 4, "s_fc": 4}, out.stdout[-2000:]
+    server.settled(("v_clf", "s_fc"))
+    assert _responses(server, ("v_clf", "s_fc"), "ok") - before >= 8  # perf_analyzer's warm-up requests come on top
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
