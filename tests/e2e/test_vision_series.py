@@ -165,6 +165,16 @@ def _responses(server: Server, tasks: tuple[str, ...], outcome: str) -> float:
     return sum(server.metric("fmplex_task_responses_total", task=t, outcome=outcome) for t in tasks)
 
 
+def _largest_batch(server: Server, host: str) -> int:
+    """The most rows one shared pass of ``host`` has run (fmplex_batch_size_total{host, rows})."""
+    import re as _re  # noqa: PLC0415
+
+    rows = [int(m.group(1)) for line in server.metrics().splitlines()
+            if line.startswith("fmplex_batch_size_total{") and f'host="{host}"' in line
+            for m in [_re.search(r'rows="(\d+)"', line)] if m]
+    return max(rows, default=0)
+
+
 def _bad(result: Any) -> str:
     assert isinstance(result, str), "a bad request was answered"
     assert "\n" not in result
@@ -216,6 +226,7 @@ def test_every_vision_kind_exact_in_shared_batches(served: dict[str, Any]) -> No
         _check_vision(name, got, ref, clf_labels)
     assert server.wait_metric("fmplex_task_responses_total", before + len(calls), outcome="ok") >= before + len(calls)
     assert _responses(server, VISION, "ok") - before == len(calls)
+    assert _largest_batch(server, "fm.efficientnet") > 2  # requests (2 rows each) of several tasks shared a pass
 
 
 def test_bad_images_fail_alone_under_load(served: dict[str, Any]) -> None:
@@ -318,6 +329,7 @@ def test_every_series_kind_exact_in_shared_batches(served: dict[str, Any]) -> No
         _check_series(served, name, inputs, got)
     server.settled(SERIES)
     assert _responses(server, SERIES, "ok") - before == len(reqs)
+    assert _largest_batch(server, "fm.fracast") > 3  # requests of several tasks (3 rows at most each) shared a pass
 
 
 def test_bad_series_fail_alone_under_load(served: dict[str, Any]) -> None:
