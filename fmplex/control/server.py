@@ -59,6 +59,14 @@ GENERATIVE_SHIMS = {
 }
 
 
+# Python-based backends of the hosts of families that come as one family
+# object (fmplex/families/vision, fmplex/families/timeseries).
+FAMILY_SHIMS = {
+    "fmplex_vision": "from fmplex.families.vision.host import TritonPythonModel  # noqa: F401\n",
+    "fmplex_series": "from fmplex.families.timeseries.host import TritonPythonModel  # noqa: F401\n",
+}
+
+
 # Locking the server's control APIs (see the module docstring).
 API_KEY_HEADER = "fmplex-key"  # the HTTP header
 # Triton prefixes the header of a restricted gRPC protocol: gRPC clients send
@@ -219,7 +227,7 @@ def assemble_backends(install: TritonInstall, into: Path) -> Path:
     for backend, shim in MULTIMODAL_SHIMS.items():
         (into / backend).mkdir(exist_ok=True)
         (into / backend / "model.py").write_text(shim)
-    for backend, shim in GENERATIVE_SHIMS.items():
+    for backend, shim in {**GENERATIVE_SHIMS, **FAMILY_SHIMS}.items():
         (into / backend).mkdir(exist_ok=True)
         (into / backend / "model.py").write_text(shim)
     return into

@@ -88,25 +88,49 @@ def test_family_named_by_the_config_wins() -> None:
 
 
 def test_unknown_inputs_are_refused_with_the_way_out() -> None:
-    sig = perf.ModelSignature.from_config({"name": "vision", "input": [{"name": "PIXELS", "data_type": "TYPE_FP32", "dims": [3, 224, 224]}]})
-    with pytest.raises(perf.PerfError, match=r"no perf input generator for model 'vision' \(inputs: PIXELS TYPE_FP32 \[3, 224, 224\]\).*--input-data"):
+    sig = perf.ModelSignature.from_config({"name": "speech", "input": [{"name": "AUDIO", "data_type": "TYPE_FP32", "dims": [1, 16000]}]})
+    with pytest.raises(perf.PerfError, match=r"no perf input generator for model 'speech' \(inputs: AUDIO TYPE_FP32 \[1, 16000\]\).*--input-data"):
         perf.family_of(sig)
 
 
 def test_a_new_family_is_one_function() -> None:
-    def is_series(sig: perf.ModelSignature) -> bool:
-        return sig.has("SERIES", "TYPE_FP32")
+    def is_audio(sig: perf.ModelSignature) -> bool:
+        return sig.has("AUDIO", "TYPE_FP32")
 
-    @perf.input_family("timeseries-test", is_series)
-    def series(sig: perf.ModelSignature, options: perf.InputOptions) -> perf.InputData:
-        return perf.InputData([{"SERIES": {"content": [0.5] * 32, "shape": [1, 32]}}], {"SERIES": [1, 32]})
+    @perf.input_family("audio-test", is_audio)
+    def audio(sig: perf.ModelSignature, options: perf.InputOptions) -> perf.InputData:
+        return perf.InputData([{"AUDIO": {"content": [0.5] * 32, "shape": [1, 32]}}], {"AUDIO": [1, 32]})
 
     try:
-        sig = perf.ModelSignature.from_config({"name": "forecast", "input": [{"name": "SERIES", "data_type": "TYPE_FP32", "dims": [-1, -1]}]})
+        sig = perf.ModelSignature.from_config({"name": "speech", "input": [{"name": "AUDIO", "data_type": "TYPE_FP32", "dims": [-1, -1]}]})
         data = perf.make_input_data(sig, perf.InputOptions())
-        assert data.shape_args() == ["--shape", "SERIES:1,32"]
+        assert data.shape_args() == ["--shape", "AUDIO:1,32"]
     finally:
-        del perf.INPUT_FAMILIES["timeseries-test"]
+        del perf.INPUT_FAMILIES["audio-test"]
+
+
+def test_image_and_series_requests_take_the_asked_rows() -> None:
+    import base64
+
+    import numpy as np
+
+    image = perf.ModelSignature.from_config({"name": "digits", "input": [
+        {"name": "IMAGE", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+        {"name": "PIXELS", "data_type": "TYPE_FP32", "dims": [-1, 3, 224, 224], "optional": True}]})
+    data = perf.make_input_data(image, perf.InputOptions(rows=2))
+    assert perf.family_of(image).name == "images" and data.shape_args() == ["--shape", "PIXELS:2,3,224,224"]
+    for e in data.data:
+        assert set(e) == {"PIXELS"}
+        px = np.frombuffer(base64.b64decode(e["PIXELS"]["b64"]), dtype="<f4")
+        assert px.size == 2 * 3 * 224 * 224 and np.isfinite(px).all()
+    series = perf.ModelSignature.from_config({"name": "demand", "input": [
+        {"name": "SERIES", "data_type": "TYPE_FP32", "dims": [-1, -1]},
+        {"name": "HORIZON", "data_type": "TYPE_INT64", "dims": [1], "optional": True}]})
+    data = perf.make_input_data(series, perf.InputOptions(rows=3))
+    assert perf.family_of(series).name == "series" and data.shape_args() == ["--shape", f"SERIES:3,{perf.SERIES_STEPS}"]
+    for e in data.data:
+        s = np.frombuffer(base64.b64decode(e["SERIES"]["b64"]), dtype="<f4").reshape(3, perf.SERIES_STEPS)
+        assert np.isfinite(s).all() and len({round(float(r.std()), 3) for r in s}) == 3  # three different rows
 
 
 def test_text_requests_have_several_lengths_and_the_asked_rows() -> None:

@@ -1,7 +1,8 @@
-"""Which task class serves an artifact's kind: the one place that knows every vision kind's class.
+"""Which class loads a vision artifact: one place that knows every kind's task class.
 
-Apart from ``tasks`` so that ``fork`` and ``lora`` (which build on ``tasks.VisionTask``)
-are imported here, not from ``tasks`` in a circle.
+Kept apart from :mod:`.tasks` because the fork and LoRA task classes
+(:mod:`.fork`, :mod:`.lora`) build on :class:`.tasks.VisionTask`; here they
+are all imported at the top, with no import cycle.
 """
 
 from __future__ import annotations

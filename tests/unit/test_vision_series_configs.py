@@ -1,0 +1,90 @@
+"""The vision and time-series families' Triton configs: hosts with slot outputs, vFMs through the one writer.
+
+Parsed with Triton's own protobuf schema, so a config Triton would refuse to
+parse fails here; the shapes and types are what the hosts read and answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from fmplex import registry
+from fmplex.control import workflows
+from fmplex.control.server import FAMILY_SHIMS
+from fmplex.families import FAMILIES, family_for
+from fmplex.registry import TaskEntry
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+
+def parse(path: Path):  # noqa: ANN201
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def io(tensors) -> dict[str, tuple[int, list[int], bool]]:  # noqa: ANN001
+    return {t.name: (t.data_type, list(t.dims), bool(getattr(t, "optional", False))) for t in tensors}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    lines: list[str] = []
+    workflows.init_repository(root, ["efficientnet", "fracast"], slots=4, echo=lines.append)
+    assert lines == ["host fm.efficientnet: backbone efficientnet, 4 slots", "host fm.fracast: backbone fracast, 4 slots"]
+    return root
+
+
+def test_hosts_run_their_own_backends(repo: Path) -> None:
+    pb = model_config_pb2
+    vision = parse(repo / "fm.efficientnet" / "config.pbtxt")
+    assert vision.backend == "fmplex_vision" and vision.backend in FAMILY_SHIMS
+    assert io(vision.input) == {"IMAGE": (pb.TYPE_STRING, [-1], True), "PIXELS": (pb.TYPE_FP32, [-1, 3, 224, 224], True)}
+    assert io(vision.output) == {
+        **{f"OUT_{k}": (pb.TYPE_FP32, [-1, -1], False) for k in range(4)},
+        **{f"TXT_{k}": (pb.TYPE_STRING, [-1], False) for k in range(4)},
+    }
+    series = parse(repo / "fm.fracast" / "config.pbtxt")
+    assert series.backend == "fmplex_series" and series.backend in FAMILY_SHIMS
+    assert io(series.input) == {
+        "SERIES": (pb.TYPE_FP32, [-1, -1], False), "LENGTHS": (pb.TYPE_INT64, [-1], True), "HORIZON": (pb.TYPE_INT64, [1], True),
+    }  # fmt: skip
+    assert {o.name for o in series.output} == {f"{p}_{k}" for p in ("OUT", "QNT", "TXT") for k in range(4)}
+    assert series.parameters["slots"].string_value == "4"
+    reg = registry.load(repo)
+    assert {b: h.model for b, h in reg.hosts.items()} == {"efficientnet": "fm.efficientnet", "fracast": "fm.fracast"}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "family", "outputs"),
+    [
+        ("efficientnet", "classifier", {"LOGITS": "OUT_2", "LABEL": "TXT_2"}),
+        ("efficientnet", "embedding", {"EMBEDDING": "OUT_2"}),
+        ("fracast", "forecast", {"FORECAST": "OUT_2", "QUANTILES": "QNT_2"}),
+        ("fracast", "classifier", {"LOGITS": "OUT_2", "LABEL": "TXT_2"}),
+        ("fracast", "embedding", {"EMBEDDING": "OUT_2"}),
+    ],
+)
+def test_a_vfm_maps_its_slot_to_its_family_outputs(repo: Path, backbone: str, family: str, outputs: dict[str, str]) -> None:
+    fam = family_for(backbone)
+    entry = TaskEntry("t", backbone, "x", 1, deployed_version=1, slot=2, family=family)
+    assert fam.write_task_models(repo, entry, registry.load(repo)) == ["t"]
+    cfg = parse(repo / "t" / "config.pbtxt")
+    host = parse(repo / f"fm.{backbone}" / "config.pbtxt")
+    assert cfg.platform == "ensemble" and list(cfg.version_policy.specific.versions) == [1]
+    assert io(cfg.input) == io(host.input)  # inputs pass through, optional ones too
+    (step,) = cfg.ensemble_scheduling.step
+    assert step.model_name == f"fm.{backbone}"
+    assert {v: k for k, v in step.output_map.items()} == outputs
+    host_out = io(host.output)
+    assert {o.name: (o.data_type, list(o.dims)) for o in cfg.output} == {n: host_out[h][:2] for n, h in outputs.items()}
+
+
+def test_kinds_and_options_are_the_family_objects() -> None:
+    assert [k.name for k in FAMILIES["vision"].kinds()] == ["embedding", "classifier", "fork", "onnx", "lora"]
+    assert [k.name for k in FAMILIES["timeseries"].kinds()] == ["forecast", "fork", "classifier", "embedding"]
+    opts = FAMILIES["timeseries"].family_options("forecast", {"horizon": 5, "quantiles": "0.1,0.9", "missing": None})
+    assert opts == {"horizon": 5, "quantiles": [0.1, 0.9]}
+    assert FAMILIES["vision"].family_options("fork", {"image_labels": "a, b"})["labels"] == ["a", "b"]
