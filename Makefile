@@ -10,11 +10,11 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-gpu-bundle bench-gpu repo clean
+.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-gpu-bundle bench-gpu repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
-	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer) and run the whole test suite"
+	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer), lint (ruff) and run the whole test suite"
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
 	@echo "make fuzz   - every property test with FUZZ_EXAMPLES (default 2000) random examples each, failures kept in .hypothesis/fuzz"
 	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
@@ -41,8 +41,12 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m fmplex.demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q -ra --durations=15 -m "not soak" tests
+
+# ruff (configured in pyproject.toml: errors and likely bugs, not formatting); make test runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fmplex perf tests
 
 # Randomized, with an example database: every task kind and every family's inputs (text encoder,
 # generative, multimodal). Hours at the default; FUZZ_EXAMPLES=200 for a quick pass.

@@ -27,7 +27,7 @@ def version_dir(repo: Path, task: str, version: int) -> Path:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    manifest = {"format": FORMAT, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **manifest}
+    manifest = {"format": FORMAT, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **manifest}
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

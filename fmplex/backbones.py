@@ -223,7 +223,7 @@ def backbone_for_host(host_model: str) -> BackboneSpec:
     raise KeyError(f"no backbone is served by host model '{host_model}'")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fingerprint(name: str) -> str:
     """A short content hash of the backbone's weights and config.
 

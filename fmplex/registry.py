@@ -120,7 +120,7 @@ class Registry:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Registry":
+    def from_json(cls, data: dict[str, Any]) -> Registry:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise RegistryError(f"not an fmplex registry (format {got!r}, expected {FORMAT!r})")

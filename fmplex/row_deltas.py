@@ -77,7 +77,7 @@ class Segments:
     groups: tuple[tuple[Mapping[Hashable, RowDelta], torch.Tensor], ...] = ()
 
     @classmethod
-    def of_rows(cls, owners: Sequence[Any], device: torch.device | str | None = None) -> "Segments":
+    def of_rows(cls, owners: Sequence[Any], device: torch.device | str | None = None) -> Segments:
         """``owners[i]`` owns row i (None: a plain row)."""
         by_owner: dict[int, tuple[Any, list[int]]] = {}
         for i, owner in enumerate(owners):
@@ -86,7 +86,7 @@ class Segments:
         return cls(tuple((o.deltas, torch.tensor(rows, dtype=torch.long, device=device)) for o, rows in by_owner.values()))
 
     @classmethod
-    def of_tokens(cls, owners: Sequence[Any], row_of_token: torch.Tensor) -> "Segments":
+    def of_tokens(cls, owners: Sequence[Any], row_of_token: torch.Tensor) -> Segments:
         """A flat batch of tokens: ``row_of_token[t]`` is the row (index into ``owners``) of token t."""
         by_row = cls.of_rows(owners)
         return cls(

@@ -162,7 +162,7 @@ def _server(lm, tokens: int, rows_list: list[int]) -> dict:  # noqa: ANN001
             c.close()
             stubs = subprocess.run(["pgrep", "-f", "triton_python_backend_stub"], capture_output=True, text=True).stdout.split()
             pss = {pid: _pss_mib(int(pid)) for pid in stubs}
-            mine = {pid: v for pid, v in pss.items() if f"fm.smollm2" in open(f"/proc/{pid}/cmdline").read()}
+            mine = {pid: v for pid, v in pss.items() if "fm.smollm2" in open(f"/proc/{pid}/cmdline").read()}
         finally:
             proc.stop()
     print(f"server ready in {ready:.1f} s; stream: first piece {first * 1e3:.0f} ms, {pieces} responses in {whole:.2f} s; "

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -143,7 +142,7 @@ class BenchConfig:
     timeout_s: float = 120.0  # per request (client)
 
     @staticmethod
-    def quick(**kw: Any) -> "BenchConfig":
+    def quick(**kw: Any) -> BenchConfig:
         """~25 s of trace with one burst (~10-22 s)."""
         base = dict(duration_s=25.0, mean_calm_s=10.0, mean_burst_s=6.0, seed=7, down_window_s=6.0)
         return BenchConfig(**{**base, **kw})
@@ -738,7 +737,7 @@ def median_figures(reps: list[dict[str, Any]]) -> dict[str, Any]:
     if len(reps) == 1:
         return dict(reps[0])
     out: dict[str, Any] = {}
-    for key, value in reps[0].items():
+    for key, _value in reps[0].items():
         values = [r.get(key) for r in reps]
         if key in SUMMED:
             out[key] = sum(values)

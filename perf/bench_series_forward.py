@@ -66,7 +66,7 @@ def main() -> None:
     }
     for b in (1, 16, 64):
         batch = np.stack(windows[:b])
-        result["forward"][f"batch_{b}"] = r = _rate(lambda: ref.forecast_batch(batch), b, args.seconds)
+        result["forward"][f"batch_{b}"] = r = _rate(lambda batch=batch: ref.forecast_batch(batch), b, args.seconds)
         print(f"forecast_batch  batch {b:3d}: {r['rows_per_s']:8.1f} rows/s  ({r['median_ms']} ms/call)", flush=True)
 
     norm = normalise(windows[:16], bb.width)

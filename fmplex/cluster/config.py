@@ -59,7 +59,7 @@ class ClusterSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ClusterSpec":
+    def from_json(cls, data: dict[str, Any]) -> ClusterSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 

@@ -183,7 +183,7 @@ class Ingress:
                         raise _Forward(f"{rec.replica} does not hold {name}")
                     keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
                     return Response(content=content, status_code=resp.status, headers=keep)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
 
         try:

@@ -107,10 +107,10 @@ class ModelSignature:
     parameters: dict[str, str]
     decoupled: bool = False
     uses: tuple[str, ...] = ()  # names of the models it runs on
-    composing: dict[str, "ModelSignature"] = dataclasses.field(default_factory=dict)  # filled by fetch_signatures
+    composing: dict[str, ModelSignature] = dataclasses.field(default_factory=dict)  # filled by fetch_signatures
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelSignature":
+    def from_config(cls, config: dict[str, Any]) -> ModelSignature:
         """From Triton's model config as JSON (HTTP, or gRPC ``as_json``: dims as strings)."""
         config = config.get("config", config)
         inputs = {

@@ -322,7 +322,7 @@ class TritonProcess:
         self.watchdog: Any = None  # set by serving.start(watchdog=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "TritonProcess":
+    def start(self) -> TritonProcess:
         out: Any = open(self.log_path, "ab") if self.log_path else (None if self.inherit_output else subprocess.DEVNULL)
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -367,7 +367,7 @@ class TritonProcess:
         shutil.rmtree(self._tmp, ignore_errors=True)
         return code
 
-    def launch(self, timeout: float = 120.0) -> "TritonProcess":
+    def launch(self, timeout: float = 120.0) -> TritonProcess:
         """Start and wait until ready; a server that never gets ready is stopped again."""
         self.start()
         try:
@@ -377,7 +377,7 @@ class TritonProcess:
             raise
         return self
 
-    def __enter__(self) -> "TritonProcess":
+    def __enter__(self) -> TritonProcess:
         return self.launch()
 
     def __exit__(self, *exc: object) -> None:

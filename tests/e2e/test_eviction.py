@@ -7,7 +7,6 @@ reloaded, every request is answered exactly, and the pinned task never leaves.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -57,7 +56,6 @@ def test_evicted_extensions_reload_on_demand_and_pins_stay(small: tuple[Server, 
                 np.testing.assert_allclose(got, wants[name], atol=1e-4, rtol=0)
     finally:
         client.close()
-    import time
 
     assert server.wait_metric("fmplex_extension_evictions_total", 2) >= 2
     assert server.metric("fmplex_extension_reloads_total") >= 2

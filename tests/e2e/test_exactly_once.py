@@ -189,7 +189,7 @@ def test_undeploy_while_requests_are_queued_answers_each_once(server: Server) ->
 
     def caller(k: int) -> None:
         c = grpcclient.InferenceServerClient(server.grpc_url)
-        for i in range(8):
+        for _i in range(8):
             try:
                 r = c.infer("intent", [text_input(grpcclient, ["is it going to rain tomorrow?"] * 16)], client_timeout=60)
                 assert list(r.as_numpy("LABEL")) == [b"weather"] * 16

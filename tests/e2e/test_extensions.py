@@ -10,7 +10,6 @@ every answer is compared with the task run alone through that library
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 from pathlib import Path
 from typing import Any
 

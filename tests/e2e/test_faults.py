@@ -233,7 +233,7 @@ def storm(server: Server, faulty: dict[str, list[str]], rounds: int = 6) -> dict
     Triton's statistics count each request once, and that rows were batched
     together (more rows than batches)."""
     jobs: list[tuple[str, list[str]]] = []
-    for i in range(rounds):
+    for _i in range(rounds):
         jobs += [(task, texts) for task, texts in faulty.items()]
         jobs += [("sentiment", [POSITIVE]), ("sentiment", [NEGATIVE]), ("sentiment", [NEGATIVE, POSITIVE]), ("embed", EMBED_TEXTS)]
     jobs = jobs[::2] + jobs[1::2]  # interleave, so faulty and good requests arrive together

@@ -630,7 +630,7 @@ class Bystanders:
             if outcome != "ok":
                 time.sleep(0.1)
 
-    def __enter__(self) -> "Bystanders":
+    def __enter__(self) -> Bystanders:
         for t in self.threads:
             t.start()
         deadline = time.monotonic() + 60

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -30,6 +30,5 @@ def test_perf_analyzer_measures_a_vfm(server: Server, tmp_path: Path, protocol: 
     match = re.search(r"Concurrency: 4, throughput: ([\d.]+) infer/sec", out.stdout)
     assert match, out.stdout[-2000:]
     assert float(match.group(1)) > 5.0
-    import time
 
     assert server.wait_metric("fmplex_task_served_requests_total", ok0 + 21, task="sentiment") - ok0 > 20

@@ -59,7 +59,7 @@ class Flood:
                 time.sleep(0.05)
         c.close()
 
-    def __enter__(self) -> "Flood":
+    def __enter__(self) -> Flood:
         for t in self.threads:
             t.start()
         return self

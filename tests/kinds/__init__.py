@@ -8,7 +8,6 @@ Contract of a module here: ``make(tmp: Path, seed: int = 0) -> TaskSource``.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

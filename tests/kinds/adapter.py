@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import TaskSource, backbone_model, embedding_reference, tokenizer

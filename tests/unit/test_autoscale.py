@@ -273,7 +273,7 @@ def test_collector_prefers_the_host_metrics() -> None:
 
 
 def test_collector_falls_back_to_triton_metrics() -> None:
-    plain = "\n".join(l for l in METRICS_0.splitlines() if not l.startswith("fmplex_"))
+    plain = "\n".join(ln for ln in METRICS_0.splitlines() if not ln.startswith("fmplex_"))
     later = plain.replace('nv_inference_request_success{model="fm.minilm",version="1"} 100', 'nv_inference_request_success{model="fm.minilm",version="1"} 300')
     later = later.replace("compute_infer_duration_us{model=\"fm.minilm\",version=\"1\"} 30000", "compute_infer_duration_us{model=\"fm.minilm\",version=\"1\"} 2030000")
     later = later.replace("queue_duration_us{model=\"fm.minilm\",version=\"1\"} 9000", "queue_duration_us{model=\"fm.minilm\",version=\"1\"} 409000")
@@ -303,7 +303,7 @@ def test_collector_reads_multimodal_stage_hosts() -> None:
             f'fmplex_mm_encode_seconds_total{{host="fm.llava-tiny.encode"}} {enc_s}',
             f'nv_inference_request_success{{model="fm.llava-tiny.lm",version="1"}} {n_lm}',
             f'fmplex_task_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="ok"}} {ok}',
-            f'fmplex_task_responses_total{{host="fm.llava-tiny.lm",task="vqa",outcome="invalid"}} 3',
+            'fmplex_task_responses_total{host="fm.llava-tiny.lm",task="vqa",outcome="invalid"} 3',
             f'fmplex_mm_prefill_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {pre}',
             f'fmplex_mm_decode_seconds_total{{host="fm.llava-tiny.lm",task="vqa"}} {dec}',
         ])

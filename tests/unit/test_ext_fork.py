@@ -158,7 +158,7 @@ def test_extension_builds_layers(sources: dict[str, TaskSource], executor: Execu
     layer = ext.fork_layers[0]
     assert not layer.training
     assert layer.attention.self.config._attn_implementation == executor.config._attn_implementation
-    params = sum(p.numel() for l in ext.fork_layers for p in l.parameters())
+    params = sum(p.numel() for layer in ext.fork_layers for p in layer.parameters())
     heads = sum(t.numel() for k, t in built(sources["cls"]).tensors.items() if k.startswith("head."))
     assert ext.nbytes == 4 * (params + heads) and params > 2 * 1_700_000
     # fork layers stored in fp16 run in fp32 and are counted once, as fp32 (head tensors as stored)

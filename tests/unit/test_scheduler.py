@@ -435,7 +435,7 @@ def test_no_growth_without_saturation_or_when_off() -> None:
     assert len(off.next_batch(0.0)) == 16  # saturated_rows 0: fixed batches
     assert len(on.next_batch(0.0)) == 50  # 100 queued // 2 workers
     light = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
-    for i in range(20):
+    for _ in range(20):
         light.submit(_one_row("t"), 0.0)
     assert len(light.next_batch(0.0)) == 16  # 20 // 2 = 10 < max_rows: never below max_rows, never above what waits
 

@@ -230,7 +230,7 @@ def test_bad_requests_fail_alone_and_good_ones_in_the_same_batch_stay_exact(fam,
     assert [i for i, _ in errors] == [1, 2, 3, 4, 5]
     assert all("\n" not in m for _, m in errors)
     results = fam.run_batch([(task, req) for _, task, req in good])
-    for (i, task, req), res in zip(good, results):
+    for (_, _, req), res in zip(good, results):
         want = ref_forecast(ref, req.rows[0], req.horizon)
         close("beside bad requests", res.outputs["QUANTILES"][0], want[:, [0, 4, 8]])
 

@@ -123,7 +123,7 @@ def built(family: VisionFamily, tmp_path_factory: pytest.TempPathFactory) -> dic
     root = tmp_path_factory.mktemp("vision")
     echo_lines: list[str] = []
     echo = echo_lines.append
-    tasks, refs = {}, {}
+    tasks: dict = {}
 
     family.build_task(root / "emb" / "1", "emb", 1, "embedding", None, {}, echo)
 

