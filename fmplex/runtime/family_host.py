@@ -28,7 +28,8 @@ from fmplex.artifacts import version_dir
 from fmplex.registry import Registry, RegistryView, TaskEntry
 
 from .extension_cache import ExtensionCache
-from .host import Host, TaskUnavailable
+from .host import TaskUnavailable
+from .scheduled_host import ScheduledHost
 from .ledger import Answer
 from .routing import Route, SlotRouter
 from .scheduler import Pending, TaskPolicy, make_scheduler
@@ -72,7 +73,7 @@ def slot_parser(prefixes: tuple[str, ...]) -> Any:
     return slot_of
 
 
-class FamilyHost(Host):
+class FamilyHost(ScheduledHost):
     Settings = FamilyHostSettings
     catalog: dict[str, Any] = {}  # fmplex.backbones.VISION / SERIES: the backbone is the one whose host model this is
     backbone: str = ""
@@ -146,43 +147,11 @@ class FamilyHost(Host):
             task=route.entry.name, rows=rows, tokens=max(1, cost), arrival=now,
             deadline=now + timeout_us / 1e6 if timeout_us else None, payload=job,
         )  # fmt: skip
-        with self._cv:
-            self.scheduler.submit(pending, now)
-            self._cv.notify()
+        self.submit(pending, now)
 
     # --- worker -----------------------------------------------------------------------------
-    def take_work(self, now: float) -> Any:
-        expired = self.scheduler.expire(now)
-        if expired:
-            return ("expired", expired, now)
-        batch = self.scheduler.next_batch(now)
-        return ("batch", batch) if batch else None
-
-    def next_wakeup(self, now: float) -> float | None:
-        return self.scheduler.next_wakeup(now)
-
-    def stats(self) -> dict[str, Any]:
-        with self._cv:
-            return self.scheduler.stats()
-
-    def drain(self) -> list[Answer]:
-        with self._cv:
-            return [p.payload.answer for p in self.scheduler.drain()]
-
-    def work_failed(self, work: Any, exc: Exception) -> None:
-        if work[0] == "batch":
-            for p in work[1]:
-                self.fail(p.payload.answer, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
-
-    def run_work(self, work: Any) -> None:
+    def run_batch(self, batch: list[Pending]) -> None:
         codes = pb_utils.TritonError
-        if work[0] == "expired":
-            _, expired, now = work
-            self.metrics.touch()
-            for p in expired:
-                self.fail(p.payload.answer, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", codes.UNAVAILABLE, "expired")
-            return
-        batch: list[Pending] = work[1]
         with self._cv:
             live, self._live = self._live, None
         if live is not None:  # registry changed: forget undeployed tasks

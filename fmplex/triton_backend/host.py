@@ -25,7 +25,8 @@ from fmplex.backbones import backbone_for_host
 from fmplex.kinds import FLOAT_PREFIX, TEXT_PREFIX, TOKEN_PREFIX, slot_of_output
 from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.runtime.extension_cache import ExtensionCache
-from fmplex.runtime.host import Host, input_array
+from fmplex.runtime.host import input_array
+from fmplex.runtime.scheduled_host import ScheduledHost
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route, SlotRouter
 from fmplex.runtime.scheduler import Pending, TaskPolicy, make_scheduler
@@ -62,7 +63,7 @@ class Job:
     wanted: frozenset[str]
 
 
-class TritonPythonModel(Host):
+class TritonPythonModel(ScheduledHost):
     Settings = EncoderSettings
     kind = "host"
 
@@ -128,44 +129,10 @@ class TritonPythonModel(Host):
             batch_key=tokens.bit_length(),  # length bucket: rows of similar length pad little
             payload=job,
         )
-        with self._cv:
-            self.scheduler.submit(pending, now)
-            self._cv.notify()
+        self.submit(pending, now)
 
     # --- worker ----------------------------------------------------------------
-    def take_work(self, now: float) -> Any:
-        expired = self.scheduler.expire(now)
-        if expired:
-            return ("expired", expired, now)
-        batch = self.scheduler.next_batch(now)
-        return ("batch", batch) if batch else None
-
-    def next_wakeup(self, now: float) -> float | None:
-        return self.scheduler.next_wakeup(now)
-
-    def stats(self) -> dict[str, Any]:
-        with self._cv:
-            return self.scheduler.stats()
-
-    def drain(self) -> list[Answer]:
-        with self._cv:
-            return [p.payload.answer for p in self.scheduler.drain()]
-
-    def work_failed(self, work: Any, exc: Exception) -> None:
-        if work[0] == "batch":
-            for p in work[1]:
-                self.fail(p.payload.answer, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
-
-    def run_work(self, work: Any) -> None:
-        if work[0] == "expired":
-            _, expired, now = work
-            self.metrics.touch()
-            for p in expired:
-                self.fail(p.payload.answer, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE, "expired")
-            return
-        self._run(work[1])
-
-    def _run(self, batch: list[Pending]) -> None:
+    def run_batch(self, batch: list[Pending]) -> None:
         codes = pb_utils.TritonError
         with self._cv:
             live, self._live = self._live, None
