@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fmplex.peft_reader import ADAPTER_CONFIG, PeftError, read_adapter, read_json
+from fmplex.peft_reader import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftError, read_adapter, read_json  # noqa: F401 - ADAPTER_WEIGHTS: part of this module's names (families, tests)
 from fmplex.row_deltas import Ia3Delta, LoraDelta, RowDelta
 
 # Projection name -> its parent module in a LlamaDecoderLayer (PEFT's module paths)
