@@ -364,6 +364,13 @@ class TritonProcess:
                 pass
         elif self.proc is not None:
             code = self.proc.returncode
+        if self.proc is not None:
+            # A tritonserver that died (abort, SIGKILL) leaves its Python stubs running in its
+            # process group, each holding a backbone; nothing else will ever stop them.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         shutil.rmtree(self._tmp, ignore_errors=True)
         return code
 
