@@ -12,36 +12,17 @@ and the trainer lazily.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
 
 from .inputs import SeriesLimits, SeriesRequest, decode_request
 from .model import BACKBONE, WEIGHT_FORMATS, fingerprint
 from .tasks import KINDS, MAX_HORIZON, SeriesTask, load_task
-
-Echo = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class KindInfo:
-    name: str
-    summary: str
-    source: str  # what ``task create`` needs for it
-    options: tuple[str, ...] = ()  # option names it reads (besides the source)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # Triton config type
-    dims: str  # Triton config dims, batch dimension included
-    prefix: str = "OUT"  # the host output it travels under: <prefix>_<slot>
-
 
 COMMON_OPTIONS = ("min_context", "missing")
 FORECAST_OPTIONS = ("horizon", "max_horizon", "quantiles", *COMMON_OPTIONS)

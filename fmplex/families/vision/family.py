@@ -11,34 +11,17 @@ builders (:meth:`build_task`) import the importers and the trainer lazily.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
 
 from .preprocess import ImageLimits, decode_request
 from .loading import load_task
 from .tasks import BACKBONE, KINDS, VisionTask
-
-Echo = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class KindInfo:
-    name: str
-    summary: str
-    source: str  # what ``task create`` needs for it
-    options: tuple[str, ...] = ()  # option names it reads (besides the source)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # Triton config type
-    dims: str  # Triton config dims, batch dimension included
 
 
 class VisionFamily:
