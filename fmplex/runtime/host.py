@@ -161,7 +161,12 @@ class Host:
         self.ledger.final(answer, error_response(message, code), outcome)
 
     def _log_send_error(self, task: str, exc: Exception) -> None:
+        """On the response thread: log, and wake an idle worker so the new
+        ``send_failed`` count is published (nothing else may wake it)."""
         pb_utils.Logger.log_warn(f"fmplex: could not send a response for task '{task}': {exc}")
+        self.metrics.touch()
+        with self._cv:
+            self._cv.notify()
 
     # --- request path ----------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:

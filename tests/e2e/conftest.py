@@ -57,6 +57,16 @@ class Server:
                 total += float(value)
         return total
 
+    def answered(self, task: str) -> float:
+        """Requests of ``task`` that got their final response: every outcome
+        except the two that annotate one (``send_failed`` is counted besides
+        the outcome when Triton refused the send, ``duplicate_suppressed`` for
+        a second final response that was dropped); docs/settings-and-metrics.md."""
+        name = "fmplex_task_responses_total"
+        return self.metric(name, task=task) - self.metric(name, task=task, outcome="send_failed") - self.metric(
+            name, task=task, outcome="duplicate_suppressed"
+        )
+
     def wait_metric(self, name: str, at_least: float, timeout: float = 15.0, **labels: str) -> float:
         """The metric once it reaches ``at_least`` (the host publishes every
         0.25 s, later on a busy machine), or its value at the timeout."""
@@ -77,7 +87,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(
-                self.metric("fmplex_task_received_total", task=t) == self.metric("fmplex_task_responses_total", task=t)
+                self.metric("fmplex_task_received_total", task=t) == self.answered(t)
                 and self.metric("fmplex_task_served_requests_total", task=t)
                 == self.metric("fmplex_task_responses_total", task=t, outcome="ok")
                 for t in tasks  # type: ignore[attr-defined]
