@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-gpu-bundle bench-gpu repo clean
+.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-growth bench-gpu-bundle bench-gpu repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-gpu-bundle / bench-gpu - the benchmark on a GPU machine without internet (docs/benchmarks.md)"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
 	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
+	@echo "make bench-growth - MiniLM host saturation throughput with fixed 16-row batches vs batch growth, side by side; QUICK=1 for a short run"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
 $(STAMP): pyproject.toml
@@ -85,6 +86,9 @@ bench-more: $(STAMP) system-deps
 
 # Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
 # perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
+bench-growth: $(STAMP) system-deps
+	$(PY) perf/bench_growth.py $(if $(QUICK),--quick,)
+
 bench-multimodal: $(STAMP)
 	$(PY) perf/bench_multimodal_trace.py $(if $(QUICK),--quick,)
 

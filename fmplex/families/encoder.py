@@ -76,6 +76,8 @@ def host_config(
         "slots": slots,
         "torch_threads": torch_threads,
         "max_batch_rows": max_batch_rows,
+        "saturated_batch_rows": max(64, max_batch_rows),
+        "light_window_ms": 1000,
         "max_batch_tokens": 8192,
         "max_lag": 4096,
         "max_queue_delay_us": 0,

@@ -41,7 +41,8 @@ from .extensions import Extension, load_extension
 class EncoderSettings(HostSettings):
     policy: str = "wfq"  # wfq, or fifo (a baseline)
     max_batch_rows: int = 16  # rows of one batch while a light task waits
-    saturated_batch_rows: int = 0  # rows a batch may grow to under saturation (<= max_batch_rows: off, the default)
+    saturated_batch_rows: int = 64  # rows a batch may grow to while no task is light (<= max_batch_rows: off)
+    light_window_ms: float = 1000.0  # a task served this recently with less than its share still counts as light
     max_batch_tokens: int = 8192  # padded tokens of a max_batch_rows batch
     max_lag: float = 4096.0
     max_queue_delay_us: float = 0.0
@@ -88,6 +89,7 @@ class TritonPythonModel(ScheduledHost):
             max_lag=st.max_lag,
             max_queue_delay_s=st.max_queue_delay_us / 1e6,
             saturated_rows=st.saturated_batch_rows,
+            light_window_s=st.light_window_ms / 1000.0,
             parallel=self.workers,
         )
         self.cache = ExtensionCache(self._load_extension, int(st.extension_budget_mb * 2**20))

@@ -423,7 +423,22 @@ def test_growth_stops_while_a_light_task_waits() -> None:
     s.submit(_one_row("light"), 0.0)  # one row: less than its share (8) of a 16-row batch
     batch = s.next_batch(0.0)
     assert len(batch) <= 16 and "light" in {r.task for r in batch}  # small, and it carries the light request
-    assert len(s.next_batch(0.0)) == 64  # light served: only the heavy task is queued, so the batch grows again
+    # light served and nothing of it queued: a closed-loop client between two
+    # requests, so batches stay small for light_window_s (1 s by default) ...
+    assert len(s.next_batch(0.5)) == 16
+    s.submit(_one_row("light", 0.6), 0.6)  # ... and its next request rides the next small batch
+    assert "light" in {r.task for r in s.next_batch(0.6)}
+    assert len(s.next_batch(1.7)) == 64  # quiet for the window: only the heavy task is left, the batch grows again
+
+
+def test_a_heavy_task_that_emptied_its_queue_does_not_stop_growth() -> None:
+    s = WFQScheduler(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=1))
+    for i in range(60):  # "a" gets its whole queue (30 rows, far over its share) into one batch
+        s.submit(_one_row("a" if i < 30 else "b"), 0.0)
+    assert len(s.next_batch(0.0)) == 60  # 60 // 1 worker; both tasks heavy
+    for _ in range(100):
+        s.submit(_one_row("b"), 0.1)
+    assert len(s.next_batch(0.1)) == 64  # "a" is served and quiet, but it was heavy: growth goes on
 
 
 def test_no_growth_without_saturation_or_when_off() -> None:

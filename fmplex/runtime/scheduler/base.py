@@ -20,7 +20,7 @@ class TaskState:
 
     __slots__ = ("name", "policy", "order", "queue", "last_finish", "served_tag",
                  "submitted", "served_requests", "served_rows", "served_cost",
-                 "rejected_full", "expired", "removed")
+                 "rejected_full", "expired", "removed", "last_served", "last_rows")
 
     def __init__(self, name: str, policy: TaskPolicy, order: int) -> None:
         self.name, self.policy, self.order = name, policy, order  # order breaks tag ties
@@ -30,6 +30,8 @@ class TaskState:
         self.submitted = self.served_requests = self.served_rows = 0
         self.rejected_full = self.expired = self.removed = 0
         self.served_cost = 0.0
+        self.last_served = float("-inf")  # when its newest request was dispatched
+        self.last_rows = 0  # rows it took in that batch
 
 
 class Packer:
@@ -82,6 +84,7 @@ class QueueingScheduler(Scheduler):
         # Requests expired inside next_batch, kept for the next expire() call
         # so the host still answers each of them.
         self._expired: list[Pending] = []
+        self._now = 0.0  # the time of the next_batch call in progress
 
     # -- policy hooks ------------------------------------------------------
     @abstractmethod
@@ -148,6 +151,7 @@ class QueueingScheduler(Scheduler):
         self._collect_expired(now)  # an expired request is never served
         if not self._queued:
             return []
+        self._now = now
         packer = self._select([t for t in self._tasks.values() if t.queue])
         delay = self.budget.max_queue_delay_s
         if delay > 0 and not packer.full and now < self._oldest_arrival() + delay:
@@ -160,6 +164,9 @@ class QueueingScheduler(Scheduler):
             task.served_rows += req.rows
             task.served_cost += req.cost
             task.served_tag = req.finish_tag
+            if task.last_served != now:
+                task.last_served, task.last_rows = now, 0
+            task.last_rows += req.rows
             self._timed.discard(req)
         self._queued -= len(batch)
         rows = sum(r.rows for r in batch)
@@ -248,10 +255,27 @@ class QueueingScheduler(Scheduler):
         wait behind full-size batches of the others."""
         return len(tasks) > 1 and any(sum(r.rows for r in t.queue) < share for t, share in zip(tasks, shares))
 
+    def _recently_light(self, tasks: list[TaskState]) -> bool:
+        """A task not queued now that was served within ``light_window_s`` and
+        took less than its share then: a closed-loop light client between
+        two requests (see BatchBudget)."""
+        since = self._now - self.budget.light_window_s
+        queued = {t.name for t in tasks}
+        weights = sum(t.policy.weight for t in tasks)
+        for t in self._tasks.values():
+            if t.name in queued or t.last_served < since:
+                continue
+            share = max(1, int(self.budget.max_rows * t.policy.weight / (weights + t.policy.weight)))
+            if t.last_rows < share:
+                return True
+        return False
+
     def _packer(self, tasks: list[TaskState], light: bool | None = None) -> Packer:
         """An empty batch with this moment's limits (grown under saturation)."""
         if light is None:
             light = self._light_waiting(tasks, self._shares(tasks))
+        if not light and self.budget.saturated_rows > self.budget.max_rows:
+            light = self._recently_light(tasks)
         return Packer(self.budget, self.budget.limits(self._queued_rows, light))
 
     def _oldest_arrival(self) -> float:

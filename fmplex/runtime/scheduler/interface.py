@@ -89,6 +89,15 @@ class BatchBudget:
     flight (one of at most ``saturated_rows`` rows per worker) plus one of
     at most ``max_rows``. ``saturated_rows <= max_rows`` (default 0) turns
     growth off.
+
+    ``light_window_s``: a closed-loop light client has nothing queued between
+    its requests, so "no light task is queued" alone would let batches grow
+    in those gaps and its next request wait behind them. A task that is not
+    queued now, was served within the last ``light_window_s`` seconds and
+    took fewer rows than its weighted share in its last batch counts as a
+    light task waiting: batches stay at ``max_rows`` until it has been quiet
+    for the window. A heavy task whose whole queue rode one batch took at
+    least its share, so it does not stop growth.
     """
 
     max_rows: int = 64
@@ -98,6 +107,7 @@ class BatchBudget:
     share_cap: bool = True
     saturated_rows: int = 0
     parallel: int = 1
+    light_window_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_tokens < 1:
@@ -106,6 +116,8 @@ class BatchBudget:
             raise ValueError("max_lag and max_queue_delay_s must be >= 0")
         if self.saturated_rows < 0 or self.parallel < 1:
             raise ValueError("saturated_rows must be >= 0 and parallel >= 1")
+        if not self.light_window_s >= 0:
+            raise ValueError("light_window_s must be >= 0")
 
     def limits(self, queued_rows: int, light_waiting: bool) -> tuple[int, int]:
         """(rows, padded tokens) one batch may take now (see ``saturated_rows``)."""
