@@ -43,7 +43,9 @@ class Costs:
     """What one GPU (one replica) can do, and what things weigh.
 
     ``throughput`` maps batch sizes to sequences/s of one backbone copy
-    (linear in between, flat beyond the last). The defaults are MiniLM, one
+    (linear in between, flat beyond the last). ``overhead_s`` is what the
+    path to the replica adds to each request's latency without taking the
+    replica's time (on a real cluster: Serve's proxy and the ingress). The defaults are MiniLM, one
     CPU thread, 11-token sentences, as measured in this repository; memory is
     the backbone's fp32 weights and a classifier head's artifact.
     """
@@ -54,6 +56,7 @@ class Costs:
     task_bytes: int = 4 * 2**10
     max_batch: int = 16
     slots: int = 256
+    overhead_s: float = 0.0  # latency every request pays outside the replica (proxy, ingress, network); uses no replica time
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -114,9 +117,11 @@ def simulate(
     costs: Costs = Costs(),
     policy: PlacementPolicy = PlacementPolicy(),
     placement: list[int] | None = None,
+    trace: list[tuple[float, int]] | None = None,
 ) -> Result:
     """One run. ``placement`` (shared mode) puts task i on replica ``placement[i]``
-    instead of asking the policy: to replay where a real cluster put its tasks."""
+    instead of asking the policy, and ``trace`` ((time s, task i) arrivals)
+    replaces the Poisson arrivals: together they replay a real run, request by request."""
     names = [f"t{i:05d}" for i in range(work.tasks)]
     servers: list[_Server] = []
     holders: dict[str, list[int]] = {n: [] for n in names}
@@ -154,10 +159,14 @@ def simulate(
     rng = random.Random(work.seed)
     events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick), task, server
     order = 0
-    for n, rate in zip(names, work.rates()):
-        t = rng.expovariate(rate)
-        heapq.heappush(events, (t, order, 1, n, -1))
-        order += 1
+    if trace is None:
+        for n, rate in zip(names, work.rates()):
+            heapq.heappush(events, (rng.expovariate(rate), order, 1, n, -1))
+            order += 1
+    else:
+        for at, i in trace:
+            heapq.heappush(events, (at, order, 1, names[i], -1))
+            order += 1
     if mode == "shared":
         heapq.heappush(events, (1.0, order, 2, "", -1))
         order += 1
@@ -191,15 +200,16 @@ def simulate(
             target = min(choices, key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
             servers[target].queue.append((now, task))
             start(servers[target], now)
-            heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
-            order += 1
+            if trace is None:
+                heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
+                order += 1
         elif kind == 0:
             s = servers[sid]
             s.busy = False
             for arrived, _t in batches.pop(sid):
                 s.served += 1
                 if arrived >= work.warmup_s:
-                    latencies.append(now - arrived)
+                    latencies.append(now - arrived + costs.overhead_s)
             start(s, now)
         else:  # placement tick: hot tasks gain replicas, cooled ones lose them
             inflight: dict[str, float] = {}
