@@ -8,8 +8,9 @@ predict the same run:
    4, 8 and 16 requests in flight (the simulation's throughput-by-batch-size
    curve); what the endpoint path adds to one request (Serve's gRPC proxy and
    the ingress: batch-1 time through the endpoint minus straight to the
-   replica; the simulation's per-request overhead); the endpoint's capacity
-   with 32 in flight over all tasks;
+   replica); the endpoint's capacity with 32 in flight over all tasks. The
+   simulation models the endpoint as one FIFO server taking 1/capacity per
+   request, plus the rest of the batch-1 difference as plain latency;
 2. an open-loop Poisson run with a Zipf(1) mix over the 12 tasks at a share of
    the measured capacity, through the one gRPC endpoint: per-replica served
    load (each replica's own Triton statistics) and the client's p99;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -139,6 +141,7 @@ def main() -> int:
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the measured capacity")
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each throughput measurement")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine: the p99 is only as good as the machine is quiet
     work = Path(tempfile.mkdtemp(prefix="fmplex-cluster-bench-"))
     repo = work / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
@@ -153,8 +156,11 @@ def main() -> int:
             # one replica (the holder of one task), k requests in flight: the throughput-by-batch-size curve
             curve = {k: closed_loop(holder["grpc_port"], tasks[:1], k, args.cost_seconds) for k in IN_FLIGHT}
             endpoint1 = closed_loop(port, tasks[:1], 1, args.cost_seconds)  # the same replica through the endpoint
-            overhead = max(0.0, 1 / endpoint1 - 1 / curve[1])
             capacity = closed_loop(port, tasks, 32, args.cost_seconds)  # both replicas through the endpoint
+            # the endpoint as one FIFO server: its work per request from its capacity (it, not the replicas,
+            # limits it: see the direct curve), and the rest of what it adds to one request as plain latency
+            endpoint_s = 1 / capacity
+            overhead = max(0.0, 1 / endpoint1 - 1 / curve[1] - endpoint_s)
             rate = args.utilisation * capacity
             base = Workload(tasks=len(tasks), rate_per_task=rate / len(tasks), duration_s=args.seconds, warmup_s=0)
             status = local.placer_status()
@@ -168,7 +174,7 @@ def main() -> int:
     real_load = [(after[r] - before[r]) / args.seconds for r in replicas]
     real_p99 = float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
     placement = [replicas.index(next(r["replica"] for r in status["replicas"] if t in r["tasks"])) for t in tasks]
-    costs = Costs(throughput=tuple((k, v) for k, v in sorted(curve.items())), overhead_s=overhead)
+    costs = Costs(throughput=tuple((k, v) for k, v in sorted(curve.items())), overhead_s=overhead, endpoint_s=endpoint_s)
     # the same requests at the same times, plus the time the client needs after the last one to collect the answers
     replay = dataclasses.replace(base, duration_s=args.seconds + 30)
     sim = simulate("shared", 2, replay, costs, placement=placement, trace=trace)
@@ -182,11 +188,14 @@ def main() -> int:
         "measured_costs": {
             "rps_one_replica_direct_by_in_flight": {k: round(v, 1) for k, v in curve.items()},
             "rps_one_replica_through_endpoint_1_in_flight": round(endpoint1, 1),
-            "endpoint_overhead_ms": round(overhead * 1000, 1),
+            "endpoint_ms_per_request": round(endpoint_s * 1000, 1),
+            "endpoint_latency_ms": round(overhead * 1000, 1),
             "rps_endpoint_32_in_flight": round(capacity, 1),
         },
         "offered_rps": round(rate, 1),
         "utilisation": args.utilisation,
+        "machine_load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpus": os.cpu_count(),
         "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "answered": len(latencies), "failures": failures},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": sim_p99},

@@ -45,7 +45,10 @@ class Costs:
     ``throughput`` maps batch sizes to sequences/s of one backbone copy
     (linear in between, flat beyond the last). ``overhead_s`` is what the
     path to the replica adds to each request's latency without taking the
-    replica's time (on a real cluster: Serve's proxy and the ingress). The defaults are MiniLM, one
+    replica's time (on a real cluster: Serve's proxy and the ingress), and
+    ``endpoint_s`` the endpoint's own work per request: with it, requests
+    queue at one endpoint before they reach a replica (a real cluster's one
+    proxy and one ingress, where they are the bottleneck). The defaults are MiniLM, one
     CPU thread, 11-token sentences, as measured in this repository; memory is
     the backbone's fp32 weights and a classifier head's artifact.
     """
@@ -57,6 +60,7 @@ class Costs:
     max_batch: int = 16
     slots: int = 256
     overhead_s: float = 0.0  # latency every request pays outside the replica (proxy, ingress, network); uses no replica time
+    endpoint_s: float = 0.0  # time the endpoint (one FIFO server in front of all replicas) spends per request; 0: not modelled
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -157,7 +161,7 @@ def simulate(
             holders[n].append(i % gpus)
 
     rng = random.Random(work.seed)
-    events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick), task, server
+    events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick, 3 endpoint passed), task, server
     order = 0
     if trace is None:
         for n, rate in zip(names, work.rates()):
@@ -191,18 +195,31 @@ def simulate(
         heapq.heappush(events, (now + costs.batch_seconds(len(batch), s.share), order, 0, "", s.sid))
         order += 1
 
+    def route(task: str, now: float, arrived: float) -> None:
+        """Hand a request to the holder of its task with the least work waiting."""
+        target = min(holders[task], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
+        servers[target].queue.append((arrived, task))
+        start(servers[target], now)
+
+    endpoint_free = 0.0  # when the endpoint (one FIFO server, if modelled) is next free
+    arrived_at: dict[int, float] = {}  # endpoint passages in flight: event order -> arrival time
     while events:
-        now, _, kind, task, sid = heapq.heappop(events)
+        now, eid, kind, task, sid = heapq.heappop(events)
         if now > work.duration_s:
             break
-        if kind == 1:  # arrival: route to the holder with the least work waiting
-            choices = holders[task]
-            target = min(choices, key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
-            servers[target].queue.append((now, task))
-            start(servers[target], now)
+        if kind == 1:  # arrival: through the endpoint, then to a replica
+            if costs.endpoint_s > 0:
+                endpoint_free = max(endpoint_free, now) + costs.endpoint_s
+                arrived_at[order] = now
+                heapq.heappush(events, (endpoint_free, order, 3, task, -1))
+                order += 1
+            else:
+                route(task, now, now)
             if trace is None:
                 heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
                 order += 1
+        elif kind == 3:  # passed the endpoint
+            route(task, now, arrived_at.pop(eid))
         elif kind == 0:
             s = servers[sid]
             s.busy = False
