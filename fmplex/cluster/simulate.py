@@ -18,8 +18,9 @@ answer. Task rates follow a Zipf mix, as in the trace generator. The simulation
 is pure and deterministic for a seed: it reads no clock and imports neither Ray
 nor Triton.
 
-Not done yet: calibrating it against the real three-node run (per-replica load
-and p99 within 15%) before its larger figures are trusted.
+``perf/bench_cluster.py`` replays a real three-node run in it (``trace`` and
+``placement``) to calibrate it; until its p99 matches a run on a quiet
+machine, its larger figures are estimates (docs/scaling-out.md).
 """
 
 from __future__ import annotations
