@@ -4,12 +4,18 @@ A three-node local Ray cluster (two tritonserver replicas of fm.minilm, 12
 tasks) is measured, and the simulation is fed those measurements and asked to
 predict the same run:
 
-1. costs: the endpoint's throughput with one client in flight (batch 1) and
-   with 16 in flight (full batches), per replica;
+1. costs: one replica's throughput, straight to its tritonserver, with 1, 2,
+   4, 8 and 16 requests in flight (the simulation's throughput-by-batch-size
+   curve); what the endpoint path adds to one request (Serve's gRPC proxy and
+   the ingress: batch-1 time through the endpoint minus straight to the
+   replica); the endpoint's capacity with 32 in flight over all tasks. The
+   simulation models the endpoint as one FIFO server taking 1/capacity per
+   request, plus the rest of the batch-1 difference as plain latency;
 2. an open-loop Poisson run with a Zipf(1) mix over the 12 tasks at a share of
    the measured capacity, through the one gRPC endpoint: per-replica served
    load (each replica's own Triton statistics) and the client's p99;
-3. the simulation of that run, with the tasks where the cluster put them.
+3. the simulation of that run, replayed request by request: the same arrival
+   times and tasks, with the tasks where the cluster put them.
 
 Reports both and their relative errors (the goal: within 15%). Writes
 ``perf/results/cluster_calibration.json``.
@@ -18,6 +24,8 @@ Reports both and their relative errors (the goal: within 15%). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +47,7 @@ from fmplex.cluster.testbed import add_tasks, local_cluster  # noqa: E402
 from perf.common import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_FLIGHT = (1, 2, 4, 8, 16)
 SENTENCE = "The battery died within an hour and support never replied."
 
 
@@ -70,8 +79,9 @@ def closed_loop(port: int, tasks: list[str], clients: int, seconds: float) -> fl
     return sum(done) / seconds
 
 
-def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0) -> tuple[list[float], int]:
-    """Poisson arrivals per task (async gRPC); latencies of the answered ones (s), and failures."""
+def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0) -> tuple[list[float], int, list[tuple[float, int]]]:
+    """Poisson arrivals per task (async gRPC); latencies of the answered ones (s), failures, and the
+    arrivals as sent ((seconds since the start, task index), for the simulation to replay)."""
     rng = np.random.default_rng(seed)
     arrivals = []
     for task, rate in zip(tasks, rates):
@@ -80,6 +90,8 @@ def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, s
             arrivals.append((t, task))
             t += rng.exponential(1 / rate)
     arrivals.sort()
+    sent_at: list[tuple[float, int]] = []
+    index = {t: i for i, t in enumerate(tasks)}
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     latencies: list[float] = []
     failures = [0]
@@ -91,6 +103,7 @@ def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, s
         if delay > 0:
             time.sleep(delay)
         sent = time.monotonic()
+        sent_at.append((sent - t0, index[task]))
 
         def done(result: object, error: object, sent: float = sent) -> None:
             with lock:
@@ -104,7 +117,7 @@ def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, s
     for _ in arrivals:
         pending.acquire(timeout=120)
     client.close()
-    return latencies, failures[0]
+    return latencies, failures[0], sent_at
 
 
 def replica_counts(status: dict, tasks: list[str]) -> dict[str, int]:
@@ -126,7 +139,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop run")
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the measured capacity")
+    ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each throughput measurement")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine: the p99 is only as good as the machine is quiet
     work = Path(tempfile.mkdtemp(prefix="fmplex-cluster-bench-"))
     repo = work / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
@@ -136,17 +151,21 @@ def main() -> int:
         with local_cluster(repo, spec) as lc:
             port = lc.grpc_port
             closed_loop(port, tasks, 12, 3)  # first requests place every task; warm up
-            batch1 = closed_loop(port, tasks[:1], 1, 8)  # one replica, one in flight
             status = local.placer_status()
             holder = next(r for r in status["replicas"] if tasks[0] in r["tasks"])
-            direct1 = closed_loop(holder["grpc_port"], tasks[:1], 1, 8)  # the same replica without the endpoint
-            full = closed_loop(port, tasks, 32, 10) / 2  # both replicas, 16 in flight each
-            capacity = 2 * full
+            # one replica (the holder of one task), k requests in flight: the throughput-by-batch-size curve
+            curve = {k: closed_loop(holder["grpc_port"], tasks[:1], k, args.cost_seconds) for k in IN_FLIGHT}
+            endpoint1 = closed_loop(port, tasks[:1], 1, args.cost_seconds)  # the same replica through the endpoint
+            capacity = closed_loop(port, tasks, 32, args.cost_seconds)  # both replicas through the endpoint
+            # the endpoint as one FIFO server: its work per request from its capacity (it, not the replicas,
+            # limits it: see the direct curve), and the rest of what it adds to one request as plain latency
+            endpoint_s = 1 / capacity
+            overhead = max(0.0, 1 / endpoint1 - 1 / curve[1] - endpoint_s)
             rate = args.utilisation * capacity
             base = Workload(tasks=len(tasks), rate_per_task=rate / len(tasks), duration_s=args.seconds, warmup_s=0)
             status = local.placer_status()
             before = replica_counts(status, tasks)
-            latencies, failures = open_loop(port, tasks, base.rates(), args.seconds)
+            latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds)
             after = replica_counts(local.placer_status(), tasks)
             status = local.placer_status()
     finally:
@@ -155,18 +174,29 @@ def main() -> int:
     real_load = [(after[r] - before[r]) / args.seconds for r in replicas]
     real_p99 = float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
     placement = [replicas.index(next(r["replica"] for r in status["replicas"] if t in r["tasks"])) for t in tasks]
-    costs = Costs(throughput=((1, batch1), (16, full)))
-    sims = [simulate("shared", 2, Workload(**{**base.__dict__, "seed": s}), costs, placement=placement) for s in range(5)]
-    sim_load = [float(np.mean([s.replica_load[i] for s in sims])) for i in range(2)]
-    sim_p99 = float(np.mean([s.p99_ms for s in sims]))
+    costs = Costs(throughput=tuple((k, v) for k, v in sorted(curve.items())), overhead_s=overhead, endpoint_s=endpoint_s)
+    # the same requests at the same times, plus the time the client needs after the last one to collect the answers
+    replay = dataclasses.replace(base, duration_s=args.seconds + 30)
+    sim = simulate("shared", 2, replay, costs, placement=placement, trace=trace)
+    sim_load = [x * replay.duration_s / args.seconds for x in sim.replica_load]
+    sim_p99 = sim.p99_ms
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
     p99_err = abs(sim_p99 - real_p99) / real_p99
     finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
     sim_p99, p99_err = finite(sim_p99), finite(p99_err)
     results = {
-        "measured_costs": {"batch1_rps_one_replica": round(batch1, 1), "batch16_rps_per_replica": round(full, 1)},
-        "direct_to_replica_batch1_rps": round(direct1, 1),  # what the endpoint path (proxy + ingress) costs
+        "measured_costs": {
+            "rps_one_replica_direct_by_in_flight": {k: round(v, 1) for k, v in curve.items()},
+            "rps_one_replica_through_endpoint_1_in_flight": round(endpoint1, 1),
+            "endpoint_ms_per_request": round(endpoint_s * 1000, 1),
+            "endpoint_latency_ms": round(overhead * 1000, 1),
+            "rps_endpoint_32_in_flight": round(capacity, 1),
+        },
         "offered_rps": round(rate, 1),
+        "utilisation": args.utilisation,
+        "machine_load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpus": os.cpu_count(),
+        "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "answered": len(latencies), "failures": failures},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": sim_p99},
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": p99_err},

@@ -157,10 +157,7 @@ def up(repo: Path, address: str | None, http_port: int, grpc_port: int, num_cpus
 @click.option("--no-wait", is_flag=True, help="Return once Serve accepted the config.")
 def deploy(backbone: str, offline: bool, replicas: int, repo: Path, address: str | None, no_wait: bool) -> None:
     """Run BACKBONE on N replicas (declarative: replicas that stay are kept)."""
-    ep = {} if offline else _attach(repo, address)
-    spec = _record(repo, backbone, replicas)
-    if not offline:
-        _apply(repo.resolve(), spec, ep, wait=not no_wait)
+    _record_and_apply(repo, backbone, replicas, offline=offline, address=address, wait=not no_wait)
     click.echo(f"{backbone}: {replicas} replica(s)")
 
 
@@ -175,10 +172,7 @@ def scale(backbone: str, offline: bool, replicas: int, repo: Path, address: str 
     """Change a deployed BACKBONE's replica count; existing replicas and their tasks stay."""
     if backbone not in load_spec(repo).replicas:
         raise click.ClickException(f"backbone '{backbone}' is not deployed on the cluster: 'fmplex cluster deploy {backbone}' first")
-    ep = {} if offline else _attach(repo, address)
-    spec = _record(repo, backbone, replicas)
-    if not offline:
-        _apply(repo.resolve(), spec, ep, wait=not no_wait)
+    _record_and_apply(repo, backbone, replicas, offline=offline, address=address, wait=not no_wait)
     click.echo(f"{backbone}: {replicas} replica(s)")
 
 
@@ -191,18 +185,22 @@ def undeploy(backbone: str, offline: bool, repo: Path, address: str | None) -> N
     """Stop BACKBONE's replicas (its tasks stay deployed in the registry)."""
     if backbone not in load_spec(repo).replicas:
         raise click.ClickException(f"backbone '{backbone}' is not deployed on the cluster")
-    ep = {} if offline else _attach(repo, address)
-    spec = _record(repo, backbone, 0)
-    if not offline:
-        _apply(repo.resolve(), spec, ep, wait=False)
+    _record_and_apply(repo, backbone, 0, offline=offline, address=address, wait=False)
     click.echo(f"{backbone}: undeployed")
 
 
-def _record(repo: Path, backbone: str, replicas: int) -> ClusterSpec:
+def _record_and_apply(repo: Path, backbone: str, replicas: int, *, offline: bool, address: str | None, wait: bool) -> None:
+    """Record BACKBONE's replica count in REPO/fmplex.cluster.json and, unless offline, apply it to the cluster.
+
+    The cluster is attached first, so an unreachable cluster changes nothing on disk.
+    """
+    ep = {} if offline else _attach(repo, address)
     try:
-        return set_replicas(repo, backbone, replicas)
+        spec = set_replicas(repo, backbone, replicas)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
+    if not offline:
+        _apply(repo.resolve(), spec, ep, wait=wait)
 
 
 @cluster.command("status")

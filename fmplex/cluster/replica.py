@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from ray import serve
 from fmplex import registry
 from fmplex.artifacts import version_dir
 
+from . import reaper
 from .config import PLACER, backbone_deployment
 
 
@@ -68,29 +67,6 @@ def artifact_bytes(repo: Path, entry: registry.TaskEntry) -> int:
     return sum(p.stat().st_size for p in vdir.iterdir() if p.is_file()) if vdir.is_dir() else 0
 
 
-def _spawn_reaper(server_pid: int) -> subprocess.Popen[bytes]:
-    """A tiny process that kills the tritonserver's process group once its owner (this replica) is gone.
-
-    A Serve replica killed with its node gets no chance to stop its child; the
-    tritonserver would go on serving a vFM the placer no longer knows about.
-    """
-    code = (
-        "import os, signal, sys, time\n"
-        "owner, pgid = int(sys.argv[1]), int(sys.argv[2])\n"
-        "while os.getppid() == owner:\n"
-        "    time.sleep(0.5)\n"
-        "    try:\n"
-        "        os.killpg(pgid, 0)\n"
-        "    except ProcessLookupError:\n"
-        "        sys.exit(0)\n"
-        "try:\n"
-        "    os.killpg(pgid, signal.SIGKILL)\n"
-        "except ProcessLookupError:\n"
-        "    pass\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(server_pid)], start_new_session=True)
-
-
 class BackboneReplica:
     """One tritonserver holding one backbone's host; vFMs are loaded onto it by the placer."""
 
@@ -128,9 +104,10 @@ class BackboneReplica:
             backbones=[backbone],
             load_vfms=False,
             extra_args=bind,
+            # its tritonserver and stubs die with it, also when Ray kills it (even while starting) or its node goes
+            on_start=lambda p: reaper.spawn(p.proc.pid, label=str(self.repo)) if p.proc is not None else None,
         )
         assert self.proc.proc is not None
-        self.reaper = _spawn_reaper(self.proc.proc.pid)
         self.record = ReplicaRecord(
             replica=replica_id,
             backbone=backbone,
@@ -166,10 +143,7 @@ class BackboneReplica:
     def __del__(self) -> None:
         proc = getattr(self, "proc", None)
         if proc is not None:
-            proc.stop(grace=10)
-        reaper = getattr(self, "reaper", None)
-        if reaper is not None and reaper.poll() is None:
-            reaper.kill()
+            proc.stop(grace=10)  # the reaper exits once the group is empty
 
 
 def triton_for(record: ReplicaRecord, timeout: float = 60.0) -> Any:

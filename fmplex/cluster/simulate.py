@@ -18,8 +18,9 @@ answer. Task rates follow a Zipf mix, as in the trace generator. The simulation
 is pure and deterministic for a seed: it reads no clock and imports neither Ray
 nor Triton.
 
-Not done yet: calibrating it against the real three-node run (per-replica load
-and p99 within 15%) before its larger figures are trusted.
+``perf/bench_cluster.py`` replays a real three-node run in it (``trace`` and
+``placement``) to calibrate it; until its p99 matches a run on a quiet
+machine, its larger figures are estimates (docs/scaling-out.md).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ class Costs:
     """What one GPU (one replica) can do, and what things weigh.
 
     ``throughput`` maps batch sizes to sequences/s of one backbone copy
-    (linear in between, flat beyond the last). The defaults are MiniLM, one
+    (linear in between, flat beyond the last). ``overhead_s`` is what the
+    path to the replica adds to each request's latency without taking the
+    replica's time (on a real cluster: Serve's proxy and the ingress), and
+    ``endpoint_s`` the endpoint's own work per request: with it, requests
+    queue at one endpoint before they reach a replica (a real cluster's one
+    proxy and one ingress, where they are the bottleneck). The defaults are MiniLM, one
     CPU thread, 11-token sentences, as measured in this repository; memory is
     the backbone's fp32 weights and a classifier head's artifact.
     """
@@ -54,6 +60,8 @@ class Costs:
     task_bytes: int = 4 * 2**10
     max_batch: int = 16
     slots: int = 256
+    overhead_s: float = 0.0  # latency every request pays outside the replica (proxy, ingress, network); uses no replica time
+    endpoint_s: float = 0.0  # time the endpoint (one FIFO server in front of all replicas) spends per request; 0: not modelled
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -114,9 +122,11 @@ def simulate(
     costs: Costs = Costs(),
     policy: PlacementPolicy = PlacementPolicy(),
     placement: list[int] | None = None,
+    trace: list[tuple[float, int]] | None = None,
 ) -> Result:
     """One run. ``placement`` (shared mode) puts task i on replica ``placement[i]``
-    instead of asking the policy: to replay where a real cluster put its tasks."""
+    instead of asking the policy, and ``trace`` ((time s, task i) arrivals)
+    replaces the Poisson arrivals: together they replay a real run, request by request."""
     names = [f"t{i:05d}" for i in range(work.tasks)]
     servers: list[_Server] = []
     holders: dict[str, list[int]] = {n: [] for n in names}
@@ -152,12 +162,16 @@ def simulate(
             holders[n].append(i % gpus)
 
     rng = random.Random(work.seed)
-    events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick), task, server
+    events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick, 3 endpoint passed), task, server
     order = 0
-    for n, rate in zip(names, work.rates()):
-        t = rng.expovariate(rate)
-        heapq.heappush(events, (t, order, 1, n, -1))
-        order += 1
+    if trace is None:
+        for n, rate in zip(names, work.rates()):
+            heapq.heappush(events, (rng.expovariate(rate), order, 1, n, -1))
+            order += 1
+    else:
+        for at, i in trace:
+            heapq.heappush(events, (at, order, 1, names[i], -1))
+            order += 1
     if mode == "shared":
         heapq.heappush(events, (1.0, order, 2, "", -1))
         order += 1
@@ -182,24 +196,38 @@ def simulate(
         heapq.heappush(events, (now + costs.batch_seconds(len(batch), s.share), order, 0, "", s.sid))
         order += 1
 
+    def route(task: str, now: float, arrived: float) -> None:
+        """Hand a request to the holder of its task with the least work waiting."""
+        target = min(holders[task], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
+        servers[target].queue.append((arrived, task))
+        start(servers[target], now)
+
+    endpoint_free = 0.0  # when the endpoint (one FIFO server, if modelled) is next free
+    arrived_at: dict[int, float] = {}  # endpoint passages in flight: event order -> arrival time
     while events:
-        now, _, kind, task, sid = heapq.heappop(events)
+        now, eid, kind, task, sid = heapq.heappop(events)
         if now > work.duration_s:
             break
-        if kind == 1:  # arrival: route to the holder with the least work waiting
-            choices = holders[task]
-            target = min(choices, key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
-            servers[target].queue.append((now, task))
-            start(servers[target], now)
-            heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
-            order += 1
+        if kind == 1:  # arrival: through the endpoint, then to a replica
+            if costs.endpoint_s > 0:
+                endpoint_free = max(endpoint_free, now) + costs.endpoint_s
+                arrived_at[order] = now
+                heapq.heappush(events, (endpoint_free, order, 3, task, -1))
+                order += 1
+            else:
+                route(task, now, now)
+            if trace is None:
+                heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
+                order += 1
+        elif kind == 3:  # passed the endpoint
+            route(task, now, arrived_at.pop(eid))
         elif kind == 0:
             s = servers[sid]
             s.busy = False
             for arrived, _t in batches.pop(sid):
                 s.served += 1
                 if arrived >= work.warmup_s:
-                    latencies.append(now - arrived)
+                    latencies.append(now - arrived + costs.overhead_s)
             start(s, now)
         else:  # placement tick: hot tasks gain replicas, cooled ones lose them
             inflight: dict[str, float] = {}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,6 +60,46 @@ class LocalCluster:
         local.apply(self.repo, self.spec, http_port=self.http_port, grpc_port=self.grpc_port)
         local.wait_running(self.spec, timeout=240)
         local.wait_replicas_registered({b: n for b, n in self.spec.replicas.items()})
+
+
+TAG_VAR = "FMPLEX_TEST_TAG"  # set by a test; every process it starts inherits it (Ray, tritonserver, stubs, reapers)
+
+
+def tagged_processes(tag: str) -> dict[int, str]:
+    """Live processes (not zombies, not this one) whose environment has ``FMPLEX_TEST_TAG=tag``: pid -> command line.
+
+    The environment is inherited down every chain a test starts (Ray's raylets
+    and workers, a replica's tritonserver and its Python stubs, a reaper), and
+    kept by a process that lost its parent, so an orphan is found too.
+    """
+    want = f"{TAG_VAR}={tag}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if want not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            found[int(entry)] = cmd[:200]
+    return found
+
+
+def wait_none_left(tag: str, timeout: float = 30.0) -> dict[int, str]:
+    """Wait until no process carries ``tag`` (see :func:`tagged_processes`); what is still left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = tagged_processes(tag)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager

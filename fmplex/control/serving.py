@@ -33,13 +33,16 @@ def start(
     backbones: list[str] | None = None,
     load_vfms: bool = True,
     extra_args: list[str] | None = None,
+    on_start: Callable[[TritonProcess], None] | None = None,
 ) -> TritonProcess:
     """Start tritonserver on ``repo`` and load what the registry says is deployed.
 
     ``api_key`` locks the server's control APIs (see ``server``); the vFMs are
     then loaded with it. None serves unlocked. A cluster replica passes
     ``backbones`` (the hosts it owns; default all) and ``load_vfms=False``: it
-    loads vFMs on demand, where placement puts them.
+    loads vFMs on demand, where placement puts them. ``on_start`` is called
+    once the process exists, before it is ready (a replica ties the server's
+    lifetime to its own there, so that a replica killed during start-up leaves nothing).
     """
     reg = registry.load(repo)
     if backbones is not None:
@@ -61,6 +64,8 @@ def start(
     )
     proc.start()
     try:
+        if on_start is not None:
+            on_start(proc)
         proc.wait_ready(timeout=ready_timeout)
         echo(f"hosts ready: {', '.join(h.model for h in reg.hosts.values())}")
         with Triton(f"127.0.0.1:{ports.grpc}", key=api_key) as triton:

@@ -17,7 +17,8 @@ The tests run in order on it:
    RECOVERY_BOUND_S, and no request is lost (each one gets a correct answer or
    a counted UNAVAILABLE error).
 
-Every Ray process and tritonserver is stopped at the end (cluster.shutdown()).
+Every Ray process, tritonserver and Python stub of the cluster is gone at the end,
+the killed node's included (checked in the fixture's teardown).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,7 +42,7 @@ from tritonclient.utils import InferenceServerException
 
 from fmplex.cluster import local
 from fmplex.cluster.config import ClusterSpec
-from fmplex.cluster.testbed import LocalCluster, add_tasks, local_cluster
+from fmplex.cluster.testbed import TAG_VAR, LocalCluster, add_tasks, local_cluster, wait_none_left
 from fmplex.control import serving
 from fmplex.control.server import free_ports
 
@@ -95,14 +97,21 @@ def _reference(repo: Path, tasks: dict[str, str]) -> dict[str, np.ndarray]:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    work = tmp_path_factory.mktemp("cluster")
-    repo = work / "repo"  # the shared directory every node sees
-    shutil.copytree(EMBEDDED, repo)
-    tasks = add_tasks(repo, EXTRA)
-    # the single-server reference runs while the Ray cluster starts (both mostly wait on start-ups)
-    with cf.ThreadPoolExecutor(1) as pool:
-        reference = pool.submit(_reference, repo, tasks)
-        yield from _cluster(repo, tasks, reference, timings, t0)
+    tag = os.environ[TAG_VAR] = uuid.uuid4().hex  # inherited by every process the test starts
+    try:
+        work = tmp_path_factory.mktemp("cluster")
+        repo = work / "repo"  # the shared directory every node sees
+        shutil.copytree(EMBEDDED, repo)
+        tasks = add_tasks(repo, EXTRA)
+        # the single-server reference runs while the Ray cluster starts (both mostly wait on start-ups)
+        with cf.ThreadPoolExecutor(1) as pool:
+            reference = pool.submit(_reference, repo, tasks)
+            yield from _cluster(repo, tasks, reference, timings, t0)
+    finally:
+        os.environ.pop(TAG_VAR, None)
+    # no Ray process, tritonserver, stub or reaper of this cluster outlives it (the killed node's included)
+    left = wait_none_left(tag)
+    assert not left, f"processes left after the cluster shut down: {left}"
 
 
 def _cluster(repo: Path, tasks: dict[str, str], reference: Any, timings: dict[str, float], t0: float) -> Iterator[Env]:

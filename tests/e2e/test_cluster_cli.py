@@ -4,7 +4,7 @@ A one-node local cluster (``fmplex cluster up``, 127.0.0.1 only) on a copy of
 the embedded repository, driven by the CLI in subprocesses. A replica's
 tritonserver is killed: Serve's health check fails, Serve replaces the
 replica, and the task is answered again from the new one. Ctrl-C stops the
-whole Ray cluster: no Ray or tritonserver process of it is left.
+whole Ray cluster: no Ray, tritonserver or stub process of it is left.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from fmplex.cluster.testbed import TAG_VAR, wait_none_left
 from fmplex.control.server import free_ports
 
 from .conftest import EMBEDDED, FMPLEX, text_input
@@ -33,24 +35,6 @@ REPLACED_BOUND_S = 150.0  # a dead tritonserver -> a new replica answers (a trit
 
 def _cli(repo: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FMPLEX, "cluster", *args, "--repo", str(repo)], capture_output=True, text=True, timeout=timeout)
-
-
-def _children(pid: int) -> set[int]:
-    """Every descendant process of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = set(), {pid}
-    while frontier:
-        nxt = {p for p, pp in parents.items() if pp in frontier} - out
-        out |= nxt
-        frontier = nxt
-    return out
 
 
 def _infer_ok(port_http: int, port_grpc: int) -> np.ndarray:
@@ -73,11 +57,13 @@ def test_cluster_cli_up_deploy_status_replace_and_stop(tmp_path: Path) -> None:
     rec = _cli(repo, "deploy", "minilm", "--replicas", "1", "--offline")
     assert rec.returncode == 0, rec.stderr
     log = open(tmp_path / "up.log", "w")
+    tag = uuid.uuid4().hex  # every process of the cluster inherits it: none may be left after Ctrl-C
     up = subprocess.Popen(
         [FMPLEX, "cluster", "up", "--repo", str(repo), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, TAG_VAR: tag},
     )
     try:
         deadline = time.monotonic() + 300
@@ -121,7 +107,6 @@ def test_cluster_cli_up_deploy_status_replace_and_stop(tmp_path: Path) -> None:
         bad = _cli(repo, "scale", "vit", "--replicas", "2")
         assert bad.returncode != 0 and "not deployed" in bad.stderr
     finally:
-        family = _children(up.pid)
         os.kill(up.pid, signal.SIGINT)
         try:
             up.wait(timeout=120)
@@ -132,11 +117,7 @@ def test_cluster_cli_up_deploy_status_replace_and_stop(tmp_path: Path) -> None:
             log.close()
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
     assert "stopped" in (tmp_path / "up.log").read_text()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = [p for p in family if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(") ")[1][:1] != "Z"]
-        if not left:
-            break
-        time.sleep(1)
+    # no Ray process, tritonserver, stub or reaper is left: the killed tritonserver's stubs included
+    left = wait_none_left(tag)
     assert not left, f"processes left after Ctrl-C: {left}"
     assert not (repo / "fmplex.cluster.endpoint.json").exists()

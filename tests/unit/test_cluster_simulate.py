@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -47,3 +48,25 @@ def test_sharing_hosts_more_tasks_at_the_same_slo() -> None:
     assert shared > per_task > 0  # inter-task batching alone is worth more tasks
     big = Costs(device_bytes=80 * GB, backbone_bytes=14 * GB)
     assert max_tasks("per_task", 2, 200.0, base, big) == 10  # memory-bound: 5 copies per GPU
+
+
+def test_a_trace_is_replayed_request_by_request() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)))  # batch 1: 10 ms
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # two requests of task 0 at once: the first runs alone (10 ms), the second waits for it (done at 20 ms)
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (1.0, 1)])
+    assert r.completed == 3
+    assert r.p99_ms == pytest.approx(20.0) and r.p50_ms == pytest.approx(10.0)
+    assert r.replica_load == [pytest.approx(2 / 5), pytest.approx(1 / 5)]
+    # a per-request overhead outside the replica (the endpoint path) adds to latency, not to the replica's work
+    slow = simulate("shared", 2, w, dataclasses.replace(costs, overhead_s=0.005), placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (1.0, 1)])
+    assert slow.p99_ms == pytest.approx(25.0) and slow.p50_ms == pytest.approx(15.0) and slow.replica_load == r.replica_load
+
+
+def test_a_modelled_endpoint_queues_requests_before_the_replicas() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), endpoint_s=0.004)
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # all arrive at 0; the endpoint passes them at 4, 8 and 12 ms; replicas take 10 ms per request:
+    # task 0's first done at 14, task 1's at 18, task 0's second waits for the first: 14 + 10 = 24
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1), (0.0, 0)])
+    assert r.completed == 3 and r.p50_ms == pytest.approx(18.0) and r.p99_ms == pytest.approx(24.0)
