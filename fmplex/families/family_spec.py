@@ -19,6 +19,9 @@ class KindInfo:
     summary: str
     source: str  # what ``task create`` needs for it
     options: tuple[str, ...] = ()  # option names it reads (besides the source)
+    # Which ``task create`` option carries its data: "train" (labelled data it is fitted on),
+    # "source" (an existing fine-tune it imports) or "" (it takes none).
+    data: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
