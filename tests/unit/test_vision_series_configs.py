@@ -116,3 +116,19 @@ def test_train_and_source_mean_the_same_in_every_family(backbone: str, kind: str
 def test_each_kind_names_the_option_its_data_comes_with() -> None:
     assert family_for("efficientnet").data_of("classifier", {"train_csv": Path("d"), "source": None}) == Path("d")
     assert family_for("fracast").data_of("fork", {"source": Path("f"), "train_csv": None}) == Path("f")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu", "nonsense"])
+def test_a_device_that_is_not_here_is_one_line_when_the_backbone_loads(device: str) -> None:
+    import torch
+
+    from fmplex.families.family_spec import DeviceError
+    from fmplex.families.timeseries.family import SeriesFamily
+    from fmplex.families.vision.family import VisionFamily
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has the CUDA device")
+    for fam in (VisionFamily(device), SeriesFamily(device)):
+        with pytest.raises(DeviceError) as err:
+            fam.executor  # noqa: B018 - what the host does in initialize()
+        assert repr(device) in str(err.value) and "\n" not in str(err.value)

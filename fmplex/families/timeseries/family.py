@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
 
 from .inputs import SeriesLimits, SeriesRequest, decode_request
 from .model import BACKBONE, WEIGHT_FORMATS, fingerprint
@@ -71,6 +71,7 @@ class SeriesFamily:
         if self._executor is None:
             from .executor import SeriesExecutor  # noqa: PLC0415 - torch + the network
 
+            require_device(self.device)
             self._executor = SeriesExecutor(self.weights, self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 

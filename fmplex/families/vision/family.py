@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
 
 from .preprocess import ImageLimits, decode_request
 from .loading import load_task
@@ -62,7 +62,8 @@ class VisionFamily:
         if self._executor is None:
             from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
 
-            self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
+            require_device(self.device)
+        self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 
     def decode(self, image: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
