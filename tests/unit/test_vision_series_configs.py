@@ -132,3 +132,11 @@ def test_a_device_that_is_not_here_is_one_line_when_the_backbone_loads(device: s
         with pytest.raises(DeviceError) as err:
             fam.executor  # noqa: B018 - what the host does in initialize()
         assert repr(device) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_backbone_loads_once_per_family_object() -> None:
+    from fmplex.families.timeseries.family import SeriesFamily
+    from fmplex.families.vision.family import VisionFamily
+
+    for fam in (VisionFamily(), SeriesFamily()):
+        assert fam.executor is fam.executor

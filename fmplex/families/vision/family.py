@@ -63,7 +63,7 @@ class VisionFamily:
             from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
 
             require_device(self.device)
-        self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
+            self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 
     def decode(self, image: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
