@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -149,9 +150,16 @@ def clone_tasks(repo: Path, names: list[str], vdir: Path, entry: registry.TaskEn
             reg.tasks[name] = dataclasses.replace(entry, name=name, slot=None, deployed_version=None, weight=1.0)
 
 
-def fmplex_repo(bench: FamilyBench, work: Path, names: list[str], vdir: Path, entry: registry.TaskEntry, slots: int = 64) -> Path:
+def fmplex_repo(bench: FamilyBench, work: Path, names: list[str], vdir: Path, entry: registry.TaskEntry, slots: int = 64,
+                workers: str = "auto") -> Path:
+    """The N tasks deployed on one host; ``workers``: batches the host runs at once ("auto": one per core, as
+    ``make bench`` runs the text host, so the host may use the cores the per-task baselines use)."""
     repo = work / "fmplex-repo"
     workflows.init_repository(repo, [bench.backbone], slots=slots)
+    config = repo / registry.load(repo).hosts[bench.backbone].model / "config.pbtxt"
+    old = 'parameters { key: "workers" value { string_value: "1" } }'
+    assert old in config.read_text(), "the host config's workers parameter moved"
+    config.write_text(config.read_text().replace(old, f'parameters {{ key: "workers" value {{ string_value: "{workers}" }} }}'))
     clone_tasks(repo, names, vdir, entry)
     if names:
         workflows.deploy(repo, names)
@@ -423,8 +431,9 @@ def main() -> int:
         ap.error(f"unknown family; known: {', '.join(BENCHES)}")
     import torch  # noqa: PLC0415
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (the finally blocks) when killed
     torch.set_num_threads(1)
-    header = machine_header(quick=cfg.quick, repetitions=cfg.repetitions, duration_s=cfg.duration, concurrency=cfg.concurrency,
+    header = machine_header(quick=cfg.quick, fmplex_workers="auto", repetitions=cfg.repetitions, duration_s=cfg.duration, concurrency=cfg.concurrency,
                             matched_fraction=cfg.matched, timeout_ms=cfg.timeout * 1e3, when=time.strftime("%Y-%m-%d %H:%M:%S"))
     results: dict[str, Any] = {**header, "families": {}}
     work = Path(tempfile.mkdtemp(prefix="fmplex-vs-bench-"))
