@@ -50,7 +50,7 @@ from fmplex.control import serving, workflows  # noqa: E402
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from perf import deployments as dep  # noqa: E402
-from perf.common import machine_header, server_memory, timed_rate, write_results  # noqa: E402
+from perf.common import cpu_seconds, machine_header, process_tree, server_memory, timed_rate, write_results  # noqa: E402
 from perf.load import Arrival, Driver, Target, poisson, rotations, spread, summarize  # noqa: E402
 from perf.report import aggregate  # noqa: E402
 
@@ -246,10 +246,17 @@ def run_deployment(kind: str, bench: FamilyBench, work: Path, names: list[str], 
         try:
             driver.closed_loop({t: 1 for t in names}, 2.0)  # warm-up
             d = cfg.duration
+            pids = process_tree(pid)
+            c0, w0 = cpu_seconds(pids), time.perf_counter()
             sat = summarize(driver.closed_loop({t: cfg.concurrency for t in names}, d), (0.5, d), timeout_s=cfg.timeout)
+            c1, span = cpu_seconds(pids), time.perf_counter() - w0
             sat["memory_mib"] = server_memory(pid)["pss_mib"]
             res["saturation"] = sat
-            log(line("saturation", sat))
+            # Where the cores went while saturated (1.0 = one core busy): the model processes and Triton's front end.
+            # On a shared machine, N model processes get more of it than one host process: a cause to read beside the rates.
+            res["cpu_cores_busy"] = {"models": sum(c1.get(p, 0) - c0.get(p, 0) for p in pids if p != pid and p in c0) / span,
+                                     "triton_frontend": (c1.get(pid, 0) - c0.get(pid, 0)) / span}
+            log(line("saturation", sat) + "; cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_cores_busy"].items()))
             s = summarize(driver.open_loop(poisson(matched, d, names, seed=7)), (0.0, d), timeout_s=cfg.timeout)
             s["memory_mib"] = server_memory(pid)["pss_mib"]
             res["matched_uniform"] = s
@@ -385,11 +392,12 @@ def render_markdown(family: str, res: dict[str, Any], header: dict[str, Any]) ->
 
     lines = [f"**{family}** ({res['tasks']} {res['kind']} tasks, {len(res['runs'])} repetitions; raw batched pass "
              f"{raw['median']:.1f} [{raw['range'][0]:.1f}..{raw['range'][1]:.1f}] rows/s)", "",
-             "| deployment | saturation req/s | matched: offered req/s | matched p50 ms | matched p99 ms | failed | memory, N tasks (MiB PSS) |",
-             "|---|---|---|---|---|---|---|"]
+             "| deployment | saturation req/s | cores its models got, saturated | matched: offered req/s | matched p50 ms | matched p99 ms | failed | memory, N tasks (MiB PSS) |",
+             "|---|---|---|---|---|---|---|---|"]
     for d in (k for k in DEPLOYMENTS if k in s):
         sat, m = s[d]["saturation"], s[d]["matched_uniform"]
-        lines.append(f"| {d} | {cell(sat, 'throughput_rps', '.1f')} | {m['offered_rps']:.1f} | {cell(m, 'p50_ms', '.0f')} | "
+        cores = spread([r["deployments"][d].get("cpu_cores_busy", {}).get("models", float("nan")) for r in res["runs"]])["median"]
+        lines.append(f"| {d} | {cell(sat, 'throughput_rps', '.1f')} | {cores:.2f} | {m['offered_rps']:.1f} | {cell(m, 'p50_ms', '.0f')} | "
                      f"{cell(m, 'p99_ms', '.0f')} | {sat['failed'] + m['failed']} | {cell(sat, 'memory_mib', '.0f')} |")
     b = res.get("budget")
     if b:

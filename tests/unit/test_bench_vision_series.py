@@ -63,6 +63,6 @@ def test_summary_is_the_median_over_repetitions_with_its_range() -> None:
            "budget": {"budget_mib": 2048.0, "fmplex": {"tasks": 512, "budget_reached": False, "stopped_by": "wall-clock limit", "curve": [(0, 400.0)]},
                       "isolated": {"tasks": 6, "budget_reached": True, "stopped_by": "budget", "curve": [(0, 100.0)]}}}
     md = bench.render_markdown("vision", res, {"load_average_at_start": [9.0, 8.0, 7.0]})
-    assert "| fmplex | 8.0 [7.0..9.0] | 4.0 | 120 [100..130] | 240 [200..260] | 0 | 500 [500..500] |" in md
+    assert "| fmplex | 8.0 [7.0..9.0] | nan | 4.0 | 120 [100..130] | 240 [200..260] | 0 | 500 [500..500] |" in md
     assert "fmplex: **512** (lower bound: wall-clock limit)" in md and "isolated: **6**;" in md
     assert "contended" in md
