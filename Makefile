@@ -10,16 +10,17 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-multimodal bench-growth bench-gpu-bundle bench-gpu repo clean
+.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-vision-series bench-multimodal bench-growth bench-gpu-bundle bench-gpu repo clean
 
 help:
-	@echo "make demo   - install, serve the embedded repository, query several tasks over HTTP and gRPC"
+	@echo "make demo   - install, serve the embedded repository plus an image and a forecasting task, query them over HTTP and gRPC"
 	@echo "make test   - install (incl. Debian libb64-0d for perf_analyzer), lint (ruff) and run the whole test suite"
 	@echo "make soak   - a bounded soak (SOAK_SECONDS, default 180) of mixed load, deploys and weight changes"
 	@echo "make fuzz   - every property test with FUZZ_EXAMPLES (default 2000) random examples each, failures kept in .hypothesis/fuzz"
 	@echo "make bench  - fmplex vs isolated copies, spatial partitions and the raw forward (perf/results/summary.md); QUICK=1 for a short run"
 	@echo "make bench-gpu-bundle / bench-gpu - the benchmark on a GPU machine without internet (docs/benchmarks.md)"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
+	@echo "make bench-vision-series - the same comparison for the image (efficientnet) and time-series (fracast) backbones; QUICK=1 for a short run"
 	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
 	@echo "make bench-growth - MiniLM host saturation throughput with fixed 16-row batches vs batch growth, side by side; QUICK=1 for a short run"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
@@ -84,11 +85,17 @@ bench-more: $(STAMP) system-deps
 	$(PY) perf/bench_extensions.py $(if $(QUICK),--quick,)
 	$(PY) perf/bench_overload.py $(if $(QUICK),--quick,)
 
-# Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
-# perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
+# fmplex vs isolated copies vs partitioned vs the raw pass for fm.efficientnet and fm.fracast:
+# perf/results/vision_series_bench.json (docs/benchmarks.md; QUICK=1: 2 repetitions, 3 s workloads, 2 GiB budget).
+bench-vision-series: $(STAMP) system-deps
+	$(PY) perf/bench_vision_series.py $(if $(QUICK),--quick,)
+
+# Saturation throughput of the MiniLM host, fixed 16-row batches vs batch growth: perf/results/growth_bench.json.
 bench-growth: $(STAMP) system-deps
 	$(PY) perf/bench_growth.py $(if $(QUICK),--quick,)
 
+# Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
+# perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
 bench-multimodal: $(STAMP)
 	$(PY) perf/bench_multimodal_trace.py $(if $(QUICK),--quick,)
 

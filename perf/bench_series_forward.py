@@ -15,30 +15,16 @@ are shared: read the figures as an order of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from perf.common import machine_header, timed_rate, write_results  # noqa: E402
+
 OUT = ROOT / "perf" / "results" / "series_forward.json"
-
-
-def _rate(fn, rows: int, seconds: float) -> dict:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"rows": rows, "calls": len(times), "median_ms": round(med * 1e3, 2), "rows_per_s": round(rows / med, 1)}
 
 
 def main() -> None:
@@ -59,22 +45,19 @@ def main() -> None:
     windows = [np.array(sun[i : i + 240]) for i in range(64)]
     ref = reference_model("fp32", args.device)
     bb = Backbone("fp32", args.device)
-    result: dict = {
-        "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": args.device, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "context_steps": bb.width, "horizon": bb.native_horizon, "forward": {}, "parts": {}, "executor": {},
-    }
+    result: dict = machine_header(device=args.device, context_steps=bb.width, horizon=bb.native_horizon,
+                                  forward={}, parts={}, executor={})
     for b in (1, 16, 64):
         batch = np.stack(windows[:b])
-        result["forward"][f"batch_{b}"] = r = _rate(lambda batch=batch: ref.forecast_batch(batch), b, args.seconds)
+        result["forward"][f"batch_{b}"] = r = timed_rate(lambda batch=batch: ref.forecast_batch(batch), b, args.seconds)
         print(f"forecast_batch  batch {b:3d}: {r['rows_per_s']:8.1f} rows/s  ({r['median_ms']} ms/call)", flush=True)
 
     norm = normalise(windows[:16], bb.width)
     values, valid = bb.tensors(norm)
     with torch.inference_mode():
         hidden = bb.trunk(values, valid)
-        result["parts"]["trunk_batch_16"] = r1 = _rate(lambda: bb.trunk(values, valid), 16, args.seconds)
-        result["parts"]["head_batch_16"] = r2 = _rate(lambda: bb.quantiles_of(bb.head, hidden, values, valid), 16, args.seconds)
+        result["parts"]["trunk_batch_16"] = r1 = timed_rate(lambda: bb.trunk(values, valid), 16, args.seconds)
+        result["parts"]["head_batch_16"] = r2 = timed_rate(lambda: bb.quantiles_of(bb.head, hidden, values, valid), 16, args.seconds)
     print(f"trunk alone     batch  16: {r1['rows_per_s']:8.1f} rows/s; head alone: {r2['rows_per_s']:8.1f} rows/s", flush=True)
 
     fam = SeriesFamily(args.device)
@@ -90,15 +73,11 @@ def main() -> None:
             fam.build_task(Path(tmp) / name / "1", name, 1, kind, source, {}, lambda s: None)
             tasks.append(fam.load_task(Path(tmp) / name / "1"))
     items = [(tasks[i % 4], fam.decode(tasks[i % 4], w[None, :])) for i, w in enumerate(windows)]
-    result["executor"]["mixed_64_rows_4_tasks"] = r = _rate(lambda: fam.run_batch(items), 64, args.seconds)
+    result["executor"]["mixed_64_rows_4_tasks"] = r = timed_rate(lambda: fam.run_batch(items), 64, args.seconds)
     result["executor"]["max_pass_rows"] = fam.executor.max_pass_rows
     print(f"executor, 64 rows of 4 tasks (forecast x2, fork, embedding): {r['rows_per_s']:8.1f} rows/s", flush=True)
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = OUT.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(OUT)
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    write_results(OUT.name, result)
 
 
 if __name__ == "__main__":

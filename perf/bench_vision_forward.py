@@ -16,28 +16,15 @@ are shared: read the figures as an order of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from perf.common import machine_header, timed_rate, write_results  # noqa: E402
+
 OUT = ROOT / "perf" / "results" / "vision_forward.json"
-
-
-def _rate(fn, rows: int, seconds: float) -> dict:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"rows": rows, "calls": len(times), "median_ms": round(med * 1e3, 2), "rows_per_s": round(rows / med, 1)}
 
 
 def main() -> None:
@@ -64,8 +51,7 @@ def main() -> None:
 
     import os
 
-    results: dict = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "forward": {}}
+    results: dict = machine_header(forward={})
     print(f"{'what':<28}{'rows':>6}{'median ms':>12}{'rows/s':>10}")
     for batch in (1, 8, 32):
         x = torch.from_numpy(rows[:batch])
@@ -74,7 +60,7 @@ def main() -> None:
             with torch.inference_mode():
                 net.features(model, x)
 
-        r = _rate(forward, batch, args.seconds)
+        r = timed_rate(forward, batch, args.seconds)
         results["forward"][f"batch_{batch}"] = r
         print(f"{'raw forward':<28}{batch:>6}{r['median_ms']:>12}{r['rows_per_s']:>10}")
 
@@ -85,11 +71,11 @@ def main() -> None:
             for i in range(0, 32, 8):
                 net.features(model, x32[i : i + 8])
 
-    r = _rate(forward_in_eights, 32, args.seconds)
+    r = timed_rate(forward_in_eights, 32, args.seconds)
     results["forward"]["batch_32_in_passes_of_8"] = r
     print(f"{'raw forward, passes of 8':<28}{32:>6}{r['median_ms']:>12}{r['rows_per_s']:>10}")
 
-    r = _rate(lambda: decode_image(jpeg), 1, args.seconds / 2)
+    r = timed_rate(lambda: decode_image(jpeg), 1, args.seconds / 2)
     results["preprocess_jpeg_451x300"] = r
     print(f"{'preprocess (JPEG 451x300)':<28}{1:>6}{r['median_ms']:>12}{r['rows_per_s']:>10}")
 
@@ -97,9 +83,7 @@ def main() -> None:
     r = results["mixed_batch"]
     print(f"{'mixed batch (6 tasks)':<28}{r['rows']:>6}{r['median_ms']:>12}{r['rows_per_s']:>10}")
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    write_results(OUT.name, results)
 
 
 def _mixed(rows, seconds: float) -> dict:  # noqa: ANN001
@@ -139,7 +123,7 @@ def _mixed(rows, seconds: float) -> dict:  # noqa: ANN001
     for task, n in zip(tasks, counts):
         items.append((task, rows[at : at + n]))
         at += n
-    return _rate(lambda: ex.run_batch(items), sum(counts), seconds)
+    return timed_rate(lambda: ex.run_batch(items), sum(counts), seconds)
 
 
 if __name__ == "__main__":

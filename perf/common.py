@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import statistics
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,3 +71,26 @@ def server_memory(pid: int) -> dict[str, float]:
         except OSError:
             pass
     return {"processes": len(pids), "rss_mib": rss / 1024, "pss_mib": pss / 1024}
+
+
+def timed_rate(fn: Callable[[], Any], rows: int, seconds: float) -> dict[str, Any]:
+    """Median time of ``fn`` (``rows`` rows per call) after one warm-up call, repeated for
+    ``seconds`` and at least 3 times; rows per second at that median."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"rows": rows, "calls": len(times), "median_ms": round(med * 1e3, 2), "rows_per_s": round(rows / med, 1)}
+
+
+def machine_header(**extra: Any) -> dict[str, Any]:
+    """What every results file starts with: the machine, torch's threads and the load when it began
+    (the machines are shared, so the load says how contended the figures are)."""
+    import torch  # noqa: PLC0415
+
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], **extra}  # fmt: skip

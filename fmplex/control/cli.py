@@ -198,14 +198,15 @@ def _create_help() -> str:
 @click.option(
     "--source",
     type=click.Path(path_type=Path),
-    help="What to import: a PEFT adapter dir (lora, ia3, prompt), an adapter .safetensors (adapter), "
-    "a transformers checkpoint dir (fork), an .onnx file (onnx).",
+    help="An existing fine-tune to import: a PEFT adapter dir (lora, ia3, prompt), an adapter .safetensors (adapter), "
+    "a transformers checkpoint dir or a fine-tuned .safetensors state dict (fork), an .onnx file (onnx).",
 )
 @click.option(
     "--train",
     "train_csv",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Labelled CSV (text,label): fit a linear head on the task's own embeddings (classifier, lora, ia3, adapter, prompt).",
+    type=click.Path(path_type=Path),
+    help="Labelled training data: fit a linear head on the task's own embeddings. Text (classifier, lora, ia3, adapter, "
+    "prompt): a text,label CSV; images: DIR/<label>/*.png|jpg or a path,label CSV; series: a label,x1,x2,... CSV.",
 )
 @click.option("--weight", default=1.0, show_default=True, type=click.FloatRange(min=0.001), help="Fair-share weight.")
 @click.option("--queue-limit", default=256, show_default=True, type=click.IntRange(1), help="Max queued requests.")

@@ -42,6 +42,8 @@ def read_labelled_csv(path: Path) -> tuple[list[str], list[str]]:
             rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     except FileNotFoundError:
         raise TrainError(f"training file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TrainError(f"training file {path} is a directory; text tasks train from a text,label CSV") from None
     except UnicodeDecodeError:
         raise TrainError(f"training file {path} is not UTF-8") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["text", "label"]:

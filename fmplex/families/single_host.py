@@ -110,9 +110,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
         return {}
 
     def build_task(self, repo: Path, name: str, version: int, backbone: str, kind: str, options: dict[str, Any], echo: Echo) -> BuiltTask:
-        source = options.get("source") or options.get("train_csv")
-        if options.get("source") is not None and options.get("train_csv") is not None:
-            raise OptionError("give the task's data once: --source (or --train)")
+        source = self.data_of(kind, options)
         vdir = version_dir(repo, name, version)
         vdir.mkdir(parents=True, exist_ok=True)
         try:
@@ -121,6 +119,24 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
             raise BuildError(str(exc)) from None
         task = self.check_artifact(vdir, backbone)
         return BuiltTask(task.family, f"{task.family} outputs, {task.nbytes / 1024:.1f} KiB")
+
+    def data_of(self, kind: str, options: dict[str, Any]) -> Path | None:
+        """The one path a kind is built from: ``--train`` for labelled data it is fitted on,
+        ``--source`` for a fine-tune it imports (as for text); the other option is refused in one line."""
+        info = {k.name: k for k in self.object_class().kinds}.get(kind)
+        wants = info.data if info is not None else ""
+        train, source = options.get("train_csv"), options.get("source")
+        if wants == "train":
+            if source is not None:
+                raise OptionError(f"a {self.name} {kind} is trained from labelled data: give it with --train ({info.source.removeprefix('--train ')}); "
+                                  "--source imports an existing fine-tune")
+            return train
+        if train is not None:
+            what = f"give the fine-tune with --source ({info.source})" if wants == "source" else "it takes no data"
+            raise OptionError(f"--train fits a classifier; a {self.name} {kind} task is not trained here: {what}")
+        if wants == "" and source is not None:
+            raise OptionError(f"--source is not used by {self.name} {kind} tasks (they take no data)")
+        return source
 
     def check_artifact(self, vdir: Path, backbone: str) -> Any:
         return self.family_object().check_artifact(vdir)

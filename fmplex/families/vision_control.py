@@ -45,7 +45,7 @@ class VisionBackbones(SingleHostFamily):
     def usage(self, kind: Any) -> str:
         return {
             "embedding": "nothing to give: fmplex task create pics --backbone efficientnet --kind embedding",
-            "classifier": "--source DIR/<label>/*.png|jpg or a path,label CSV",
+            "classifier": "--train DIR/<label>/*.png|jpg or a path,label CSV",
             "fork": "--source finetuned.safetensors (a full EfficientNet-Lite0 state dict) [--image-labels a,b]",
             "onnx": "--source head.onnx --image-labels a,b [--image-onnx-family embedding]",
             "lora": "--source PEFT_LORA_DIR [--image-labels a,b]",

@@ -80,7 +80,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     cli("task", "create", "s_fc", "--backbone", "fracast", "--kind", "forecast", "--horizon", "24", "--max-horizon", "120",
         "--quantiles", "0.1,0.5,0.9", "--repo", str(repo))
     data = write_digits_folder(work / "digits", 30, (0, 1, 2))
-    workflows.create_task(repo, "v_clf", "efficientnet", "classifier", {"source": data})
+    workflows.create_task(repo, "v_clf", "efficientnet", "classifier", {"train_csv": data})
     fork_state = vk.fine_tuned_state(13, 4, 1)
     save_file(fork_state, str(work / "fork.safetensors"))
     workflows.create_task(repo, "v_fork", "efficientnet", "fork", {"source": work / "fork.safetensors", "image_labels": "c0,c1,c2,c3"})

@@ -108,6 +108,7 @@ def test_embedding_task_needs_no_data(repo: Path) -> None:
         (["task", "show", "ghost"], "no task named 'ghost'"),
         (["task", "set-weight", "ghost", "2"], "no task named"),
         (["task", "create", "x1", "--train", "/nonexistent.csv"], "does not exist"),
+        (["task", "create", "x2", "--train", "/"], "is a directory; text tasks train from a text,label CSV"),
         (["deploy", "vec", "--url", "127.0.0.1:1"], "no tritonserver answers"),
         (["undeploy", "vec"], "not deployed"),
     ],
@@ -145,3 +146,26 @@ def test_task_create_help_lists_every_kind_of_every_family() -> None:
     assert sorted(choice) == sorted({k for _, k in kinds})
     for backbone in ("minilm", "smollm2", "llava-tiny", "mllama-tiny"):
         assert backbone in out.split("--backbone [", 1)[1].split("]", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def image_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli-images") / "repo"
+    run("init", str(path), "--backbone", "efficientnet", "--backbone", "fracast", "--slots", "4")
+    return path
+
+
+def test_labelled_images_train_a_vision_classifier_with_train(image_repo: Path, tmp_path: Path) -> None:
+    from fmplex.families.vision.demo_data import write_digits_folder
+
+    folder = write_digits_folder(tmp_path / "digits", 20, classes=(0, 1))
+    out = run("task", "create", "digits", "--backbone", "efficientnet", "--kind", "classifier", "--train", str(folder),
+              "--repo", str(image_repo))  # fmt: skip
+    assert "held-out accuracy" in out.stdout and "task digits v1 (classifier on efficientnet" in out.stdout
+    assert json.loads((image_repo / "digits" / "1" / "manifest.json").read_text())["labels"] == ["0", "1"]
+
+
+def test_a_folder_of_images_given_as_source_points_to_train(image_repo: Path) -> None:
+    out = run("task", "create", "digits2", "--backbone", "efficientnet", "--kind", "classifier", "--source", ".",
+              "--repo", str(image_repo), ok=False)  # fmt: skip
+    one_line_error(out, "give it with --train")

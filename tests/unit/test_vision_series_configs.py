@@ -6,6 +6,7 @@ parse fails here; the shapes and types are what the hosts read and answer.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,54 @@ def test_kinds_and_options_are_the_family_objects() -> None:
     opts = FAMILIES["timeseries"].family_options("forecast", {"horizon": 5, "quantiles": "0.1,0.9", "missing": None})
     assert opts == {"horizon": 5, "quantiles": [0.1, 0.9]}
     assert FAMILIES["vision"].family_options("fork", {"image_labels": "a, b"})["labels"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kind", "options", "words"),
+    [
+        # labelled data is --train (train_csv) in every family; --source imports an existing fine-tune
+        ("efficientnet", "classifier", {"source": Path("imgs")}, "give it with --train (DIR/<label>/*.png|jpg"),
+        ("fracast", "classifier", {"source": Path("s.csv")}, "give it with --train"),
+        ("efficientnet", "fork", {"train_csv": Path("imgs")}, "give the fine-tune with --source"),
+        ("fracast", "fork", {"train_csv": Path("s.csv")}, "give the fine-tune with --source"),
+        ("fracast", "forecast", {"train_csv": Path("s.csv")}, "takes no data"),
+        ("efficientnet", "embedding", {"source": Path("h.onnx")}, "--source is not used"),
+    ],
+)
+def test_train_and_source_mean_the_same_in_every_family(backbone: str, kind: str, options: dict, words: str) -> None:
+    from fmplex.families.base import OptionError
+
+    fam = family_for(backbone)
+    with pytest.raises(OptionError, match=re.escape(words)) as err:
+        fam.data_of(kind, {"source": None, "train_csv": None, **options})
+    assert "\n" not in str(err.value)
+    assert fam.data_of(kind, {"source": None, "train_csv": None}) is None
+
+
+def test_each_kind_names_the_option_its_data_comes_with() -> None:
+    assert family_for("efficientnet").data_of("classifier", {"train_csv": Path("d"), "source": None}) == Path("d")
+    assert family_for("fracast").data_of("fork", {"source": Path("f"), "train_csv": None}) == Path("f")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu", "nonsense"])
+def test_a_device_that_is_not_here_is_one_line_when_the_backbone_loads(device: str) -> None:
+    import torch
+
+    from fmplex.families.family_spec import DeviceError
+    from fmplex.families.timeseries.family import SeriesFamily
+    from fmplex.families.vision.family import VisionFamily
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has the CUDA device")
+    for fam in (VisionFamily(device), SeriesFamily(device)):
+        with pytest.raises(DeviceError) as err:
+            fam.executor  # noqa: B018 - what the host does in initialize()
+        assert repr(device) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_backbone_loads_once_per_family_object() -> None:
+    from fmplex.families.timeseries.family import SeriesFamily
+    from fmplex.families.vision.family import VisionFamily
+
+    for fam in (VisionFamily(), SeriesFamily()):
+        assert fam.executor is fam.executor

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
 
 from .inputs import SeriesLimits, SeriesRequest, decode_request
 from .model import BACKBONE, WEIGHT_FORMATS, fingerprint
@@ -48,8 +48,9 @@ class SeriesFamily:
     kinds = (
         KindInfo("forecast", "zero-shot quantile forecasts (FORECAST = median, QUANTILES)", "nothing", FORECAST_OPTIONS),
         KindInfo("fork", "a fine-tuned forecast head (only the head tensors that differ are kept)",
-                 "a fine-tuned state dict in fracast's layout (.safetensors)", FORECAST_OPTIONS),
-        KindInfo("classifier", "a linear probe on the series embedding", "--train a label,x1,x2,... CSV", COMMON_OPTIONS),
+                 "a fine-tuned state dict in fracast's layout (.safetensors)", FORECAST_OPTIONS, data="source"),
+        KindInfo("classifier", "a linear probe on the series embedding", "--train a label,x1,x2,... CSV", COMMON_OPTIONS,
+                 data="train"),
         KindInfo("embedding", "the series embedding [rows, 128]", "nothing", COMMON_OPTIONS),
     )
 
@@ -70,6 +71,7 @@ class SeriesFamily:
         if self._executor is None:
             from .executor import SeriesExecutor  # noqa: PLC0415 - torch + the network
 
+            require_device(self.device)
             self._executor = SeriesExecutor(self.weights, self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 
@@ -122,12 +124,12 @@ class SeriesFamily:
             fields["head"] = {"type": kind}
         elif kind == "fork":
             if source is None:
-                raise importers.SourceError(f"a fork task needs a source: {info.source}")
+                raise importers.SourceError(f"a fork task needs --source: {info.source}")
             more, tensors = importers.build_fork(Path(source), echo)
             fields.update(more)
         else:
             if source is None:
-                raise importers.SourceError("a classifier task needs training data: a label,x1,x2,... CSV")
+                raise importers.SourceError("a classifier task needs training data: --train a label,x1,x2,... CSV")
             more, tensors = train.train_classifier(self.executor, Path(source), echo)
             fields.update(more)
         manifest = {"task": task, "version": version, "kind": kind, "backbone": BACKBONE,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec
+from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
 
 from .preprocess import ImageLimits, decode_request
 from .loading import load_task
@@ -39,13 +39,14 @@ class VisionFamily:
     }
     kinds = (
         KindInfo("embedding", "the pooled features [rows, 1280]", "nothing"),
-        KindInfo("classifier", "a linear probe on the pooled features", "--train DIR/<label>/*.png|jpg or a path,label CSV"),
+        KindInfo("classifier", "a linear probe on the pooled features", "--train DIR/<label>/*.png|jpg or a path,label CSV",
+                 data="train"),
         KindInfo("fork", "fine-tuned top blocks + classifier (only the blocks that differ are kept)",
-                 "a full fine-tuned state dict (.safetensors)", ("labels",)),
+                 "a full fine-tuned state dict (.safetensors)", ("labels",), data="source"),
         KindInfo("onnx", "an ONNX head on the pooled features, run by ONNX Runtime", "an .onnx file",
-                 ("onnx_family", "labels")),
+                 ("onnx_family", "labels"), data="source"),
         KindInfo("lora", "LoRA on the blocks' 1x1 convolutions (+ optional classifier)",
-                 "a PEFT LoRA adapter directory", ("labels",)),
+                 "a PEFT LoRA adapter directory", ("labels",), data="source"),
     )
 
     def __init__(self, device: str = "cpu", limits: ImageLimits = ImageLimits(), max_pass_rows: int | None = -1) -> None:
@@ -61,6 +62,7 @@ class VisionFamily:
         if self._executor is None:
             from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
 
+            require_device(self.device)
             self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
         return self._executor
 
@@ -96,11 +98,11 @@ class VisionFamily:
             fields: dict[str, Any] = {"head": {"type": "embedding"}}
         elif kind == "classifier":
             if source is None:
-                raise importers.SourceError("a classifier task needs training data: DIR/<label>/*.png|jpg or a path,label CSV")
+                raise importers.SourceError("a classifier task needs training data: --train DIR/<label>/*.png|jpg or a path,label CSV")
             fields, tensors = train.train_classifier(self.executor, Path(source), echo)
         elif kind in ("fork", "lora", "onnx"):
             if source is None:
-                raise importers.SourceError(f"a {kind} task needs a source: {next(k.source for k in self.kinds if k.name == kind)}")
+                raise importers.SourceError(f"a {kind} task needs --source: {next(k.source for k in self.kinds if k.name == kind)}")
             if kind == "fork":
                 fields, tensors = importers.build_fork(Path(source), options, echo)
             elif kind == "lora":
