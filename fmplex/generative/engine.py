@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from fmplex.runtime.scheduler import BatchBudget, Pending, QueueFull, TaskPolicy, make_scheduler
 
-from .detokenizer import Detokenizer, stable_prefix
+from .detokenizer import Detokenizer, first_stop, stable_prefix
 from .forward import Forward, LlamaForward
 from .sampler import choose
 from .sequence import EngineStats, SamplingParams, Sequence, StepReport, Update
@@ -255,9 +255,10 @@ class Engine:
         else:
             if seq.detokenizer is None:
                 seq.detokenizer = Detokenizer(self.tokenizer)
+            searched = seq.detokenizer.stable_length  # no stop string lies wholly before this
             full = seq.detokenizer.add(token)
             seq.text = full
-            cut = min((i for i in (full.find(s) for s in p.stop) if i >= 0), default=-1)
+            cut = first_stop(full, p.stop, searched) if p.stop else -1
             if cut >= 0:
                 seq.text = full[:cut]
                 reason = "stop"

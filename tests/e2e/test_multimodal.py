@@ -248,6 +248,42 @@ def test_concurrent_requests_of_two_tasks_share_encoder_batches(mm: MMServer) ->
     assert batches < 24 and max(s for s, c in grown.items() if c) > 1  # batched across requests
 
 
+def test_concurrent_requests_of_two_tasks_share_lm_steps(mm: MMServer) -> None:
+    """6 concurrent text-only requests of two tasks (they skip the encoder, so they reach the
+    lm stage together): its engine runs them in shared steps, each answer still exact."""
+    batched = ("fmplex_batch_size_total", {"host": "fm.llava-tiny.lm"})
+
+    def shared_steps() -> float:
+        return sum(mm.metric(batched[0], **batched[1], rows=str(r)) for r in range(2, 9))
+
+    before = shared_steps()
+    jobs = [("caption" if i % 2 else "vqa", f"Tell me about number {i}.") for i in range(6)]
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{mm.ports.grpc}")
+        try:
+            res = client.infer(jobs[i][0], _inputs(grpcclient, jobs[i][1], None), outputs=[grpcclient.InferRequestedOutput(o) for o in OUTPUTS])
+            results[i] = {o: res.as_numpy(o) for o in OUTPUTS}
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (task, text), got in zip(jobs, results):
+        assert isinstance(got, dict), got
+        assert_exact(mm, task, text, None, got)
+    deadline = time.monotonic() + 15  # the host publishes its batch counters about once a second
+    while shared_steps() == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert shared_steps() > before  # at least one lm step carried sequences of more than one request
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
