@@ -80,6 +80,7 @@ the absolute figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -90,7 +91,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,6 +103,7 @@ from fmplex import trace  # noqa: E402
 from fmplex.control import autoscale as auto  # noqa: E402
 from fmplex.control import serving  # noqa: E402
 from fmplex.control.scale import current_instances, scale, stub_processes  # noqa: E402
+from fmplex.control import server  # noqa: E402
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from fmplex.baselines import monolithic_config  # noqa: E402
@@ -248,7 +250,26 @@ class Deployment:
     stages: list[str]  # models whose instances are counted (the cost)
     autoscaled: dict[str, auto.Bounds]  # stage -> bounds (empty: fixed)
     start: Callable[[Path, Any, Path], TritonProcess]
-    code: Path | None = None  # serve with this checkout's fmplex (PYTHONPATH) instead of the installed one
+    code: Path | None = None  # the stage hosts run this checkout's fmplex instead of the installed one
+
+
+@contextlib.contextmanager
+def serving_code(code: Path | None) -> Iterator[None]:
+    """While a server starts: its stage hosts' backend shims import fmplex from ``code``.
+
+    The Python backend stub runs an isolated interpreter (PYTHONPATH is ignored),
+    so the shim itself puts ``code`` first on ``sys.path`` before it imports the host.
+    """
+    if code is None:
+        yield
+        return
+    saved = dict(server.MULTIMODAL_SHIMS)
+    prelude = f"import sys\nsys.path.insert(0, {str(code)!r})\n"
+    try:
+        server.MULTIMODAL_SHIMS.update({name: prelude + shim for name, shim in saved.items()})
+        yield
+    finally:
+        server.MULTIMODAL_SHIMS.update(saved)
 
 
 def _start_staged(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
@@ -528,17 +549,8 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
     ports = free_ports()
     log_path = work / f"{dep.name}-tritonserver.log"
     t0 = time.perf_counter()
-    saved = os.environ.get("PYTHONPATH")
-    if dep.code is not None:  # the server's stubs import fmplex from this checkout first (the server copies os.environ)
-        os.environ["PYTHONPATH"] = str(dep.code) + (os.pathsep + saved if saved else "")
-    try:
+    with serving_code(dep.code):
         proc = dep.start(dep.repo, ports, log_path)
-    finally:
-        if dep.code is not None:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
     ready_s = time.perf_counter() - t0
     log(f"  {dep.name}: server ready in {ready_s:.1f}s ({', '.join(dep.stages)})")
     url = f"127.0.0.1:{ports.grpc}"

@@ -16,8 +16,10 @@ prompt's token ids and the features of the prompt's images (in order):
   positions (``get_cross_attention_token_mask``); each decode step reuses the
   mask's last row, as ``MllamaForConditionalGeneration.generate`` does.
 
-Decode runs one token at a time on the KV cache (greedy, or sampled with a
-per-request generator). Each function mirrors the transformers code path of
+``LMStage.generate`` decodes one request alone, one token at a time on the KV
+cache (greedy, or sampled with a per-request generator): the monolithic
+baseline runs it, and it is the reference the lm stage host's shared engine
+steps (``lm_engine``) must equal. Each function mirrors the transformers code path of
 the one-piece model; tests/unit/test_multimodal_stages.py checks logits
 (1e-5, fp32) and generated tokens against ``model(...)`` and ``model.generate``.
 """
