@@ -45,6 +45,7 @@ import triton_python_backend_utils as pb_utils
 
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
 from fmplex.generative.engine import SamplingParams, Sequence, Update
+from fmplex.generative.engine_metrics import EngineMetrics
 from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.runtime.host import Host
 from fmplex.runtime.ledger import Answer
@@ -108,6 +109,7 @@ class TritonPythonModel(Host):
         self.lm = LMStage(files, self.device)
         self.engine = make_engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, policy=st.policy)
         self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
+        self._engine_metrics = EngineMetrics(self.metrics, self.engine)
         vision = files.config.vision_config
         self.image_shape = (int(vision.num_channels), int(vision.image_size), int(vision.image_size))
         self.limits = RequestLimits(st.max_images, st.max_new_tokens_limit, st.max_text_bytes)
@@ -296,6 +298,10 @@ class TritonPythonModel(Host):
 
     def work_failed(self, work: Any, exc: Exception) -> None:
         pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
+
+    def publish(self) -> None:
+        """The engine's steps, rows per step and tokens (``fmplex_gen_*``, as on the SmolLM2 host)."""
+        self._engine_metrics.publish()
 
     def _on_update(self, update: Update) -> None:
         """Called by the engine (worker thread) when a sequence ends: its one final response."""

@@ -257,6 +257,7 @@ def test_concurrent_requests_of_two_tasks_share_lm_steps(mm: MMServer) -> None:
         return sum(mm.metric(batched[0], **batched[1], rows=str(r)) for r in range(2, 9))
 
     before = shared_steps()
+    engine_before = mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm")
     jobs = [("caption" if i % 2 else "vqa", f"Tell me about number {i}.") for i in range(6)]
     results: list[Any] = [None] * len(jobs)
 
@@ -282,6 +283,9 @@ def test_concurrent_requests_of_two_tasks_share_lm_steps(mm: MMServer) -> None:
     while shared_steps() == before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert shared_steps() > before  # at least one lm step carried sequences of more than one request
+    while mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm") == engine_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm") > engine_before  # the engine's own count agrees
 
 
 # --- errors --------------------------------------------------------------------------------
