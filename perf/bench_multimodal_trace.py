@@ -873,10 +873,10 @@ def plot(results: dict[str, Any], items: Sequence[Item], cfg: BenchConfig, path:
             continue
         for (stage, color), off in zip(zip(res.instances[0][1], stage_colors), (-0.04, 0.04)):  # offset: visible when equal
             ax[1, 0].step(ts, [c.get(stage, 0) + off for _, c in res.instances], "--", where="post", color=color, alpha=alpha,
-                          label=lab(f"staged: {stage}", k))  # fmt: skip
+                          label=lab(f"{name}: {stage}", k))  # fmt: skip
         if res.processes:
             ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
-                          lw=0.8, alpha=alpha, label=lab("staged: stub processes", k))  # fmt: skip
+                          lw=0.8, alpha=alpha, label=lab(f"{name}: stub processes", k))  # fmt: skip
         for e in res.events:  # when the autoscaler asked (the instance serves once Triton counts it)
             ax[1, 0].axvline(e["t_s"], color="tab:red", ls=":", lw=1, alpha=alpha)
             ax[1, 0].annotate(f"{e['stage'].rsplit('.', 1)[-1]} {e['from']}->{e['to']}", (e["t_s"], 0.3), fontsize=7, rotation=90,
