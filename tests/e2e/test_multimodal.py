@@ -299,6 +299,7 @@ def test_bad_inputs_get_clear_errors(mm: MMServer) -> None:
         (dict(images=np.full((1, 3, 32, 32), np.nan, np.float32)), "IMAGES contains NaN or Inf"),
         (dict(scalars={"MAX_NEW_TOKENS": 0}), r"MAX_NEW_TOKENS must be 1\.\.256, got 0"),
         (dict(images=np.zeros((9, 3, 32, 32), np.float32)), "9 images in one request, more than the limit of 8"),
+        (dict(scalars={"SEED": -1, "TEMPERATURE": 0.5}), "SEED must be >= 0, got -1"),
     ]
     for case, message in cases:
         inputs = _inputs(grpcclient, case.get("text", "hi"), case.get("images"), **case.get("scalars", {}))
