@@ -21,7 +21,7 @@ help:
 	@echo "make bench-gpu-bundle / bench-gpu - the benchmark on a GPU machine without internet (docs/benchmarks.md)"
 	@echo "make bench-more - vFM vs raw forward, memory per task, mixing extension kinds, overload isolation"
 	@echo "make bench-vision-series - the same comparison for the image (efficientnet) and time-series (fracast) backbones; QUICK=1 for a short run"
-	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run"
+	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run, BEFORE=DIR adds the staged deployment served by the fmplex checkout in DIR"
 	@echo "make bench-growth - MiniLM host saturation throughput with fixed 16-row batches vs batch growth, side by side; QUICK=1 for a short run"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
@@ -97,7 +97,7 @@ bench-growth: $(STAMP) system-deps
 # Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
 # perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
 bench-multimodal: $(STAMP)
-	$(PY) perf/bench_multimodal_trace.py $(if $(QUICK),--quick,)
+	$(PY) perf/bench_multimodal_trace.py $(if $(QUICK),--quick,) $(if $(BEFORE),--before $(BEFORE),)
 
 repo: $(STAMP)
 	rm -rf model_repository

@@ -9,7 +9,7 @@ Punica/LoRAX, in plain torch). Which rows belong to which task is a
 every projection, as LoRAX passes its adapter batch metadata; nothing is kept
 in thread-local state. Both families use this module: the encoder's
 executor (:mod:`fmplex.triton_backend.segments`) and the decoder's engine
-(:mod:`fmplex.generative.engine`).
+(:mod:`fmplex.generative.forward`).
 
 A task ("owner") is anything with a ``deltas`` mapping from a projection key
 (whatever the family uses to name its Linears) to a :class:`RowDelta`.

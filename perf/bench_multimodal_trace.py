@@ -49,10 +49,11 @@ latency the client saw (network, Triton, queueing and prefill stay in TTFT).
 
 **Reading the figures.** Throughput is the offered load whenever both keep
 up (open loop); the differences are in latency and cost. Structural facts
-behind them: an lm stage instance runs one sequence at a time (no decode
-batching yet, see the README), so at one instance it serializes every task,
-while the monolithic deployment always has K workers (and K processes get K
-shares of a contended CPU from the kernel's scheduler); a scale-up starts a
+behind them: an lm stage instance runs the generative engine (continuous
+batching: sequences of all tasks prefill and decode in shared steps), while
+the monolithic deployment always has K workers, each decoding one sequence at
+a time (and K processes get K shares of a contended CPU from the kernel's
+scheduler); a scale-up starts a
 stub process (imports torch and transformers: seconds of CPU) on the same
 CPUs that are already overloaded, and the autoscaler decides after ``up_samples``
 hot polls. The cost side -- instance-seconds, memory -- is where staging wins:
@@ -64,6 +65,12 @@ Writes ``perf/results/multimodal_trace.json`` and ``multimodal_trace.png``
 time) and prints the side-by-side table with ratios (staged / monolithic).
 
     python perf/bench_multimodal_trace.py [--quick] [--repeat N] [--tasks 4] [--rate 12] [--seed S] [--lm-min 1]
+                                          [--before CHECKOUT]
+
+``--before CHECKOUT`` adds a third deployment, ``staged-before``: the same
+staged repository served by the hosts of another checkout of fmplex (for
+example ``git worktree add /tmp/fmplex-before <commit>``), so that a change to
+the stage hosts is measured before and after in one run, on the same trace.
 
 On a shared machine run it when it is quiet, or with ``--repeat N`` (the
 deployments alternate; the table shows medians), and read the ratios more than
@@ -73,6 +80,7 @@ the absolute figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -83,7 +91,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,6 +103,7 @@ from fmplex import trace  # noqa: E402
 from fmplex.control import autoscale as auto  # noqa: E402
 from fmplex.control import serving  # noqa: E402
 from fmplex.control.scale import current_instances, scale, stub_processes  # noqa: E402
+from fmplex.control import server  # noqa: E402
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from fmplex.baselines import monolithic_config  # noqa: E402
@@ -106,6 +115,7 @@ from perf.common import RESULTS, cpu_seconds, process_tree, server_memory, write
 
 BACKBONE = "llava-tiny"
 DEPLOYMENTS = ("staged", "monolithic")
+BEFORE = "staged-before"  # the staged deployment served by another checkout of the code (--before)
 IMAGE_SHAPE = (3, 32, 32)
 WINDOW_S = 5.0  # time windows of the per-window series (plots, p99 over time)
 
@@ -240,6 +250,26 @@ class Deployment:
     stages: list[str]  # models whose instances are counted (the cost)
     autoscaled: dict[str, auto.Bounds]  # stage -> bounds (empty: fixed)
     start: Callable[[Path, Any, Path], TritonProcess]
+    code: Path | None = None  # the stage hosts run this checkout's fmplex instead of the installed one
+
+
+@contextlib.contextmanager
+def serving_code(code: Path | None) -> Iterator[None]:
+    """While a server starts: its stage hosts' backend shims import fmplex from ``code``.
+
+    The Python backend stub runs an isolated interpreter (PYTHONPATH is ignored),
+    so the shim itself puts ``code`` first on ``sys.path`` before it imports the host.
+    """
+    if code is None:
+        yield
+        return
+    saved = dict(server.MULTIMODAL_SHIMS)
+    prelude = f"import sys\nsys.path.insert(0, {str(code)!r})\n"
+    try:
+        server.MULTIMODAL_SHIMS.update({name: prelude + shim for name, shim in saved.items()})
+        yield
+    finally:
+        server.MULTIMODAL_SHIMS.update(saved)
 
 
 def _start_staged(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
@@ -251,9 +281,11 @@ def _start_monolithic(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
     return TritonProcess(repo, ports, load=names, log_path=log_path).launch(timeout=600)
 
 
-def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
+def prepare(work: Path, cfg: BenchConfig, before: Path | None = None) -> dict[str, Deployment]:
     """Both repositories: the staged one as a user builds it (``fmplex init /
-    task create / deploy``), the monolithic one on the same stage files."""
+    task create / deploy``), the monolithic one on the same stage files. With
+    ``before`` (a checkout of an earlier version of fmplex), a third
+    deployment serves the same staged repository with that code's hosts."""
     spec = get_multimodal(BACKBONE)
     names = task_names(cfg.tasks)
     staged = work / "staged-repo"
@@ -275,6 +307,8 @@ def prepare(work: Path, cfg: BenchConfig) -> dict[str, Deployment]:
         "staged": Deployment("staged", staged, {n: n for n in names}, [spec.encode_model, spec.lm_model],
                              bounds if cfg.autoscale else {}, _start_staged),
         "monolithic": Deployment("monolithic", mono, {n: n for n in names}, list(names), {}, _start_monolithic),
+        **({BEFORE: Deployment(BEFORE, staged, {n: n for n in names}, [spec.encode_model, spec.lm_model],
+                               bounds if cfg.autoscale else {}, _start_staged, before)} if before is not None else {}),
     }  # fmt: skip
 
 
@@ -515,7 +549,8 @@ def run_deployment(dep: Deployment, items: Sequence[Item], cfg: BenchConfig, wor
     ports = free_ports()
     log_path = work / f"{dep.name}-tritonserver.log"
     t0 = time.perf_counter()
-    proc = dep.start(dep.repo, ports, log_path)
+    with serving_code(dep.code):
+        proc = dep.start(dep.repo, ports, log_path)
     ready_s = time.perf_counter() - t0
     log(f"  {dep.name}: server ready in {ready_s:.1f}s ({', '.join(dep.stages)})")
     url = f"127.0.0.1:{ports.grpc}"
@@ -696,24 +731,52 @@ ROWS = (  # (label, key, lower is better; None: not a figure of merit)
 
 
 def table(figs: dict[str, dict[str, Any]]) -> str:
-    a, b = figs["staged"], figs["monolithic"]
+    """Side by side, monolithic last, with each staged deployment's ratio to monolithic."""
+    mono = figs["monolithic"]
+    staged = [n for n in (BEFORE, "staged") if n in figs]
+    cols = staged + ["monolithic"]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
-    lines = [f"{'':28s} {'staged':>12s} {'monolithic':>12s} {'staged/mono':>12s}"]
+    def ratio(x: Any, y: Any) -> str:
+        ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y
+        return f"{x / y:.2f}x" if ok else "-"
+
+    heads = [("staged/mono" if n == "staged" else "before/mono") for n in staged]
+    lines = [f"{'':28s} " + " ".join(f"{c:>13s}" for c in cols + heads)]
     for label, key, better in ROWS:
-        if key == "scale_ups":
-            va, vb, r = f"{a['scale_ups']} / {a['scale_downs']}", f"{b['scale_ups']} / {b['scale_downs']}", None
-        elif key is None:
-            va, vb = f"{a['instances_mean']:g} / {a['instances_max']}", f"{b['instances_mean']:g} / {b['instances_max']}"
-            r = a["instances_mean"] / b["instances_mean"] if b["instances_mean"] else None
-        else:
-            va, vb = fmt(a.get(key)), fmt(b.get(key))
-            x, y = a.get(key), b.get(key)
-            r = x / y if better is not None and isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else None
-        lines.append(f"{label:28s} {va:>12s} {vb:>12s} {('-' if r is None else f'{r:.2f}x'):>12s}")
+        vals, ratios = [], []
+        for n in cols:
+            f = figs[n]
+            if key == "scale_ups":
+                vals.append(f"{f['scale_ups']} / {f['scale_downs']}")
+            elif key is None:
+                vals.append(f"{f['instances_mean']:g} / {f['instances_max']}")
+            else:
+                vals.append(fmt(f.get(key)))
+        for n in staged:
+            f = figs[n]
+            if key == "scale_ups":
+                ratios.append("-")
+            elif key is None:
+                ratios.append(ratio(f["instances_mean"], mono["instances_mean"]))
+            else:
+                ratios.append(ratio(f.get(key), mono.get(key)) if better is not None else "-")
+        lines.append(f"{label:28s} " + " ".join(f"{v:>13s}" for v in vals + ratios))
     return "\n".join(lines)
+
+
+SPREAD_KEYS = ("e2e_p50_ms", "e2e_p99_ms", "ttft_p99_ms", "instance_seconds", "other_jobs_cpu_cores")
+
+
+def spread(reps: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Over repetitions: [min, max] of the headline figures (the medians' spread)."""
+    out = {}
+    for key in SPREAD_KEYS:
+        values = [r.get(key) for r in reps if isinstance(r.get(key), (int, float))]
+        out[key] = [min(values), max(values)] if values else [None, None]
+    return out
 
 
 def _runs(results: dict[str, Any]) -> dict[str, list[RunResult]]:
@@ -760,7 +823,7 @@ def plot(results: dict[str, Any], items: Sequence[Item], cfg: BenchConfig, path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     runs = _runs(results)
-    colors = {"staged": "tab:blue", "monolithic": "tab:orange"}
+    colors = {"staged": "tab:blue", "monolithic": "tab:orange", BEFORE: "tab:gray"}
     stage_colors = ("tab:green", "tab:purple")
     fig, ax = plt.subplots(2, 2, figsize=(13, 8.5))
     spans = bursts(cfg)
@@ -806,14 +869,14 @@ def plot(results: dict[str, Any], items: Sequence[Item], cfg: BenchConfig, path:
         ts = [t for t, _ in res.instances]
         total = [sum(c.values()) for _, c in res.instances]
         ax[1, 0].step(ts, total, where="post", color=colors[name], lw=2, alpha=alpha, label=lab(f"{name}: all instances", k))
-        if name != "staged":
+        if name == "monolithic":
             continue
         for (stage, color), off in zip(zip(res.instances[0][1], stage_colors), (-0.04, 0.04)):  # offset: visible when equal
             ax[1, 0].step(ts, [c.get(stage, 0) + off for _, c in res.instances], "--", where="post", color=color, alpha=alpha,
-                          label=lab(f"staged: {stage}", k))  # fmt: skip
+                          label=lab(f"{name}: {stage}", k))  # fmt: skip
         if res.processes:
             ax[1, 0].step([t for t, _ in res.processes], [sum(c.values()) for _, c in res.processes], where="post", color="0.5",
-                          lw=0.8, alpha=alpha, label=lab("staged: stub processes", k))  # fmt: skip
+                          lw=0.8, alpha=alpha, label=lab(f"{name}: stub processes", k))  # fmt: skip
         for e in res.events:  # when the autoscaler asked (the instance serves once Triton counts it)
             ax[1, 0].axvline(e["t_s"], color="tab:red", ls=":", lw=1, alpha=alpha)
             ax[1, 0].annotate(f"{e['stage'].rsplit('.', 1)[-1]} {e['from']}->{e['to']}", (e["t_s"], 0.3), fontsize=7, rotation=90,
@@ -863,6 +926,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lm-max", type=int, default=None, help="most lm stage instances (default 3)")
     ap.add_argument("--encode-max", type=int, default=None, help="most encode stage instances (default 2)")
     ap.add_argument("--only", choices=DEPLOYMENTS, default=None, help="run one deployment (no comparison)")
+    ap.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                    help="also serve the staged deployment with the fmplex of this checkout (e.g. 'git worktree add "
+                         "/tmp/fmplex-before <commit>'): before vs after in one run, same trace and machine")  # fmt: skip
     ap.add_argument("--out", default="multimodal_trace", help="name of the result files in perf/results/")
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.tasks < 1:
@@ -887,11 +953,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"trace: {len(items)} requests over {cfg.duration_s:g}s ({tsum.get('rate_per_s', 0):.1f}/s, dispersion "
         f"{tsum.get('dispersion', 0):.1f}), {100 * tsum.get('text_only_share', 0):.0f}% text-only, bursts at "
         + ", ".join(f"{a:.0f}-{b:.0f}s" for a, b in bursts(cfg)))  # fmt: skip
+    if args.before is not None and not (args.before / "fmplex" / "__init__.py").is_file():
+        ap.error(f"--before {args.before}: not a checkout of fmplex (no fmplex/__init__.py)")
     names = [args.only] if args.only else list(DEPLOYMENTS)
+    if args.before is not None:
+        names.insert(0, BEFORE)
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fmplex-mm-trace-") as tmp:
-        deps = prepare(Path(tmp), cfg)
+        deps = prepare(Path(tmp), cfg, args.before)
         for k in range(args.repeat):
             for name in names if k % 2 == 0 else names[::-1]:  # alternate, so that a noisy spell does not hit one side only
                 log(f"== {name}" + (f" (repetition {k + 1} of {args.repeat})" if args.repeat > 1 else ""))
@@ -902,16 +972,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{f['e2e_p99_ms']} ms, instance-seconds {f['instance_seconds']}, other jobs {f['other_jobs_cpu_cores']} cores")  # fmt: skip
     per_rep = {n: [figures(r, items) for r in rs] for n, rs in runs.items()}
     figs = {n: median_figures(fs) for n, fs in per_rep.items()}
-    same = None
-    if len(runs) == 2:
-        compared = identical = 0
-        for a_run, b_run in zip(runs["staged"], runs["monolithic"]):
-            a = {r.index: r.tokens for r in a_run.records if r.tokens is not None}
-            b = {r.index: r.tokens for r in b_run.records if r.tokens is not None}
-            both = set(a) & set(b)
-            compared += len(both)
-            identical += sum(a[i] == b[i] for i in both)
-        same = {"compared": compared, "identical": identical}
+    same: dict[str, Any] | None = None
+    if "monolithic" in runs and len(runs) >= 2:
+        same = {}
+        for name in (n for n in runs if n != "monolithic"):
+            compared = identical = 0
+            for a_run, b_run in zip(runs[name], runs["monolithic"]):
+                a = {r.index: r.tokens for r in a_run.records if r.tokens is not None}
+                b = {r.index: r.tokens for r in b_run.records if r.tokens is not None}
+                both = set(a) & set(b)
+                compared += len(both)
+                identical += sum(a[i] == b[i] for i in both)
+            same[name] = {"compared": compared, "identical": identical}
     out = {
         "benchmark": "multimodal trace: staged (encode + lm stage hosts, autoscaled) vs monolithic (one whole model per task)",
         "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(), "python": platform.python_version(),
@@ -921,6 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": {**{k: round(v, 3) for k, v in tsum.items()}, "bursts_s": [[round(a, 1), round(b, 1)] for a, b in bursts(cfg)]},
         "figures": figs,  # medians over the repetitions
         "figures_per_repetition": per_rep if args.repeat > 1 else None,
+        "spread": {n: spread(fs) for n, fs in per_rep.items()},  # [min, max] over the repetitions
+        "before": str(args.before) if args.before is not None else None,
         "greedy_tokens_staged_vs_monolithic": same,
         "windows": {n: [windows(r, cfg.duration_s) for r in rs] for n, rs in runs.items()},
         "series": {n: [series(r) for r in rs] for n, rs in runs.items()},
@@ -931,10 +1005,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(f"{args.out}.json", out)
     png = plot(runs, items, cfg, RESULTS / f"{args.out}.png")
     log(f"== written {png}")
-    if len(figs) == 2:
+    if "monolithic" in figs and len(figs) >= 2:
         note = f"\n({args.repeat} repetitions: counts summed, max instances the most, other figures medians)" if args.repeat > 1 else ""
         log("\n" + table(figs) + note)
-        log(f"greedy tokens identical for {same['identical']}/{same['compared']} requests answered by both")  # type: ignore[index]
+        if args.repeat > 1:
+            for n, fs in per_rep.items():
+                log(f"  spread (min..max) {n}: " + ", ".join(f"{k} {lo:g}..{hi:g}" for k, (lo, hi) in spread(fs).items() if lo is not None))
+        for n, c in (same or {}).items():
+            log(f"greedy tokens identical for {c['identical']}/{c['compared']} requests answered by {n} and monolithic")
     for name, fs in per_rep.items():
         for k, f in enumerate(fs):
             for e in f["scale_events"]:

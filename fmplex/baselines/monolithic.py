@@ -16,7 +16,8 @@ encoder sees a request's images as one batch here instead of mixed into shared
 batches; images never interact, see ``stages``).
 
 Interface: the multimodal vFM's (``TEXT``, optional ``IMAGES [n, 3, H, W]``,
-``MAX_NEW_TOKENS``, ``TEMPERATURE``, ``SEED``) with the public output names
+``MAX_NEW_TOKENS``, ``TEMPERATURE``, ``SEED``, decoded and checked by the same
+:func:`fmplex.multimodal.request.decode_request` as the lm host) with the public output names
 (``GENERATED_TEXT``, ``TOKEN_IDS``, ``PROMPT_IDS``, ``TIMING_MS`` as in
 ``interface.TIMING_FIELDS``). The task's prompt and defaults are config
 parameters. ``execute()`` only queues (arrival time taken there, as the lm
@@ -43,13 +44,13 @@ import triton_python_backend_utils as pb_utils
 
 from fmplex.multimodal.models import EOS_ID, ByteTokenizer, check_pair, read_stage
 from fmplex.multimodal.placement import apply_placement
+from fmplex.multimodal.request import RequestLimits, TaskDefaults, decode_request
 from fmplex.multimodal.stages import EncodeStage, LMStage
-from fmplex.runtime.host import Host, input_array
+from fmplex.runtime.host import Host
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route
 from fmplex.runtime.scheduler import QueueFull
 from fmplex.runtime.settings import HostSettings
-from fmplex.runtime.validation import RequestError, decode_utf8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +80,6 @@ class Job:
     arrival: float
 
 
-def _scalar(request: Any, name: str, kind: type) -> Any:
-    arr = input_array(request, name)
-    if arr is None:
-        return None
-    if arr.size != 1:
-        raise RequestError(f"{name} must hold one value, got shape {list(arr.shape)}")
-    return kind(arr.reshape(-1)[0])
-
-
 class TritonPythonModel(Host):
     Settings = MonolithicSettings
     kind = "model"
@@ -101,6 +93,8 @@ class TritonPythonModel(Host):
         self.backbone = enc.meta["backbone"]
         self.encoder = EncodeStage(enc, self.device)
         self.lm = LMStage(lm, self.device)
+        self.defaults = TaskDefaults(st.prompt, st.max_new_tokens, st.temperature)
+        self.limits = RequestLimits(st.max_images, st.max_new_tokens_limit, st.max_text_bytes)
         self._queue: collections.deque[Job] = collections.deque()
         return 1
 
@@ -128,39 +122,10 @@ class TritonPythonModel(Host):
         self.fail(work.answer, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
 
     def _job(self, request: Any, answer: Answer) -> Job:
-        st: MonolithicSettings = self.settings
         arrival = time.monotonic()
-        text_arr = input_array(request, "TEXT")
-        if text_arr is None or text_arr.size != 1:
-            raise RequestError(f"TEXT must hold exactly one prompt, got {0 if text_arr is None else text_arr.size}")
-        text = decode_utf8(text_arr.reshape(-1)[0], st.max_text_bytes)
-        images = input_array(request, "IMAGES")
-        n = 0
-        if images is not None:
-            if images.ndim != 4 or tuple(images.shape[1:]) != self.encoder.image_shape:
-                raise RequestError(f"IMAGES must be FP32 [n, {', '.join(map(str, self.encoder.image_shape))}], got {list(images.shape)}")
-            n = int(images.shape[0])
-            if n > st.max_images:
-                raise RequestError(f"{n} images in one request, more than the limit of {st.max_images}")
-            if not np.isfinite(images).all():
-                raise RequestError("IMAGES contains NaN or Inf")
-        max_new = _scalar(request, "MAX_NEW_TOKENS", int)
-        max_new = st.max_new_tokens if max_new is None else max_new
-        if not 1 <= max_new <= st.max_new_tokens_limit:
-            raise RequestError(f"MAX_NEW_TOKENS must be 1..{st.max_new_tokens_limit}, got {max_new}")
-        temperature = _scalar(request, "TEMPERATURE", float)
-        temperature = st.temperature if temperature is None else temperature
-        if not (temperature >= 0 and np.isfinite(temperature)):
-            raise RequestError(f"TEMPERATURE must be >= 0, got {temperature}")
-        try:
-            ids = self.lm.tokenizer.encode(st.prompt + text, n)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        if len(ids) + max_new > self.lm.max_positions:
-            raise RequestError(f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's {self.lm.max_positions} positions")
-        pixels = np.ascontiguousarray(images, dtype=np.float32) if n else None
+        lm = decode_request(request, self.lm, self.encoder.image_shape, self.defaults, self.limits)
         wanted = frozenset(request.requested_output_names())
-        return Job(answer, request, wanted, ids, pixels, max_new, float(temperature), _scalar(request, "SEED", int), arrival)
+        return Job(answer, request, wanted, lm.ids, lm.images, lm.max_new_tokens, lm.temperature, lm.seed, arrival)
 
     def run_work(self, job: Job) -> None:
         if job.request.is_cancelled():

@@ -64,17 +64,9 @@ from fmplex.runtime.settings import HostSettings
 from fmplex.runtime.validation import RequestError, decode_utf8
 
 from .engine import Engine, SamplingParams, Sequence, Update
+from .engine_metrics import EngineMetrics
 from .serving import TEXT_PREFIX, backbone_of_host, check_artifact
 from .smollm import load_smollm2, set_threads
-
-ENGINE_COUNTERS = (
-    ("steps", "decode steps (one batched forward each)"),
-    ("rows", "sequences summed over decode steps"),
-    ("multi_row_steps", "decode steps that carried more than one sequence"),
-    ("tokens_generated", "tokens generated"),
-    ("prefill_tokens", "prompt tokens prefilled"),
-    ("admitted", "sequences admitted into the running batch"),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +109,8 @@ class TritonPythonModel(Host):
         self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
         self._draining_since: float | None = None
         self._failed_queue = False
-        self._next_engine_flush = 0.0
         self.cache = ExtensionCache(self._load_adapter, int(st.adapter_budget_mb * 2**20))
+        self._engine_metrics = EngineMetrics(self.metrics, self.engine)
         self._watch_shutdown_signals()
         return 1
 
@@ -303,14 +295,7 @@ class TritonPythonModel(Host):
 
     def publish(self) -> None:
         """What only a decode engine knows: tokens, rows per step, running rows."""
-        if time.monotonic() < self._next_engine_flush:  # each update is an IPC message
-            return
-        self._next_engine_flush = time.monotonic() + self.metrics.interval
-        st = self.engine.stats
-        for key, doc in ENGINE_COUNTERS:
-            self.metrics.bump(f"fmplex_gen_{key}_total", float(getattr(st, key)), doc)
-        self.metrics.metric("fmplex_gen_max_rows", "most sequences one decode step carried", "GAUGE").set(st.max_rows)
-        self.metrics.metric("fmplex_gen_running", "sequences in the running batch", "GAUGE").set(len(self.engine.running))
+        self._engine_metrics.publish()
 
     def _on_update(self, update: Update) -> None:
         """Called by the engine (worker thread) for every new piece of text and at the end."""

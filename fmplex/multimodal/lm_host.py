@@ -9,8 +9,12 @@ for). Per request -- ``TEXT`` plus optional ``IMAGES`` FP32 ``[n, 3, H, W]``:
       n > 0:        one BLS request per image to the encode stage host, issued
                     from a small thread pool, so a prompt's images spread over
                     encoder batches and batch with other prompts' and tasks' images
-    LM worker:      prefill (features merged / cross-attended) + decode on the
-                    KV cache -> one final response through the response sender
+    LM engine:      each request becomes a sequence of the generative engine
+                    (``lm_engine``), submitted once its images are encoded: the
+                    weighted-fair scheduler admits sequences of all tasks into
+                    shared steps (prefill of the new ones + one decode token of
+                    every running one), deadlines expire queued ones, and each
+                    finished sequence is one final response through the ledger
 
 Non-decoupled: ``execute()`` returns ``None`` and each request is answered
 later with the FINAL flag (Triton >= 24.06), so plain HTTP/gRPC ``infer`` work.
@@ -27,7 +31,6 @@ those BLS requests into one batch.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -41,17 +44,21 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
-from fmplex.registry import RegistryView, TaskEntry
-from fmplex.runtime.host import Host, input_array
+from fmplex.generative.engine import SamplingParams, Sequence, Update
+from fmplex.generative.engine_metrics import EngineMetrics
+from fmplex.registry import Registry, RegistryView, TaskEntry
+from fmplex.runtime.host import Host
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route, SlotRouter
-from fmplex.runtime.scheduler import QueueFull
+from fmplex.runtime.scheduler import QueueFull, TaskPolicy
 from fmplex.runtime.settings import HostSettings
-from fmplex.runtime.validation import RequestError, decode_utf8
+from fmplex.runtime.validation import RequestError
 
 from .interface import SLOT_OUTPUTS, slot_of
-from .models import EOS_ID, STAGE_FILE, ByteTokenizer, ModelError, check_pair, read_stage
+from .lm_engine import lm_sequence, make_engine
+from .models import STAGE_FILE, ByteTokenizer, ModelError, check_pair, read_stage
 from .placement import apply_placement, format_cpus
+from .request import LMRequest, RequestLimits, TaskDefaults, decode_request
 from .stages import LMStage
 
 
@@ -63,27 +70,12 @@ class LMStageSettings(HostSettings):
     max_images: int = 8
     max_new_tokens_limit: int = 256
     max_text_bytes: int = 4096
-    queue_limit: int = 256
+    queue_limit: int = 256  # requests waiting here (encoding or queued for the engine), all tasks together
     images_per_encode_request: int = 1
     encode_concurrency: int = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Served:
-    """One request's LM work, as the shared batch counters want it."""
-
-    rows: int
-    padded_tokens: int
-    seconds: float
-
-
-@dataclasses.dataclass
-class TaskSettings:
-    """What makes a multimodal task a task: its prompt and generation defaults."""
-
-    prompt: str = ""
-    max_new_tokens: int = 32
-    temperature: float = 0.0
+    max_rows: int = 8  # running sequences per engine step
+    prefill_tokens: int = 1024  # prompt tokens admitted into one step
+    policy: str = "wfq"
 
 
 @dataclasses.dataclass(eq=False)
@@ -93,25 +85,13 @@ class Job:
     task: str
     slot: int
     wanted: frozenset[str]
-    ids: list[int]
-    images: np.ndarray | None
-    max_new_tokens: int
-    temperature: float
-    seed: int | None
+    lm: LMRequest
     arrival: float
+    deadline: float | None
     features: list[np.ndarray | None] = dataclasses.field(default_factory=list)
     pending: int = 0
     error: str | None = None
     encoded_at: float = 0.0
-
-
-def _scalar(request: Any, name: str, kind: type) -> Any:
-    arr = input_array(request, name)
-    if arr is None:
-        return None
-    if arr.size != 1:
-        raise RequestError(f"{name} must hold one value, got shape {list(arr.shape)}")
-    return kind(arr.reshape(-1)[0])
 
 
 class TritonPythonModel(Host):
@@ -127,23 +107,24 @@ class TritonPythonModel(Host):
         self.encode_model = st.encode_model or f"fm.{self.backbone}.encode"
         check_pair(self._encode_meta(repo), files.meta)  # never pair an LM with another model's encoder
         self.lm = LMStage(files, self.device)
+        self.engine = make_engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, policy=st.policy)
+        self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
+        self._engine_metrics = EngineMetrics(self.metrics, self.engine)
         vision = files.config.vision_config
         self.image_shape = (int(vision.num_channels), int(vision.image_size), int(vision.image_size))
+        self.limits = RequestLimits(st.max_images, st.max_new_tokens_limit, st.max_text_bytes)
         self.images_per_call = max(1, st.images_per_encode_request)
         self.view = RegistryView(repo)
         self.router = SlotRouter(self.view, self.backbone, self.name, st.slots, slot_of, "/".join(p + "<slot>" for p in SLOT_OUTPUTS))
-        self._settings: dict[tuple[str, int], TaskSettings] = {}
-        self._queue: collections.deque[Job] = collections.deque()
-        self._in_encode = 0
+        self._defaults: dict[tuple[str, int], TaskDefaults] = {}
         self._encoding: set[Job] = set()  # jobs whose images are at the encoder
-        self._waiting: dict[str, int] = {}  # per task: accepted, not yet taken by the LM worker
         self._served: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max(1, st.encode_concurrency), thread_name_prefix="fmplex-mm-bls")
         return 1
 
     def describe(self) -> str:
-        return (f"{self.backbone}, encoder {self.encode_model}, {self.settings.slots} slots, device {self.device}, "
-                f"cpus {format_cpus(self.cpus)}, pid {os.getpid()}")  # fmt: skip
+        return (f"{self.backbone}, encoder {self.encode_model}, {self.settings.slots} slots, {self.engine.max_rows} rows per step, "
+                f"device {self.device}, cpus {format_cpus(self.cpus)}, pid {os.getpid()}")  # fmt: skip
 
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
@@ -161,84 +142,79 @@ class TritonPythonModel(Host):
 
     def drain(self) -> list[Answer]:
         self._pool.shutdown(wait=True, cancel_futures=True)  # cancelled encode calls leave their jobs unanswered: failed here
+        self.engine.abort_all("lm stage is shutting down")  # what the workers left (answers through the sinks)
         with self._cv:
-            left, self._queue = list(self._queue) + list(self._encoding), collections.deque()
-            self._encoding = set()
+            left, self._encoding = list(self._encoding), set()
         return [job.answer for job in left]
 
     # --- request path ----------------------------------------------------------
     def accept(self, request: Any, answer: Answer, route: Route | None, now: float) -> None:
         assert route is not None
-        job = self._job(request, answer, route.entry, route.slot, route.wanted)
+        job = self._job(request, answer, route.entry, route.slot, route.wanted, now)
         with self._cv:
-            if len(self._queue) + self._in_encode >= self.settings.queue_limit:
+            if self.engine.queued() + len(self._encoding) >= self.settings.queue_limit:
                 raise QueueFull(job.task, self.settings.queue_limit)
-            self._wait(job.task, +1)
-            if job.images is None:
-                self._queue.append(job)
-                self._cv.notify()
+            if job.lm.images is None:
+                try:
+                    self._submit(job, None, now)
+                except ValueError as exc:  # the engine refuses the prompt (QueueFull passes: a 503)
+                    raise RequestError(str(exc)) from None
             else:
-                self._in_encode += 1
                 self._encoding.add(job)
-        if job.images is not None:
+                self.metrics.touch()
+        if job.lm.images is not None:
             self._dispatch_encode(job)
 
-    def _task_settings(self, entry: TaskEntry) -> TaskSettings:
+    def _submit(self, job: Job, features: torch.Tensor | None, now: float) -> None:
+        """Under ``_cv``: the job's sequence into the engine's queues (QueueFull: the task's queue is full)."""
+        lm = job.lm
+        params = SamplingParams(max_tokens=lm.max_new_tokens, temperature=lm.temperature, seed=lm.seed)
+        seq = lm_sequence(
+            self.lm, job.task, lm.ids, features, params, sink=self._on_update, cancelled=job.request.is_cancelled,
+            deadline=job.deadline, tag=job, want_prompt_logits=any(n.startswith("LOGITS_") for n in job.wanted),
+        )  # fmt: skip
+        self.engine.submit(seq, now)
+        self.metrics.touch()
+        self._cv.notify()
+
+    def _task_defaults(self, entry: TaskEntry) -> TaskDefaults:
         key = (entry.name, int(entry.deployed_version or entry.version))
-        found = self._settings.get(key)
+        found = self._defaults.get(key)
         if found is None:
             try:
                 manifest = read_manifest(version_dir(self.view.repo, *key))
             except ArtifactError as exc:
                 raise RuntimeError(f"task '{entry.name}' v{key[1]} cannot be loaded: {exc}") from None
-            found = self._settings[key] = TaskSettings(
+            found = self._defaults[key] = TaskDefaults(
                 prompt=str(manifest.get("prompt", "")),
                 max_new_tokens=int(manifest.get("max_new_tokens", 32)),
                 temperature=float(manifest.get("temperature", 0.0)),
             )
         return found
 
-    def _job(self, request: Any, answer: Answer, entry: TaskEntry, slot: int, wanted: frozenset[str]) -> Job:
-        settings = self._task_settings(entry)
-        text_arr = input_array(request, "TEXT")
-        if text_arr is None or text_arr.size != 1:
-            raise RequestError(f"TEXT must hold exactly one prompt, got {0 if text_arr is None else text_arr.size}")
-        text = decode_utf8(text_arr.reshape(-1)[0], self.settings.max_text_bytes)
-        images = input_array(request, "IMAGES")
-        n = 0
-        if images is not None:
-            if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-                shape = "[n, " + ", ".join(map(str, self.image_shape)) + "]"
-                raise RequestError(f"IMAGES must be FP32 {shape} for {self.backbone}, got {list(images.shape)}")
-            n = int(images.shape[0])
-            if n > self.settings.max_images:
-                raise RequestError(f"{n} images in one request, more than the limit of {self.settings.max_images}")
-            if not np.isfinite(images).all():
-                raise RequestError("IMAGES contains NaN or Inf")
-        max_new = _scalar(request, "MAX_NEW_TOKENS", int)
-        max_new = settings.max_new_tokens if max_new is None else max_new
-        if not 1 <= max_new <= self.settings.max_new_tokens_limit:
-            raise RequestError(f"MAX_NEW_TOKENS must be 1..{self.settings.max_new_tokens_limit}, got {max_new}")
-        temperature = _scalar(request, "TEMPERATURE", float)
-        temperature = settings.temperature if temperature is None else temperature
-        if not (temperature >= 0 and np.isfinite(temperature)):
-            raise RequestError(f"TEMPERATURE must be >= 0, got {temperature}")
-        seed = _scalar(request, "SEED", int)
-        try:
-            ids = self.lm.tokenizer.encode(settings.prompt + text, n)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        if len(ids) + max_new > self.lm.max_positions:
-            raise RequestError(f"prompt of {len(ids)} tokens + {max_new} new tokens exceeds the model's {self.lm.max_positions} positions")
-        return Job(
-            request, answer, entry.name, slot, wanted, ids, np.ascontiguousarray(images, dtype=np.float32) if n else None,
-            max_new, float(temperature), seed, time.monotonic(),
-        )  # fmt: skip
+    def _job(self, request: Any, answer: Answer, entry: TaskEntry, slot: int, wanted: frozenset[str], now: float) -> Job:
+        lm = decode_request(request, self.lm, self.image_shape, self._task_defaults(entry), self.limits, self.backbone)
+        timeout_us = request.timeout()
+        return Job(request, answer, entry.name, slot, wanted, lm, time.monotonic(), now + timeout_us / 1e6 if timeout_us else None)
+
+    def apply_registry(self, reg: Registry) -> None:
+        """Each deployed task's weight, queue limit and deadline, as on the SmolLM2 host."""
+        for entry in reg.tasks.values():
+            if entry.backbone == self.backbone and entry.deployed:
+                self.engine.set_policy(
+                    entry.name,
+                    TaskPolicy(
+                        weight=entry.weight,
+                        queue_limit=entry.queue_limit,
+                        deadline_s=entry.deadline_ms / 1000.0 if entry.deadline_ms else None,
+                    ),
+                )
 
     # --- the encode stage (BLS) --------------------------------------------------
     def _dispatch_encode(self, job: Job) -> None:
-        assert job.images is not None
-        groups = [job.images[i : i + self.images_per_call] for i in range(0, len(job.images), self.images_per_call)]
+        images = job.lm.images
+        assert images is not None
+        groups = [images[i : i + self.images_per_call] for i in range(0, len(images), self.images_per_call)]
         job.features = [None] * len(groups)
         job.pending = len(groups)
         for index, group in enumerate(groups):
@@ -263,6 +239,8 @@ class TritonPythonModel(Host):
                         error = f"returned features of shape {list(feats.shape)}, expected {[len(pixels), *self.lm.feature_shape]}"
             except Exception as exc:  # noqa: BLE001 - reported on the request
                 error = f"{type(exc).__name__}: {exc}"
+        refused: Exception | None = None
+        submitted = False
         with self._cv:
             if error is not None and job.error is None:
                 job.error = f"encode stage {self.encode_model} failed: {error}"
@@ -270,73 +248,99 @@ class TritonPythonModel(Host):
             job.pending -= 1
             done = job.pending == 0
             if done:
-                self._in_encode -= 1
                 self._encoding.discard(job)
+                self.metrics.touch()
                 job.encoded_at = time.monotonic()
                 if job.error is None and not job.request.is_cancelled():
-                    self._queue.append(job)
-                    self._cv.notify()
-                else:
-                    self._wait(job.task, -1)
-        if done and job.error is not None:
-            self.fail(job.answer, job.error, pb_utils.TritonError.UNAVAILABLE, "encode_error")
-        elif done and job.request.is_cancelled():
-            self.fail(job.answer, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
-
-    def _wait(self, task: str, delta: int) -> None:
-        """Requests of ``task`` waiting here (encoding or queued for the LM), published as
-        ``fmplex_task_queue_depth`` -- the queue the autoscaler reads. Under ``_cv``."""
-        self._waiting[task] = self._waiting.get(task, 0) + delta
-        self.metrics.touch()
+                    try:
+                        self._submit(job, torch.from_numpy(np.concatenate([f for f in job.features if f is not None])), job.encoded_at)
+                        submitted = True
+                    except Exception as exc:  # noqa: BLE001 - QueueFull, or a prompt the model refuses
+                        refused = exc
+        if not done or submitted:
+            return
+        codes = pb_utils.TritonError
+        if isinstance(refused, QueueFull):
+            self.fail(job.answer, str(refused), codes.UNAVAILABLE, "queue_full")
+        elif isinstance(refused, ValueError):
+            self.fail(job.answer, str(refused), codes.INVALID_ARG, "invalid")
+        elif refused is not None:
+            self.fail(job.answer, f"internal error: {type(refused).__name__}: {refused}", codes.INTERNAL, "internal")
+        elif job.error is not None:
+            self.fail(job.answer, job.error, codes.UNAVAILABLE, "encode_error")
+        else:
+            self.fail(job.answer, "request cancelled", codes.CANCELLED, "cancelled")
 
     def stats(self) -> dict[str, Any]:
+        """Per task: requests waiting here (encoding or queued for the engine), published as
+        ``fmplex_task_queue_depth`` -- the queue the autoscaler reads -- and requests served."""
         with self._cv:
-            tasks = set(self._waiting) | set(self._served)
-            return {"tasks": {t: {"queued": self._waiting.get(t, 0), "served_requests": self._served.get(t, 0)} for t in tasks}}
+            encoding: dict[str, int] = {}
+            for job in self._encoding:
+                encoding[job.task] = encoding.get(job.task, 0) + 1
+            served = dict(self._served)
+        with self.engine._lock:
+            queued = {t: s["queued"] for t, s in self.engine.scheduler.stats()["tasks"].items()}
+        tasks = set(encoding) | set(queued) | set(served)
+        return {"tasks": {t: {"queued": queued.get(t, 0) + encoding.get(t, 0), "served_requests": served.get(t, 0)} for t in tasks}}
 
-    # --- the LM worker -------------------------------------------------------------
+    # --- the LM engine ---------------------------------------------------------------
     def take_work(self, now: float) -> Any:
-        if not self._queue:
-            return None
-        job = self._queue.popleft()
-        self._wait(job.task, -1)
-        return job
+        return self.engine if self.engine.has_work() else None
+
+    def next_wakeup(self, now: float) -> float | None:
+        return self.engine.next_wakeup(now)
+
+    def run_work(self, work: Any) -> None:
+        report = self.engine.step()
+        if report is not None:
+            self.metrics.batch(report)
 
     def work_failed(self, work: Any, exc: Exception) -> None:
-        self.fail(work.answer, f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL, "internal")
+        pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
 
-    def run_work(self, job: Job) -> None:
-        if job.request.is_cancelled():
-            self.fail(job.answer, "request cancelled", pb_utils.TritonError.CANCELLED, "cancelled")
+    def publish(self) -> None:
+        """The engine's steps, rows per step and tokens (``fmplex_gen_*``, as on the SmolLM2 host)."""
+        self._engine_metrics.publish()
+
+    def _on_update(self, update: Update) -> None:
+        """Called by the engine (worker thread) when a sequence ends: its one final response."""
+        if not update.done:
             return
-        feats = None
-        if job.images is not None:
-            feats = torch.from_numpy(np.concatenate([f for f in job.features if f is not None]))
-        want_logits = any(n.startswith("LOGITS_") for n in job.wanted)
-        started = time.monotonic()
-        gen = self.lm.generate(
-            job.ids, feats, job.max_new_tokens, temperature=job.temperature, seed=job.seed, eos_id=EOS_ID, want_logits=want_logits
-        )
-        timing = [started - job.arrival, started + gen.prefill_s - job.arrival, time.monotonic() - job.arrival]
+        seq: Sequence = update.seq
+        job: Job = seq.tag
+        if update.error is not None:
+            code = {
+                "expired": pb_utils.TritonError.UNAVAILABLE,
+                "shutdown": pb_utils.TritonError.UNAVAILABLE,
+                "removed": pb_utils.TritonError.UNAVAILABLE,
+                "cancelled": pb_utils.TritonError.CANCELLED,
+            }.get(update.outcome, pb_utils.TritonError.INTERNAL)
+            self.fail(job.answer, update.error, code, update.outcome)
+            return
+        started = seq.admitted_at if seq.admitted_at is not None else seq.submitted_at
+        first = seq.first_token_at if seq.first_token_at is not None else started
+        end = seq.finished_at if seq.finished_at is not None else time.monotonic()
+        timing = [started - job.arrival, first - job.arrival, end - job.arrival]
+        logits = seq.prompt_logits
         values = {
-            "GEN_TEXT_": np.array([ByteTokenizer.decode(gen.tokens).encode("utf-8")], dtype=np.object_),
-            "GEN_IDS_": np.array(gen.tokens, dtype=np.int64),
-            "PROMPT_IDS_": np.array(job.ids, dtype=np.int64),
-            "LOGITS_": None if gen.prefill_logits is None else np.ascontiguousarray(gen.prefill_logits.numpy(), dtype=np.float32),
+            "GEN_TEXT_": np.array([ByteTokenizer.decode(seq.generated).encode("utf-8")], dtype=np.object_),
+            "GEN_IDS_": np.array(seq.generated, dtype=np.int64),
+            "PROMPT_IDS_": np.array(seq.prompt_ids, dtype=np.int64),
+            "LOGITS_": None if logits is None else np.ascontiguousarray(logits.numpy(), dtype=np.float32),
             "TIMING_": np.array([1e3 * t for t in timing], dtype=np.float32),  # interface.TIMING_FIELDS
         }
         tensors = [pb_utils.Tensor(f"{p}{job.slot}", v) for p, v in values.items() if f"{p}{job.slot}" in job.wanted and v is not None]
         with self._cv:
             self._served[job.task] = self._served.get(job.task, 0) + 1
         self.answer_ok(job.answer, tensors)
-        self.metrics.batch(Served(rows=1, padded_tokens=gen.prompt_tokens + len(gen.tokens), seconds=gen.prefill_s + gen.decode_s))
         m = self.metrics
-        m.metric("fmplex_mm_generated_tokens_total", "tokens generated", task=job.task).increment(len(gen.tokens))
-        m.metric("fmplex_mm_prompt_tokens_total", "prompt tokens prefilled", task=job.task).increment(gen.prompt_tokens)
-        m.metric("fmplex_mm_prefill_seconds_total", "time in prefill", task=job.task).increment(gen.prefill_s)
-        m.metric("fmplex_mm_decode_seconds_total", "time in decode", task=job.task).increment(gen.decode_s)
-        if job.images is not None:
-            m.metric("fmplex_mm_images_total", "images of served requests", task=job.task).increment(len(job.images))
+        m.metric("fmplex_mm_generated_tokens_total", "tokens generated", task=job.task).increment(len(seq.generated))
+        m.metric("fmplex_mm_prompt_tokens_total", "prompt tokens prefilled", task=job.task).increment(len(seq.prompt_ids))
+        m.metric("fmplex_mm_prefill_seconds_total", "time from admission to the first token", task=job.task).increment(first - started)
+        m.metric("fmplex_mm_decode_seconds_total", "time from the first token to the answer", task=job.task).increment(end - first)
+        if job.lm.images is not None:
+            m.metric("fmplex_mm_images_total", "images of served requests", task=job.task).increment(job.lm.n_images)
             m.metric("fmplex_mm_encode_wait_seconds_total", "time from arrival until all images were encoded", task=job.task).increment(
                 job.encoded_at - job.arrival
             )

@@ -16,8 +16,10 @@ prompt's token ids and the features of the prompt's images (in order):
   positions (``get_cross_attention_token_mask``); each decode step reuses the
   mask's last row, as ``MllamaForConditionalGeneration.generate`` does.
 
-Decode runs one token at a time on the KV cache (greedy, or sampled with a
-per-request generator). Each function mirrors the transformers code path of
+``LMStage.generate`` decodes one request alone, one token at a time on the KV
+cache (greedy, or sampled with a per-request generator): the monolithic
+baseline runs it, and it is the reference the lm stage host's shared engine
+steps (``lm_engine``) must equal. Each function mirrors the transformers code path of
 the one-piece model; tests/unit/test_multimodal_stages.py checks logits
 (1e-5, fp32) and generated tokens against ``model(...)`` and ``model.generate``.
 """
@@ -167,22 +169,37 @@ class LMStage:
         return (self.feature_tokens, self.hidden)
 
     # --- prefill / decode ----------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, ids: list[int], features: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        """Logits of every prompt position [seq, vocab] and the decode state."""
+    def check_prompt(self, ids: list[int], features: torch.Tensor | None) -> int:
+        """Refuse a prompt whose image tokens do not match its features; the number of images."""
         images = 0 if features is None else int(features.shape[0])
         placeholders = sum(1 for i in ids if i == self.image_token_id)
         if placeholders != images * self.image_tokens:
             raise ValueError(f"{placeholders} image tokens in the prompt for {images} images ({self.image_tokens} each)")
         if features is not None and tuple(features.shape[1:]) != self.feature_shape:
             raise ValueError(f"image features must be [n, {self.feature_tokens}, {self.hidden}], got {list(features.shape)}")
+        return images
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
+        """LLaVA: the prompt's input embeddings [seq, hidden], each image's features in place of
+        its placeholder tokens (``LlavaModel``'s ``masked_scatter``)."""
+        assert self.family == "llava", "only LLaVA merges features into the input embeddings"
+        images = self.check_prompt(ids, features)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if images:
+            mask = (input_ids == self.image_token_id).unsqueeze(-1)
+            feats = features.to(self.device, embeds.dtype).reshape(-1, self.hidden)
+            embeds = embeds.masked_scatter(mask, feats)
+        return embeds
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], features: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Logits of every prompt position [seq, vocab] and the decode state."""
+        images = self.check_prompt(ids, features)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         if self.family == "llava":
-            embeds = self.lm.get_input_embeddings()(input_ids)
-            if images:
-                mask = (input_ids == self.image_token_id).unsqueeze(-1)
-                feats = features.to(self.device, embeds.dtype).reshape(-1, self.hidden)
-                embeds = embeds.masked_scatter(mask, feats)
+            embeds = self.prompt_embeddings(ids, features)
             out = self.lm(inputs_embeds=embeds, use_cache=True, return_dict=True)
             state: dict[str, Any] = {"cache": out.past_key_values, "row": None}
         else:

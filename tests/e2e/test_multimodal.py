@@ -248,6 +248,46 @@ def test_concurrent_requests_of_two_tasks_share_encoder_batches(mm: MMServer) ->
     assert batches < 24 and max(s for s, c in grown.items() if c) > 1  # batched across requests
 
 
+def test_concurrent_requests_of_two_tasks_share_lm_steps(mm: MMServer) -> None:
+    """6 concurrent text-only requests of two tasks (they skip the encoder, so they reach the
+    lm stage together): its engine runs them in shared steps, each answer still exact."""
+    batched = ("fmplex_batch_size_total", {"host": "fm.llava-tiny.lm"})
+
+    def shared_steps() -> float:
+        return sum(mm.metric(batched[0], **batched[1], rows=str(r)) for r in range(2, 9))
+
+    before = shared_steps()
+    engine_before = mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm")
+    jobs = [("caption" if i % 2 else "vqa", f"Tell me about number {i}.") for i in range(6)]
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{mm.ports.grpc}")
+        try:
+            res = client.infer(jobs[i][0], _inputs(grpcclient, jobs[i][1], None), outputs=[grpcclient.InferRequestedOutput(o) for o in OUTPUTS])
+            results[i] = {o: res.as_numpy(o) for o in OUTPUTS}
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (task, text), got in zip(jobs, results):
+        assert isinstance(got, dict), got
+        assert_exact(mm, task, text, None, got)
+    deadline = time.monotonic() + 15  # the host publishes its batch counters about once a second
+    while shared_steps() == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert shared_steps() > before  # at least one lm step carried sequences of more than one request
+    while mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm") == engine_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert mm.metric("fmplex_gen_multi_row_steps_total", host="fm.llava-tiny.lm") > engine_before  # the engine's own count agrees
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -259,6 +299,7 @@ def test_bad_inputs_get_clear_errors(mm: MMServer) -> None:
         (dict(images=np.full((1, 3, 32, 32), np.nan, np.float32)), "IMAGES contains NaN or Inf"),
         (dict(scalars={"MAX_NEW_TOKENS": 0}), r"MAX_NEW_TOKENS must be 1\.\.256, got 0"),
         (dict(images=np.zeros((9, 3, 32, 32), np.float32)), "9 images in one request, more than the limit of 8"),
+        (dict(scalars={"SEED": -1, "TEMPERATURE": 0.5}), "SEED must be >= 0, got -1"),
     ]
     for case, message in cases:
         inputs = _inputs(grpcclient, case.get("text", "hi"), case.get("images"), **case.get("scalars", {}))

@@ -197,3 +197,34 @@ def test_tampered_or_mismatched_stages_are_refused(tmp_path: Path, staged: Stage
     models.write_stages(staged.name, {"encode": other / "encode", "lm": other / "lm"}, seed=11)
     with pytest.raises(ModelError, match="come from different models"):
         models.check_pair(models.read_stage(other / "encode", "encode").meta, models.read_stage(staged.dirs["lm"], "lm").meta)
+
+
+def test_engine_shared_batches_equal_each_request_alone(staged: Staged) -> None:
+    """Several requests of different tasks (text-only, one and three images, different
+    lengths, one sampled) share the engine's steps, joining at different steps: each
+    gets exactly the tokens and prefill logits it gets alone (``LMStage.generate``)."""
+    from fmplex.generative.engine import SamplingParams
+    from fmplex.multimodal.lm_engine import lm_sequence, make_engine
+
+    engine = make_engine(staged.lm, max_rows=4, kv_capacity=16)  # 6 requests, 4 rows: some wait for a free row
+    cases = [(0, 12, 0.0), (1, 9, 0.0), (3, 16, 0.0), (1, 5, 0.8), (0, 7, 0.0), (3, 11, 0.0)]
+    runs = []
+    for i, (n, max_new, temperature) in enumerate(cases):
+        images = _images(n, seed=10 + i)
+        ids = staged.lm.tokenizer.encode(f"task{i % 3}: " + PROMPTS[n], n)
+        feats = staged.enc.encode(images) if n else None
+        alone = staged.lm.generate(ids, feats, max_new, temperature=temperature, seed=5, want_logits=True)
+        seq = lm_sequence(staged.lm, f"task{i % 3}", ids, feats, SamplingParams(max_tokens=max_new, temperature=temperature, seed=5),
+                          want_prompt_logits=True)  # fmt: skip
+        runs.append((seq, alone))
+    for k, (seq, _) in enumerate(runs):
+        engine.submit(seq)
+        if k % 2:
+            engine.step()  # later requests join a running batch
+    engine.run_until_idle()
+    for seq, alone in runs:
+        assert seq.done and seq.outcome == "ok", seq
+        assert seq.generated == alone.tokens, seq
+        torch.testing.assert_close(seq.prompt_logits, alone.prefill_logits, atol=ATOL, rtol=0)
+    assert engine.stats.multi_row_steps >= 3 and engine.stats.max_rows == 4
+    assert engine.stats.tokens_generated == sum(len(a.tokens) for _, a in runs)

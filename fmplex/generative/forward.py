@@ -1,0 +1,201 @@
+"""One batched model step of the engine: what a forward is, and the Llama one.
+
+A *forward* takes the step's rows -- ``rows[:n_old]`` decode one token (their
+last), ``rows[n_old:]`` prefill their prompts -- and returns each row's
+next-token logits. It owns whatever per-row state the model needs (a KV cache)
+and keeps it aligned with the engine's rows (``move`` when the engine refills a
+finished row with the last one).
+
+:class:`LlamaForward` is our own loop over the Llama layers of a loaded decoder
+(its weights and norm/rotary modules, not a copy), because a step mixes rows at
+different positions and tasks:
+  * the new tokens of all rows are packed flat ([tokens, hidden], no padding)
+    through every projection, with explicit position ids for the rotary
+    embedding; a row may bring its own prompt embeddings (``prompt_embeds``:
+    image features in place of placeholder tokens) instead of its ids';
+  * each task's LoRA or IA3 delta changes its own rows only: the rows' owners
+    (:class:`fmplex.row_deltas.Segments`) are built once per step and passed
+    to every projection;
+  * attention runs per row against that row's KV cache -- one SDPA call over
+    the batch with a boolean mask (row r sees its own keys ``< past_r + i + 1``),
+    queries padded only when a step carries prefills.
+Greedy decoding gives the same token ids as ``model.generate(do_sample=False)``
+on the sequence alone (fp32; tests/unit/test_generative_engine.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fmplex.row_deltas import Segments, linear
+
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+__all__ = ["Forward", "LlamaForward"]
+
+
+class Forward:
+    """The engine's model step (a base class: subclasses run a model)."""
+
+    max_positions: int  # positions a sequence may reach
+    vocab_size: int  # prompt token ids must lie in [0, vocab_size)
+    cache: Any = None
+
+    def __call__(self, rows: list[Sequence], n_old: int) -> tuple[torch.Tensor, int]:
+        """Logits ``[len(rows), vocab]`` of each row's next token, and the padded
+        attention volume (rows x padded query length). Advances ``seq.past``;
+        sets ``seq.prompt_logits`` for prefilled rows that asked for them."""
+        raise NotImplementedError
+
+    def move(self, src: int, dst: int, seq: Sequence) -> None:
+        """Row ``src`` (holding ``seq``) becomes row ``dst``."""
+
+    def reset(self) -> None:
+        """The engine is idle (or failed a step): release what can be released."""
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` left the batch."""
+        seq.state = None
+
+
+class _Layer:
+    """References to one decoder layer's weights and norm modules (no copies)."""
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.w = {
+            "q_proj": attn.q_proj.weight,
+            "k_proj": attn.k_proj.weight,
+            "v_proj": attn.v_proj.weight,
+            "o_proj": attn.o_proj.weight,
+            "gate_proj": mlp.gate_proj.weight,
+            "up_proj": mlp.up_proj.weight,
+            "down_proj": mlp.down_proj.weight,
+        }
+        for name, proj in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("gate_proj", mlp.gate_proj)):
+            if getattr(proj, "bias", None) is not None:
+                raise ValueError(f"{name} has a bias: not a plain Llama layer")
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaForward(Forward):
+    """Batched steps of a Llama decoder (``LlamaModel`` + an ``lm_head`` weight) on a :class:`KVCache`."""
+
+    def __init__(self, decoder: Any, lm_head: torch.Tensor, config: Any, *, max_rows: int, kv_capacity: int = 128) -> None:
+        if getattr(config, "model_type", "") != "llama":
+            raise ValueError(f"the engine runs Llama decoders, got model_type {getattr(config, 'model_type', None)!r}")
+        self.max_positions = int(config.max_position_embeddings)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.scaling = self.head_dim**-0.5  # as LlamaAttention
+        self.vocab_size = int(config.vocab_size)
+        self._embed = decoder.embed_tokens.weight
+        self._layers = [_Layer(layer) for layer in decoder.layers]
+        self._norm = decoder.norm
+        self._rotary = decoder.rotary_emb
+        self._lm_head = lm_head
+        self.cache = KVCache(len(self._layers), max_rows, self.n_kv, self.head_dim, kv_capacity)
+
+    @classmethod
+    def of_causal_lm(cls, model: Any, *, max_rows: int, kv_capacity: int = 128) -> LlamaForward:
+        """From a ``LlamaForCausalLM``."""
+        return cls(model.model, model.lm_head.weight, model.config, max_rows=max_rows, kv_capacity=kv_capacity)
+
+    def move(self, src: int, dst: int, seq: Sequence) -> None:
+        self.cache.move(src, dst, seq.past)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def __call__(self, rows: list[Sequence], n_old: int) -> tuple[torch.Tensor, int]:
+        ids: list[int] = []
+        pos: list[int] = []
+        row_of: list[int] = []
+        off_of: list[int] = []
+        lens = []
+        for r, seq in enumerate(rows):
+            new = seq.prompt_ids if r >= n_old else [seq.generated[-1]]
+            ids.extend(new)
+            pos.extend(range(seq.past, seq.past + len(new)))
+            row_of.extend([r] * len(new))
+            off_of.extend(range(len(new)))
+            lens.append(len(new))
+        b, t = len(rows), len(ids)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        kv_len = [seq.past + n for seq, n in zip(rows, lens)]
+        max_kv, max_n = max(kv_len), max(lens)
+        self.cache.ensure(max_kv, used_rows=n_old, used_len=max((s.past for s in rows[:n_old]), default=0))
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        pos_t = torch.tensor(pos, dtype=torch.long)
+        row_t = torch.tensor(row_of, dtype=torch.long)
+        off_t = torch.tensor(off_of, dtype=torch.long)
+        decode_only = t == b
+        keys = torch.arange(max_kv)
+        if decode_only:
+            mask = (keys[None, :] < torch.tensor(kv_len)[:, None])[:, None, None, :]
+        else:
+            last = torch.tensor(lens)[:, None] - 1
+            qpos = torch.tensor([s.past for s in rows])[:, None] + torch.minimum(torch.arange(max_n)[None, :], last)
+            mask = (keys[None, None, :] <= qpos[:, :, None])[:, None]
+        owners = [seq.adapter for seq in rows]
+        segs = Segments.of_rows(owners) if decode_only else Segments.of_tokens(owners, row_t)  # decode: token r is row r
+
+        h = F.embedding(ids_t, self._embed)  # [t, hidden]
+        for r in range(n_old, b):
+            embeds = rows[r].prompt_embeds
+            if embeds is not None:
+                h[starts[r] : starts[r + 1]] = embeds.to(h.dtype)
+        cos, sin = self._rotary(h[None], pos_t[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [t, 1, head_dim]
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        for li, layer in enumerate(self._layers):
+            x = layer.input_norm(h)
+            q = self._proj(x, layer, li, "q_proj", segs).view(t, nh, hd)
+            k = self._proj(x, layer, li, "k_proj", segs).view(t, nkv, hd)
+            v = self._proj(x, layer, li, "v_proj", segs).view(t, nkv, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            ck, cv = self.cache.k[li], self.cache.v[li]
+            ck[row_t, :, pos_t] = k
+            cv[row_t, :, pos_t] = v
+            if decode_only:
+                qb = q.unsqueeze(2)  # [b, heads, 1, hd]: token r is row r
+            else:
+                qb = q.new_zeros(b, nh, max_n, hd)
+                qb[row_t, :, off_t] = q
+            o = F.scaled_dot_product_attention(
+                qb, ck[:b, :, :max_kv], cv[:b, :, :max_kv], attn_mask=mask, scale=self.scaling, enable_gqa=True
+            )
+            o = o.squeeze(2) if decode_only else o[row_t, :, off_t]
+            h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", segs)
+            x = layer.post_norm(h)
+            gate = self._proj(x, layer, li, "gate_proj", segs)
+            up = self._proj(x, layer, li, "up_proj", segs)
+            h = h + self._proj(F.silu(gate) * up, layer, li, "down_proj", segs)
+        last_tok = torch.tensor([s - 1 for s in starts[1:]], dtype=torch.long)
+        hidden = self._norm(h.index_select(0, last_tok))
+        logits = F.linear(hidden, self._lm_head)
+        for r in range(n_old, b):
+            if rows[r].want_prompt_logits:
+                rows[r].prompt_logits = F.linear(self._norm(h[starts[r] : starts[r + 1]]), self._lm_head)
+        for seq, n in zip(rows, lens):
+            seq.past += n
+        return logits, b * max_n
+
+    @staticmethod
+    def _proj(x: torch.Tensor, layer: _Layer, li: int, name: str, segs: Segments) -> torch.Tensor:
+        return linear(x, layer.w[name], None, (li, name), segs)

@@ -1,0 +1,59 @@
+"""Choosing the next token of one sequence from its logits.
+
+Greedy (``temperature == 0``) is the argmax. Sampling applies transformers' own
+temperature / top-k / top-p warpers in ``generate``'s order and draws with a
+per-sequence ``torch.Generator`` seeded with the request's seed, so a sampled
+answer depends on its seed only -- not on which other sequences share its steps
+-- and equals ``generate(do_sample=True)`` after ``torch.manual_seed(seed)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .sequence import SamplingParams, Sequence
+
+__all__ = ["choose"]
+
+
+@dataclasses.dataclass
+class _SamplerState:
+    warpers: list[Any]
+    generator: torch.Generator
+
+
+def _state(params: SamplingParams) -> _SamplerState:
+    from transformers.generation.logits_process import (  # noqa: PLC0415
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers: list[Any] = []  # generate's order
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(top_k=params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=params.top_p))
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return _SamplerState(warpers, torch.Generator().manual_seed(seed))
+
+
+def choose(seq: Sequence, logits: torch.Tensor) -> int:
+    """The next token of ``seq`` from its logits ``[vocab]``."""
+    p = seq.params
+    if p.greedy:
+        return int(torch.argmax(logits))
+    if seq.sampler is None:
+        seq.sampler = _state(p)
+    scores = logits[None].float()
+    for w in seq.sampler.warpers:
+        scores = w(None, scores)
+    probs = F.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=seq.sampler.generator)[0, 0])
