@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import importlib
 import json
 import math
 import re
@@ -73,7 +74,7 @@ from tritonclient.utils import InferenceServerException
 from fmplex.control.server import free_ports
 
 from .conftest import EMBEDDED, FMPLEX, Server, text_input
-from .fuzzing import ATOL, MAX_ROWS, PLAIN, VOCAB, Reference, fuzz, fuzz_settings, odd_text, text_rows
+from .fuzzing import ATOL, FUZZ_EXAMPLES, MAX_ROWS, PLAIN, VOCAB, Reference, fuzz, fuzz_settings, odd_text, text_rows
 from .reference import EmbeddedReference, mismatch
 
 FIXED = "An absolutely delightful evening, I loved it."
@@ -222,6 +223,30 @@ def assume_no_huge_allocation(req: Any) -> None:
         dims = inp.get("shape") if isinstance(inp, dict) else None
         if isinstance(dims, list) and all(type(d) is int for d in dims) and inp.get("datatype") != "BYTES":
             assume(math.prod(abs(d) for d in dims) * 16 <= ALLOC_LIMIT)
+
+
+# --- 0. how much every property fuzzes ----------------------------------------------------
+
+
+@fuzz
+def test_every_property_fuzzes_as_many_examples_as_asked() -> None:
+    """``make fuzz``: every property of tests/e2e runs FUZZ_EXAMPLES random examples with the
+    database; ``make test``: its small derandomized set. A property's own cap or override of the
+    example count would stop it short of what ``make fuzz`` promises: it shows here."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if "fuzz_settings" not in path.read_text(encoding="utf-8"):
+            continue
+        module = importlib.import_module(f"{__package__}.{path.stem}")
+        for name, obj in vars(module).items():
+            if hasattr(obj, "hypothesis") and any(m.name == "fuzz" for m in getattr(obj, "pytestmark", [])):
+                found[f"{path.stem}.{name}"] = obj._hypothesis_internal_use_settings
+    assert len(found) >= 8, sorted(found)  # the five here, and the multimodal, generative and extension-kind ones
+    for name, s in found.items():
+        if FUZZ_EXAMPLES:
+            assert (s.max_examples, s.derandomize, s.database is not None) == (FUZZ_EXAMPLES, False, True), name
+        else:
+            assert (s.derandomize, s.database) == (True, None) and s.max_examples <= 60, (name, s.max_examples)
 
 
 # --- 1. random bodies ------------------------------------------------------------------
