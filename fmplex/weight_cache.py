@@ -36,12 +36,14 @@ def package_file(package: str, relpath: str) -> Path | None:
     return None
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content hash of one file (``sha256:`` and 16 hex digits): a task manifest names the weights it was made for."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+def content_fingerprint(*paths: Path, salt: bytes = b"") -> str:
+    """Content hash of the files, in this order (``sha256:`` and 16 hex digits): a task manifest names
+    the weights it was made for. ``salt`` goes first (one backbone, several weight formats)."""
+    digest = hashlib.sha256(salt)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return "sha256:" + digest.hexdigest()[:16]
 
 

@@ -52,7 +52,7 @@ def gguf_path() -> Path:
 @functools.cache
 def fingerprint() -> str:
     """Content hash of the GGUF file: a task manifest names the weights it was made for."""
-    return weight_cache.file_fingerprint(gguf_path())
+    return weight_cache.content_fingerprint(gguf_path())
 
 
 @dataclasses.dataclass(frozen=True)

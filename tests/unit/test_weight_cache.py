@@ -35,5 +35,5 @@ def test_fingerprint_is_the_content_hash_across_chunks(tmp_path: Path) -> None:
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(data)
     b.write_bytes(data[:-1] + b"\x00")
-    assert weight_cache.file_fingerprint(a) == "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-    assert weight_cache.file_fingerprint(b) != weight_cache.file_fingerprint(a)  # the last byte counts
+    assert weight_cache.content_fingerprint(a) == "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    assert weight_cache.content_fingerprint(b) != weight_cache.content_fingerprint(a)  # the last byte counts

@@ -44,7 +44,7 @@ def pth_path() -> Path:
 @functools.cache
 def fingerprint() -> str:
     """Content hash of the ``.pth``: a task manifest names the weights it was made for."""
-    return weight_cache.file_fingerprint(pth_path())
+    return weight_cache.content_fingerprint(pth_path())
 
 
 def cache_dir() -> Path | None:
