@@ -51,10 +51,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check fmplex perf tests
 
 # Randomized, with an example database: every task kind and every family's inputs (text encoder,
-# generative, multimodal). Hours at the default; FUZZ_EXAMPLES=200 for a quick pass.
+# generative, multimodal). Hours at the default; FUZZ_EXAMPLES=200 for a quick pass; FUZZ_K=<pytest -k
+# expression> for some properties only (e.g. FUZZ_K=random_bodies). The statistics give each one's count.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP) system-deps
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -s --durations=15 -o timeout=0 --hypothesis-show-statistics -m fuzz tests/e2e
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -s --durations=15 -o timeout=0 --hypothesis-show-statistics -m fuzz $(if $(FUZZ_K),-k "$(FUZZ_K)",) tests/e2e
 
 soak: $(STAMP) system-deps
 	SOAK_SECONDS=$${SOAK_SECONDS:-180} $(PY) -m pytest -q -ra -s -m soak tests/soak

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
+
+from fmplex import weight_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,12 +232,7 @@ def fingerprint(name: str) -> str:
     refused by a host that serves different ones.
     """
     root = get_backbone(name).locate()
-    digest = hashlib.sha256()
-    for fname in ("config.json", "model.safetensors"):
-        with open(root / fname, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    return weight_cache.content_fingerprint(root / "config.json", root / "model.safetensors")
 
 
 def load_backbone(name: str, device: str = "cpu") -> tuple[Any, Any]:

@@ -97,28 +97,31 @@ class PeftAdapter:
         return PeftError(f"{self.source}: {message}")
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, error: type[Exception] = PeftError) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else raises ``error`` with one line
+    (the importers of other sources pass their own error type)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PeftError(f"{path} is missing") from None
+        raise error(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftError(f"{path} is not valid JSON: {exc}") from None
+        raise error(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise PeftError(f"{path} must hold a JSON object")
+        raise error(f"{path} must hold a JSON object")
     return data
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, error: type[Exception] = PeftError) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never pickle); anything else raises ``error`` with one line."""
     from safetensors import SafetensorError  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise PeftError(f"{path} is missing (only safetensors are read, never pickle)") from None
+        raise error(f"{path} is missing (only safetensors are read, never pickle)") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise PeftError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise error(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 def pattern_value(patterns: dict[str, Any], path: str, default: float) -> float:

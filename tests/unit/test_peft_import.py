@@ -184,3 +184,33 @@ def test_task_create_refuses_in_one_line_and_stores_nothing(sources: dict[str, T
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "lacks its bias" in lines[0], result.output
     assert not (repo / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("write", "words"),
+    [
+        (None, "is missing"),
+        (lambda p: p.write_text("{"), "is not valid JSON"),
+        (lambda p: p.write_bytes(b"\xff\xfe"), "is not valid JSON"),
+        (lambda p: p.write_text("[1, 2]"), "must hold a JSON object"),
+    ],
+)
+def test_importers_read_json_with_the_readers_rules_as_a_source_error(tmp_path: Path, write: Any, words: str) -> None:
+    """The importers of other sources share the PEFT reader's JSON rules, but refuse as a SourceError (what the CLI reports)."""
+    path = tmp_path / "config.json"
+    if write is not None:
+        write(path)
+    with pytest.raises(SourceError, match=words) as err:
+        importers.read_json(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_importers_read_safetensors_refuses_pickle_as_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(SourceError, match="is missing .only safetensors"):
+        importers.read_safetensors(path)
+    path.write_bytes(b"\x80\x04\x95 a pickle")
+    with pytest.raises(SourceError, match="not a readable safetensors file"):
+        importers.read_safetensors(path)
+    save_file({"w": torch.ones(2)}, str(path))
+    assert torch.equal(importers.read_safetensors(path)["w"], torch.ones(2))

@@ -52,26 +52,14 @@ def build(kind: str, source: Path, spec: BackboneSpec, options: dict[str, Any], 
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    import json  # noqa: PLC0415
+    """A JSON object, or a one-line :class:`SourceError` (the PEFT reader's rules)."""
+    from fmplex import peft_reader  # noqa: PLC0415 - it imports torch, which not every command needs
 
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path} must hold a JSON object")
-    return data
+    return peft_reader.read_json(path, SourceError)
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    """The tensors of a safetensors file (never pickle), or a one-line :class:`SourceError`."""
+    from fmplex import peft_reader  # noqa: PLC0415
 
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise SourceError(f"{path} is missing (only safetensors are read, never pickle)") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SourceError(f"{path} is not a readable safetensors file: {exc}") from None
+    return peft_reader.read_safetensors(path, SourceError)

