@@ -56,15 +56,14 @@ from fmplex.artifacts import read_manifest, version_dir
 from fmplex.kinds import slot_of_output
 from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.runtime.extension_cache import ExtensionCache
-from fmplex.runtime.host import Host, ShuttingDown, TaskUnavailable, error_response, input_array
+from fmplex.runtime.host import ShuttingDown, TaskUnavailable, error_response, input_array
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route, SlotRouter
-from fmplex.runtime.scheduler import TaskPolicy
 from fmplex.runtime.settings import HostSettings
 from fmplex.runtime.validation import RequestError, decode_utf8
 
 from .engine import Engine, SamplingParams, Sequence, Update
-from .engine_metrics import EngineMetrics
+from .engine_host import EngineHost
 from .serving import TEXT_PREFIX, backbone_of_host, check_artifact
 from .smollm import load_smollm2, set_threads
 
@@ -92,7 +91,7 @@ def _text_slot(name: str) -> int | None:
     return slot_of_output(name) if name.startswith(TEXT_PREFIX) else None
 
 
-class TritonPythonModel(Host):
+class TritonPythonModel(EngineHost):
     Settings = GenerativeSettings
     finish_queue_on_stop = False  # finalize aborts what runs (the signal watch drained it already)
     kind = "generative host"
@@ -105,12 +104,10 @@ class TritonPythonModel(Host):
         self.view = RegistryView(Path(st.repository))
         self.router = SlotRouter(self.view, self.spec.name, self.name, st.slots, _text_slot, "TXT_<slot>", single_output=True)
         self.lm = load_smollm2()
-        self.engine = Engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, max_context=st.max_context, policy=st.policy)
-        self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
+        self.start_engine(Engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, max_context=st.max_context, policy=st.policy))
         self._draining_since: float | None = None
         self._failed_queue = False
         self.cache = ExtensionCache(self._load_adapter, int(st.adapter_budget_mb * 2**20))
-        self._engine_metrics = EngineMetrics(self.metrics, self.engine)
         self._watch_shutdown_signals()
         return 1
 
@@ -237,15 +234,7 @@ class TritonPythonModel(Host):
     # --- tasks -----------------------------------------------------------------
     def apply_registry(self, reg: Registry) -> None:
         mine = [t for t in reg.tasks.values() if t.backbone == self.spec.name and t.deployed]
-        for entry in mine:
-            self.engine.set_policy(
-                entry.name,
-                TaskPolicy(
-                    weight=entry.weight,
-                    queue_limit=entry.queue_limit,
-                    deadline_s=entry.deadline_ms / 1000.0 if entry.deadline_ms else None,
-                ),
-            )
+        self.set_policies(mine)
         live = {(t.name, int(t.deployed_version or t.version)) for t in mine}
         self.cache.retain(live)
         self.cache.pinned = {(t.name, int(t.deployed_version or t.version)) for t in mine if t.pinned}
@@ -276,26 +265,11 @@ class TritonPythonModel(Host):
                 self.engine.fail_queued("host is shutting down")
             if now - draining >= self.settings.shutdown_grace_s:
                 self.engine.abort_all("host is shutting down")
-        return self.engine if self.engine.has_work() else None
-
-    def next_wakeup(self, now: float) -> float | None:
-        return self.engine.next_wakeup(now)
-
-    def run_work(self, work: Any) -> None:
-        report = self.engine.step()
-        if report is not None:
-            self.metrics.batch(report)
-
-    def work_failed(self, work: Any, exc: Exception) -> None:
-        pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
+        return super().take_work(now)
 
     def stats(self) -> dict[str, Any]:
         with self.engine._lock:
             return self.engine.scheduler.stats()
-
-    def publish(self) -> None:
-        """What only a decode engine knows: tokens, rows per step, running rows."""
-        self._engine_metrics.publish()
 
     def _on_update(self, update: Update) -> None:
         """Called by the engine (worker thread) for every new piece of text and at the end."""

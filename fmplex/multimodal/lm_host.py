@@ -45,12 +45,11 @@ import triton_python_backend_utils as pb_utils
 
 from fmplex.artifacts import ArtifactError, read_manifest, version_dir
 from fmplex.generative.engine import SamplingParams, Sequence, Update
-from fmplex.generative.engine_metrics import EngineMetrics
+from fmplex.generative.engine_host import EngineHost
 from fmplex.registry import Registry, RegistryView, TaskEntry
-from fmplex.runtime.host import Host
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route, SlotRouter
-from fmplex.runtime.scheduler import QueueFull, TaskPolicy
+from fmplex.runtime.scheduler import QueueFull
 from fmplex.runtime.settings import HostSettings
 from fmplex.runtime.validation import RequestError
 
@@ -94,7 +93,7 @@ class Job:
     encoded_at: float = 0.0
 
 
-class TritonPythonModel(Host):
+class TritonPythonModel(EngineHost):
     Settings = LMStageSettings
     kind = "lm stage"
 
@@ -107,9 +106,7 @@ class TritonPythonModel(Host):
         self.encode_model = st.encode_model or f"fm.{self.backbone}.encode"
         check_pair(self._encode_meta(repo), files.meta)  # never pair an LM with another model's encoder
         self.lm = LMStage(files, self.device)
-        self.engine = make_engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, policy=st.policy)
-        self.engine.log_error = lambda msg: pb_utils.Logger.log_error(f"fmplex {self.name}: {msg}")
-        self._engine_metrics = EngineMetrics(self.metrics, self.engine)
+        self.start_engine(make_engine(self.lm, max_rows=st.max_rows, prefill_tokens=st.prefill_tokens, policy=st.policy))
         vision = files.config.vision_config
         self.image_shape = (int(vision.num_channels), int(vision.image_size), int(vision.image_size))
         self.limits = RequestLimits(st.max_images, st.max_new_tokens_limit, st.max_text_bytes)
@@ -199,16 +196,7 @@ class TritonPythonModel(Host):
 
     def apply_registry(self, reg: Registry) -> None:
         """Each deployed task's weight, queue limit and deadline, as on the SmolLM2 host."""
-        for entry in reg.tasks.values():
-            if entry.backbone == self.backbone and entry.deployed:
-                self.engine.set_policy(
-                    entry.name,
-                    TaskPolicy(
-                        weight=entry.weight,
-                        queue_limit=entry.queue_limit,
-                        deadline_s=entry.deadline_ms / 1000.0 if entry.deadline_ms else None,
-                    ),
-                )
+        self.set_policies(e for e in reg.tasks.values() if e.backbone == self.backbone and e.deployed)
 
     # --- the encode stage (BLS) --------------------------------------------------
     def _dispatch_encode(self, job: Job) -> None:
@@ -285,24 +273,6 @@ class TritonPythonModel(Host):
         return {"tasks": {t: {"queued": queued.get(t, 0) + encoding.get(t, 0), "served_requests": served.get(t, 0)} for t in tasks}}
 
     # --- the LM engine ---------------------------------------------------------------
-    def take_work(self, now: float) -> Any:
-        return self.engine if self.engine.has_work() else None
-
-    def next_wakeup(self, now: float) -> float | None:
-        return self.engine.next_wakeup(now)
-
-    def run_work(self, work: Any) -> None:
-        report = self.engine.step()
-        if report is not None:
-            self.metrics.batch(report)
-
-    def work_failed(self, work: Any, exc: Exception) -> None:
-        pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
-
-    def publish(self) -> None:
-        """The engine's steps, rows per step and tokens (``fmplex_gen_*``, as on the SmolLM2 host)."""
-        self._engine_metrics.publish()
-
     def _on_update(self, update: Update) -> None:
         """Called by the engine (worker thread) when a sequence ends: its one final response."""
         if not update.done:
