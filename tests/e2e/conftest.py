@@ -85,8 +85,13 @@ class Server:
         import time  # noqa: PLC0415
 
         deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
         while time.monotonic() < deadline:
-            if all(
+            # equal counts can still be behind (both wait for the next publication): wait until they stop moving too
+            text = [ln for ln in self.metrics().splitlines() if ln.startswith("fmplex_task_")]
+            if text != last:
+                last, since = text, time.monotonic()
+            if time.monotonic() - since >= 0.8 and all(
                 self.metric("fmplex_task_received_total", task=t) == self.answered(t)
                 and self.metric("fmplex_task_served_requests_total", task=t)
                 == self.metric("fmplex_task_responses_total", task=t, outcome="ok")

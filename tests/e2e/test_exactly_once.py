@@ -43,25 +43,29 @@ def counts(server: Server, task: str) -> tuple[float, float, float]:
     return received, responded, dup
 
 
+STEADY_S = 0.8  # the host publishes its counts every 0.25 s: unchanged this long, they are current
+
+
 def snapshot(server: Server, tasks: tuple[str, ...], timeout: float = 20.0) -> dict[str, tuple[float, float, float]]:
-    """Counts once the host has published a response for everything it received."""
+    """Counts once the host has published a response for everything it received
+    and they stayed the same for ``STEADY_S`` (received and answered can be
+    equal and still behind: both wait for the next publication)."""
     deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
     while True:
         now = {t: counts(server, t) for t in tasks}
-        if all(c[0] == c[1] for c in now.values()) or time.monotonic() > deadline:
+        if now != last:
+            last, since = now, time.monotonic()
+        steady = time.monotonic() - since >= STEADY_S
+        if (steady and all(c[0] == c[1] for c in now.values())) or time.monotonic() > deadline:
             return now
         time.sleep(0.2)
 
 
 def settle(server: Server, tasks: tuple[str, ...], before: dict[str, tuple[float, float, float]], timeout: float = 20.0) -> dict[str, tuple[float, float, float]]:
-    """Per-task deltas once every received request has its response counted."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = {t: counts(server, t) for t in tasks}
-        delta = {t: tuple(a - b for a, b in zip(now[t], before[t])) for t in tasks}
-        if all(d[0] == d[1] for d in delta.values()) or time.monotonic() > deadline:
-            return delta  # type: ignore[return-value]
-        time.sleep(0.2)
+    """Per-task deltas once every received request has its response counted (see ``snapshot``)."""
+    now = snapshot(server, tasks, timeout)
+    return {t: tuple(a - b for a, b in zip(now[t], before[t])) for t in tasks}  # type: ignore[misc]
 
 
 def test_many_concurrent_http_and_grpc_clients_each_get_one_answer(server: Server) -> None:

@@ -96,9 +96,10 @@ def test_set_weight_takes_effect_without_reload(server: Server) -> None:
     tasks = ("sentiment", "intent")
 
     def window(seconds: float) -> dict[str, float]:
-        # 32-row requests against a 16-row batch budget (each served alone): both queues stay
-        # backlogged, so the scheduler (not the clients) decides the split.
-        streams = [Stream(server, t, "grpc", rows=32) for t in tasks for _ in range(3)]
+        # 32-row requests, 6 clients per task: both queues stay backlogged even while batches
+        # grow to 64 rows (2 requests each, one batch per worker in flight), so the scheduler
+        # (not the clients) decides the split.
+        streams = [Stream(server, t, "grpc", rows=32) for t in tasks for _ in range(6)]
         for s in streams:
             s.start()
         time.sleep(2.0)  # reach steady state
@@ -125,6 +126,7 @@ def test_set_weight_takes_effect_without_reload(server: Server) -> None:
         run_cli(server, "task", "set-weight", "sentiment", "1", url=False)
     assert server.metric("fmplex_task_weight", task="sentiment") in (1.0, 4.0)
     assert 0.6 < ratio_equal < 1.6, f"equal weights served {equal}"
+    print(f"\nset-weight: equal {equal} ({ratio_equal:.2f}), 4:1 {weighted} ({ratio_weighted:.2f})")
     assert ratio_weighted > 2.5, f"weights 4:1 served {weighted} (ratio {ratio_weighted:.2f}, before {ratio_equal:.2f})"
     assert server.host_loads() == loads0 and server.metric("fmplex_host_pid") == pid0
 
