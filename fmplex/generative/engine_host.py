@@ -58,6 +58,17 @@ class EngineHost(Host):
     def work_failed(self, work: Any, exc: Exception) -> None:
         pb_utils.Logger.log_error(f"fmplex {self.name}: step failed: {type(exc).__name__}: {exc}")
 
+    def fail_sequence(self, answer: Any, update: Any) -> None:
+        """A sequence the engine ended with an error: its one final response, coded by outcome."""
+        codes = pb_utils.TritonError
+        code = {
+            "expired": codes.UNAVAILABLE,
+            "shutdown": codes.UNAVAILABLE,
+            "removed": codes.UNAVAILABLE,
+            "cancelled": codes.CANCELLED,
+        }.get(update.outcome, codes.INTERNAL)
+        self.fail(answer, update.error, code, update.outcome)
+
     def publish(self) -> None:
         """The engine's steps, rows per step and tokens (``fmplex_gen_*``, the same on every engine host)."""
         self._engine_metrics.publish()

@@ -56,7 +56,7 @@ from fmplex.artifacts import read_manifest, version_dir
 from fmplex.kinds import slot_of_output
 from fmplex.registry import Registry, RegistryView, TaskEntry
 from fmplex.runtime.extension_cache import ExtensionCache
-from fmplex.runtime.host import ShuttingDown, TaskUnavailable, error_response, input_array
+from fmplex.runtime.host import ShuttingDown, TaskUnavailable, input_array
 from fmplex.runtime.ledger import Answer
 from fmplex.runtime.routing import Route, SlotRouter
 from fmplex.runtime.settings import HostSettings
@@ -275,13 +275,7 @@ class TritonPythonModel(EngineHost):
         """Called by the engine (worker thread) for every new piece of text and at the end."""
         job: Job = update.seq.tag
         if update.error is not None:
-            code = {
-                "expired": pb_utils.TritonError.UNAVAILABLE,
-                "shutdown": pb_utils.TritonError.UNAVAILABLE,
-                "removed": pb_utils.TritonError.UNAVAILABLE,
-                "cancelled": pb_utils.TritonError.CANCELLED,
-            }.get(update.outcome, pb_utils.TritonError.INTERNAL)
-            self.ledger.final(job.answer, error_response(update.error, code), update.outcome)
+            self.fail_sequence(job.answer, update)
             return
         if self.decoupled:
             if update.text or update.done:

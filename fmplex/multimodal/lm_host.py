@@ -280,13 +280,7 @@ class TritonPythonModel(EngineHost):
         seq: Sequence = update.seq
         job: Job = seq.tag
         if update.error is not None:
-            code = {
-                "expired": pb_utils.TritonError.UNAVAILABLE,
-                "shutdown": pb_utils.TritonError.UNAVAILABLE,
-                "removed": pb_utils.TritonError.UNAVAILABLE,
-                "cancelled": pb_utils.TritonError.CANCELLED,
-            }.get(update.outcome, pb_utils.TritonError.INTERNAL)
-            self.fail(job.answer, update.error, code, update.outcome)
+            self.fail_sequence(job.answer, update)
             return
         started = seq.admitted_at if seq.admitted_at is not None else seq.submitted_at
         first = seq.first_token_at if seq.first_token_at is not None else started
