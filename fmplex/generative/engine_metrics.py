@@ -38,5 +38,5 @@ class EngineMetrics:
         st = self.engine.stats
         for key, doc in ENGINE_COUNTERS:
             self.metrics.bump(f"fmplex_gen_{key}_total", float(getattr(st, key)), doc)
-        self.metrics.metric("fmplex_gen_max_rows", "most sequences one decode step carried", "GAUGE").set(st.max_rows)
-        self.metrics.metric("fmplex_gen_running", "sequences in the running batch", "GAUGE").set(len(self.engine.running))
+        self.metrics.gauge("fmplex_gen_max_rows", st.max_rows, "most sequences one decode step carried")
+        self.metrics.gauge("fmplex_gen_running", len(self.engine.running), "sequences in the running batch")

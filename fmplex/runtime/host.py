@@ -142,6 +142,9 @@ class Host:
     def work_failed(self, work: Any, exc: Exception) -> None:
         """``run_work`` raised: fail what it left unanswered."""
 
+    def work_done(self, work: Any) -> None:
+        """Under the condition lock: ``run_work`` returned (or failed); its rows are no longer in flight."""
+
     def drain(self) -> list[Answer]:
         """At finalize, after the workers stopped: every answer still owed."""
         return []
@@ -202,9 +205,13 @@ class Host:
 
     # --- worker ----------------------------------------------------------------
     def _loop(self) -> None:
+        done = None  # the work this worker ran last, reported back under the lock
         while True:
             work = None
             with self._cv:
+                if done is not None:
+                    self.work_done(done)
+                    done = None
                 while True:
                     now = time.monotonic()
                     if not self._running and not self.finish_queue_on_stop:
@@ -226,6 +233,7 @@ class Host:
                 except Exception as exc:  # noqa: BLE001 - the worker must survive any batch
                     traceback.print_exc()
                     self.work_failed(work, exc)
+                done = work
             elif stopping:
                 return
             self._publish_metrics()

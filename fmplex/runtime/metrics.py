@@ -58,6 +58,7 @@ class HostMetrics:
         self._batch_sizes: dict[int, int] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last value set
         self.metric("fmplex_host_initialized_unixtime", "when this host instance loaded its backbone", GAUGE).set(time.time())
         self.metric("fmplex_host_pid", "process id of this host instance", GAUGE).set(os.getpid())
 
@@ -82,6 +83,15 @@ class HostMetrics:
         if total > last:
             self.metric(name, doc, COUNTER, **labels).increment(total - last)
             self._last[key] = total
+
+    def gauge(self, name: str, value: float, doc: str, **labels: str) -> None:
+        """Set the gauge ``name`` to ``value`` if it changed: each set is a
+        message to the server, and a flush would otherwise resend every task's
+        unchanged gauges a few times a second."""
+        key = (name, tuple(sorted(labels.items())))
+        if self._gauges.get(key) != value:
+            self.metric(name, doc, GAUGE, **labels).set(value)
+            self._gauges[key] = value
 
     # --- accumulated between flushes ---------------------------------------------
     def flush_due(self) -> float | None:
@@ -125,9 +135,9 @@ class HostMetrics:
         self._dirty = False
         snapshot = stats() if stats is not None else {}
         for task, st in snapshot.get("tasks", {}).items():
-            self.metric("fmplex_task_queue_depth", "requests queued in the host for this task", GAUGE, task=task).set(st.get("queued", 0))
+            self.gauge("fmplex_task_queue_depth", st.get("queued", 0), "requests queued in the host for this task", task=task)
             if "weight" in st:
-                self.metric("fmplex_task_weight", "scheduler weight of this task", GAUGE, task=task).set(st["weight"])
+                self.gauge("fmplex_task_weight", st["weight"], "scheduler weight of this task", task=task)
             for key, name in TASK_COUNTERS.items():
                 if key in st:
                     self.bump(name, float(st[key]), f"per-task scheduler counter: {key}", task=task)
@@ -150,15 +160,16 @@ class HostMetrics:
 
     def _flush_cache(self, cache: Any) -> None:
         resident = cache.resident()
+        doc = "resident bytes of this task's extension"
         for (task, _version), nbytes in resident.items():
-            self.metric("fmplex_task_extension_bytes", "resident bytes of this task's extension", GAUGE, task=task).set(nbytes)
+            self.gauge("fmplex_task_extension_bytes", nbytes, doc, task=task)
         tasks = {k[0] for k in resident}
-        for (name, labels), metric in list(self._metrics.items()):
+        for name, labels in list(self._metrics):
             if name == "fmplex_task_extension_bytes" and dict(labels).get("task") not in tasks:
-                metric.set(0)
+                self.gauge(name, 0, doc, **dict(labels))
         st = cache.stats
-        self.metric("fmplex_extension_resident_bytes", "bytes of all resident task extensions", GAUGE).set(st.resident_bytes)
-        self.metric("fmplex_extension_budget_bytes", "memory budget for task extensions", GAUGE).set(cache.budget)
+        self.gauge("fmplex_extension_resident_bytes", st.resident_bytes, "bytes of all resident task extensions")
+        self.gauge("fmplex_extension_budget_bytes", cache.budget, "memory budget for task extensions")
         self.bump("fmplex_extension_loads_total", float(st.loads), "extension loads (first loads and reloads)")
         self.bump("fmplex_extension_evictions_total", float(st.evictions), "extensions evicted to stay within budget")
         self.bump("fmplex_extension_reloads_total", float(st.reloads), "loads of previously evicted extensions")

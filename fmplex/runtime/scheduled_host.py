@@ -47,6 +47,10 @@ class ScheduledHost(Host):
         with self._cv:
             return [p.payload.answer for p in self.scheduler.drain()]
 
+    def work_done(self, work: Any) -> None:
+        if work[0] == "batch":
+            self.scheduler.finished(work[1])
+
     def work_failed(self, work: Any, exc: Exception) -> None:
         if work[0] == "batch":
             for p in work[1]:

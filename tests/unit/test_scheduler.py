@@ -410,10 +410,34 @@ def test_batches_grow_under_saturation_split_over_workers(cls) -> None:
     s = cls(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
     for i in range(200):  # four equal tasks, each far beyond its share of a 16-row batch
         s.submit(_one_row(f"t{i % 4}"), 0.0)
-    sizes = [len(s.next_batch(0.0)) for _ in range(3)]
-    # rows = min(64, queued // 2): 64 while 128+ rows wait, then half of what is left
+    sizes = []
+    for _ in range(3):  # each batch runs and is reported back before the next is taken
+        batch = s.next_batch(0.0)
+        sizes.append(len(batch))
+        s.finished(batch)
+    # rows = min(64, (queued + in flight) // 2): 64 while 128+ rows wait, then half of what is left
     assert sizes == [64, 64, 36]
     assert s.stats()["global"]["queued_rows"] == 200 - 164
+    assert s.stats()["global"]["inflight_rows"] == 0
+
+
+@pytest.mark.parametrize("cls", [WFQScheduler, FIFOScheduler])
+def test_a_worker_whose_peer_is_busy_takes_what_waits(cls) -> None:
+    s = cls(BatchBudget(max_rows=16, max_tokens=16 * 64, saturated_rows=64, parallel=2))
+    for i in range(96):
+        s.submit(_one_row(f"t{i % 4}"), 0.0)
+    first = s.next_batch(0.0)  # 96 in the system, 2 workers: 48 each
+    assert len(first) == 48
+    # the peer still runs its 48: this worker takes all 48 that wait, not
+    # half of them (queued // workers would leave it 24 and the rest waiting)
+    second = s.next_batch(0.0)
+    assert len(second) == 48
+    assert s.stats()["global"]["inflight_rows"] == 96
+    s.finished(first)
+    s.finished(second)
+    for i in range(40):  # both workers idle again: 40 rows are split, one share each
+        s.submit(_one_row(f"t{i % 4}"), 1.0)
+    assert len(s.next_batch(1.0)) == 20
 
 
 def test_growth_stops_while_a_light_task_waits() -> None:

@@ -75,6 +75,7 @@ class QueueingScheduler(Scheduler):
         self._seq = itertools.count()
         self._queued = 0
         self._queued_rows = 0
+        self._inflight_rows = 0  # dispatched, not yet finished (batch growth)
         self._batches = 0
         self.batch_rows: dict[int, int] = {}  # batches dispatched, by rows
         # Deadline heap with lazy deletion: entries whose request is no longer
@@ -171,12 +172,16 @@ class QueueingScheduler(Scheduler):
         self._queued -= len(batch)
         rows = sum(r.rows for r in batch)
         self._queued_rows -= rows
+        self._inflight_rows += rows
         self.batch_rows[rows] = self.batch_rows.get(rows, 0) + 1
         self._batches += 1
         self._on_dispatch(batch)
         if not self._queued:
             self._on_idle()
         return batch
+
+    def finished(self, batch: list[Pending]) -> None:
+        self._inflight_rows = max(0, self._inflight_rows - sum(r.rows for r in batch))
 
     def expire(self, now: float) -> list[Pending]:
         self._collect_expired(now)
@@ -242,6 +247,7 @@ class QueueingScheduler(Scheduler):
                  for t in self._tasks.values()}
         return {"tasks": tasks, "global": {"batches": self._batches, "queued": self._queued,
                                            "queued_rows": self._queued_rows,
+                                           "inflight_rows": self._inflight_rows,
                                            "virtual_time": self.virtual_time}}
 
     # -- helpers -----------------------------------------------------------
@@ -276,7 +282,7 @@ class QueueingScheduler(Scheduler):
             light = self._light_waiting(tasks, self._shares(tasks))
         if not light and self.budget.saturated_rows > self.budget.max_rows:
             light = self._recently_light(tasks)
-        return Packer(self.budget, self.budget.limits(self._queued_rows, light))
+        return Packer(self.budget, self.budget.limits(self._queued_rows + self._inflight_rows, light))
 
     def _oldest_arrival(self) -> float:
         return min(t.queue[0].arrival for t in self._tasks.values() if t.queue)

@@ -80,10 +80,13 @@ class BatchBudget:
     saturation, because a larger forward runs more rows per second: while
     no light task is queued (every queued task has at least its weighted
     share of ``max_rows`` waiting, or only one task is queued), a batch may
-    take up to ``min(saturated_rows, queued_rows // parallel)`` rows (never
-    fewer than ``max_rows``), ``max_tokens`` scaling with it. ``parallel`` is
-    the number of workers taking batches at once, so growth never leaves a
-    worker without work. The moment a light task queues, batches are back
+    take up to ``min(saturated_rows, (queued_rows + rows_in_flight) // parallel)``
+    rows (never fewer than ``max_rows``), ``max_tokens`` scaling with it.
+    ``parallel`` is the number of workers taking batches at once: a worker
+    takes its share of all the rows in the system, so growth never leaves an
+    idle worker without work, and a worker whose peers are busy with large
+    batches is not held to half of what waits (rows in flight are those
+    dispatched and not yet reported back through ``finished``). The moment a light task queues, batches are back
     to ``max_rows`` with share caps. The cost, bounded: a light request that
     arrives while saturated batches run waits for at most the batches in
     flight (one of at most ``saturated_rows`` rows per worker) plus one of
@@ -119,11 +122,12 @@ class BatchBudget:
         if not self.light_window_s >= 0:
             raise ValueError("light_window_s must be >= 0")
 
-    def limits(self, queued_rows: int, light_waiting: bool) -> tuple[int, int]:
-        """(rows, padded tokens) one batch may take now (see ``saturated_rows``)."""
+    def limits(self, rows_in_system: int, light_waiting: bool) -> tuple[int, int]:
+        """(rows, padded tokens) one batch may take now (see ``saturated_rows``);
+        ``rows_in_system``: queued plus in flight."""
         if light_waiting or self.saturated_rows <= self.max_rows:
             return self.max_rows, self.max_tokens
-        rows = min(self.saturated_rows, max(self.max_rows, queued_rows // self.parallel))
+        rows = min(self.saturated_rows, max(self.max_rows, rows_in_system // self.parallel))
         return rows, self.max_tokens * rows // self.max_rows
 
 
@@ -149,8 +153,9 @@ class Scheduler(ABC):
     """What the host needs from a scheduling policy; every call takes ``now``.
 
     The host loop is: ``submit`` on arrival (answer QueueFull/ValueError at
-    once); then repeatedly fail ``expire(now)``, run ``next_batch(now)``, and
-    when that is empty sleep until ``next_wakeup(now)`` or the next submit.
+    once); then repeatedly fail ``expire(now)``, run ``next_batch(now)`` and
+    report it back with ``finished(batch)``, and when that is empty sleep
+    until ``next_wakeup(now)`` or the next submit.
     """
 
     budget: BatchBudget
@@ -166,6 +171,11 @@ class Scheduler(ABC):
     @abstractmethod
     def next_batch(self, now: float) -> list[Pending]:
         """Remove and return the next batch ([] if none should run now)."""
+
+    @abstractmethod
+    def finished(self, batch: list[Pending]) -> None:
+        """A batch from ``next_batch`` has run (answered or failed): its rows
+        are no longer in flight. Only batch growth reads this."""
 
     @abstractmethod
     def expire(self, now: float) -> list[Pending]:
