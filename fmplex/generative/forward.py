@@ -21,6 +21,11 @@ different positions and tasks:
     queries padded only when a step carries prefills.
 Greedy decoding gives the same token ids as ``model.generate(do_sample=False)``
 on the sequence alone (fp32; tests/unit/test_generative_engine.py).
+
+A step is four parts -- ``pack`` (the :class:`StepBatch`), ``embed``,
+``self_attention_layer`` per layer, ``finish`` (logits) -- so that a decoder
+with other layer kinds among its Llama layers reuses them
+(:mod:`fmplex.multimodal.mllama_forward`: Mllama's cross-attention layers).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ image, ones with several -- and runs them as one forward:
   of their own, padded to the longest row's; one SDPA call over those rows
   with a boolean mask gives every token exactly its own row's keys, and of
   those the images Mllama's processor lets it see
-  (``get_cross_attention_token_mask``: from an image's token on). A token that
+  (``get_cross_attention_token_mask``: an image from its token up to the
+  next image's, adjacent image tokens together). A token that
   sees no image (before the first image token) attends to all of its row's
   image keys and has its MLP output zeroed, as ``_prepare_cross_attention_mask``
   and the full-text-row mask do; a decoded token sees what the prompt's last
