@@ -21,10 +21,16 @@ different positions and tasks:
     queries padded only when a step carries prefills.
 Greedy decoding gives the same token ids as ``model.generate(do_sample=False)``
 on the sequence alone (fp32; tests/unit/test_generative_engine.py).
+
+A step is four parts -- ``pack`` (the :class:`StepBatch`), ``embed``,
+``self_attention_layer`` per layer, ``finish`` (logits) -- so that a decoder
+with other layer kinds among its Llama layers reuses them
+(:mod:`fmplex.multimodal.mllama_forward`: Mllama's cross-attention layers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -35,7 +41,7 @@ from fmplex.row_deltas import Segments, linear
 from .kv_cache import KVCache
 from .sequence import Sequence
 
-__all__ = ["Forward", "LlamaForward"]
+__all__ = ["Forward", "LlamaForward", "LlamaLayer", "StepBatch"]
 
 
 class Forward:
@@ -62,7 +68,30 @@ class Forward:
         seq.state = None
 
 
-class _Layer:
+@dataclasses.dataclass
+class StepBatch:
+    """One step's rows as every layer reads them: the new tokens packed flat
+    (``starts[r]:starts[r + 1]`` are row r's), their positions, rows and offsets,
+    the self-attention mask and the rows' owners (built once per step)."""
+
+    rows: list[Sequence]
+    n_old: int  # rows[:n_old] decode one token, the others prefill
+    ids: torch.Tensor  # [t] new token ids
+    pos: torch.Tensor  # [t] their positions
+    row_of: torch.Tensor  # [t] the row of each token
+    off_of: torch.Tensor  # [t] its offset among its row's new tokens
+    lens: list[int]  # new tokens per row
+    starts: list[int]
+    max_n: int  # the longest row's new tokens (padded query length)
+    max_kv: int  # the longest row's keys after this step
+    decode_only: bool  # one token per row: token r is row r
+    mask: torch.Tensor  # self-attention: [b, 1, 1 or max_n, max_kv], True = may attend
+    segs: Segments
+    cos: torch.Tensor | None = None  # rotary [t, 1, head_dim], set by ``embed``
+    sin: torch.Tensor | None = None
+
+
+class LlamaLayer:
     """References to one decoder layer's weights and norm modules (no copies)."""
 
     def __init__(self, layer: Any) -> None:
@@ -91,9 +120,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaForward(Forward):
     """Batched steps of a Llama decoder (``LlamaModel`` + an ``lm_head`` weight) on a :class:`KVCache`."""
 
+    model_type = "llama"  # the decoder config this forward runs
+
     def __init__(self, decoder: Any, lm_head: torch.Tensor, config: Any, *, max_rows: int, kv_capacity: int = 128) -> None:
-        if getattr(config, "model_type", "") != "llama":
-            raise ValueError(f"the engine runs Llama decoders, got model_type {getattr(config, 'model_type', None)!r}")
+        if getattr(config, "model_type", "") != self.model_type:
+            raise ValueError(f"{type(self).__name__} runs {self.model_type} decoders, got model_type {getattr(config, 'model_type', None)!r}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the MLP activation must be silu, got {config.hidden_act!r}")
         self.max_positions = int(config.max_position_embeddings)
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(config.num_key_value_heads)
@@ -101,11 +134,19 @@ class LlamaForward(Forward):
         self.scaling = self.head_dim**-0.5  # as LlamaAttention
         self.vocab_size = int(config.vocab_size)
         self._embed = decoder.embed_tokens.weight
-        self._layers = [_Layer(layer) for layer in decoder.layers]
+        self._layers = [self.wrap_layer(li, layer) for li, layer in enumerate(decoder.layers)]
         self._norm = decoder.norm
         self._rotary = decoder.rotary_emb
         self._lm_head = lm_head
-        self.cache = KVCache(len(self._layers), max_rows, self.n_kv, self.head_dim, kv_capacity)
+        self.cache = KVCache(self.self_attention_layers(), max_rows, self.n_kv, self.head_dim, kv_capacity)
+
+    def wrap_layer(self, li: int, layer: Any) -> Any:
+        """What the step loop holds of decoder layer ``li``."""
+        return LlamaLayer(layer)
+
+    def self_attention_layers(self) -> int:
+        """Layers with a KV cache layer of their own (all of them in Llama)."""
+        return len(self._layers)
 
     @classmethod
     def of_causal_lm(cls, model: Any, *, max_rows: int, kv_capacity: int = 128) -> LlamaForward:
@@ -120,6 +161,16 @@ class LlamaForward(Forward):
 
     @torch.inference_mode()
     def __call__(self, rows: list[Sequence], n_old: int) -> tuple[torch.Tensor, int]:
+        step = self.pack(rows, n_old)
+        h = self.embed(step)
+        for li, layer in enumerate(self._layers):
+            h = self.self_attention_layer(h, layer, li, li, step)
+        return self.finish(h, step)
+
+    # --- the parts of a step (a forward for a model with other layer kinds reuses them) ---
+    def pack(self, rows: list[Sequence], n_old: int) -> StepBatch:
+        """The step's new tokens packed flat, the self-attention mask, the rows' owners,
+        and room in the KV cache for every row's new positions."""
         ids: list[int] = []
         pos: list[int] = []
         row_of: list[int] = []
@@ -139,10 +190,7 @@ class LlamaForward(Forward):
         kv_len = [seq.past + n for seq, n in zip(rows, lens)]
         max_kv, max_n = max(kv_len), max(lens)
         self.cache.ensure(max_kv, used_rows=n_old, used_len=max((s.past for s in rows[:n_old]), default=0))
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        pos_t = torch.tensor(pos, dtype=torch.long)
         row_t = torch.tensor(row_of, dtype=torch.long)
-        off_t = torch.tensor(off_of, dtype=torch.long)
         decode_only = t == b
         keys = torch.arange(max_kv)
         if decode_only:
@@ -153,49 +201,66 @@ class LlamaForward(Forward):
             mask = (keys[None, None, :] <= qpos[:, :, None])[:, None]
         owners = [seq.adapter for seq in rows]
         segs = Segments.of_rows(owners) if decode_only else Segments.of_tokens(owners, row_t)  # decode: token r is row r
+        return StepBatch(
+            rows=rows, n_old=n_old, ids=torch.tensor(ids, dtype=torch.long), pos=torch.tensor(pos, dtype=torch.long),
+            row_of=row_t, off_of=torch.tensor(off_of, dtype=torch.long), lens=lens, starts=starts, max_n=max_n,
+            max_kv=max_kv, decode_only=decode_only, mask=mask, segs=segs,
+        )  # fmt: skip
 
-        h = F.embedding(ids_t, self._embed)  # [t, hidden]
-        for r in range(n_old, b):
-            embeds = rows[r].prompt_embeds
+    def embed(self, step: StepBatch) -> torch.Tensor:
+        """The new tokens' input embeddings [t, hidden] (a row's own ``prompt_embeds`` where it brings them);
+        sets the step's rotary cos/sin."""
+        h = F.embedding(step.ids, self._embed)  # [t, hidden]
+        for r in range(step.n_old, len(step.rows)):
+            embeds = step.rows[r].prompt_embeds
             if embeds is not None:
-                h[starts[r] : starts[r + 1]] = embeds.to(h.dtype)
-        cos, sin = self._rotary(h[None], pos_t[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [t, 1, head_dim]
+                h[step.starts[r] : step.starts[r + 1]] = embeds.to(h.dtype)
+        cos, sin = self._rotary(h[None], step.pos[None])
+        step.cos, step.sin = cos[0][:, None, :], sin[0][:, None, :]  # [t, 1, head_dim]
+        return h
+
+    def self_attention_layer(self, h: torch.Tensor, layer: LlamaLayer, li: int, cache_li: int, step: StepBatch) -> torch.Tensor:
+        """One Llama decoder layer (weights ``layer``, adapter key ``li``) on the KV cache's layer ``cache_li``."""
+        b, t = len(step.rows), h.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        for li, layer in enumerate(self._layers):
-            x = layer.input_norm(h)
-            q = self._proj(x, layer, li, "q_proj", segs).view(t, nh, hd)
-            k = self._proj(x, layer, li, "k_proj", segs).view(t, nkv, hd)
-            v = self._proj(x, layer, li, "v_proj", segs).view(t, nkv, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            ck, cv = self.cache.k[li], self.cache.v[li]
-            ck[row_t, :, pos_t] = k
-            cv[row_t, :, pos_t] = v
-            if decode_only:
-                qb = q.unsqueeze(2)  # [b, heads, 1, hd]: token r is row r
-            else:
-                qb = q.new_zeros(b, nh, max_n, hd)
-                qb[row_t, :, off_t] = q
-            o = F.scaled_dot_product_attention(
-                qb, ck[:b, :, :max_kv], cv[:b, :, :max_kv], attn_mask=mask, scale=self.scaling, enable_gqa=True
-            )
-            o = o.squeeze(2) if decode_only else o[row_t, :, off_t]
-            h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", segs)
-            x = layer.post_norm(h)
-            gate = self._proj(x, layer, li, "gate_proj", segs)
-            up = self._proj(x, layer, li, "up_proj", segs)
-            h = h + self._proj(F.silu(gate) * up, layer, li, "down_proj", segs)
+        segs, row_t, off_t, pos_t = step.segs, step.row_of, step.off_of, step.pos
+        x = layer.input_norm(h)
+        q = self._proj(x, layer, li, "q_proj", segs).view(t, nh, hd)
+        k = self._proj(x, layer, li, "k_proj", segs).view(t, nkv, hd)
+        v = self._proj(x, layer, li, "v_proj", segs).view(t, nkv, hd)
+        q = q * step.cos + _rotate_half(q) * step.sin
+        k = k * step.cos + _rotate_half(k) * step.sin
+        ck, cv = self.cache.k[cache_li], self.cache.v[cache_li]
+        ck[row_t, :, pos_t] = k
+        cv[row_t, :, pos_t] = v
+        if step.decode_only:
+            qb = q.unsqueeze(2)  # [b, heads, 1, hd]: token r is row r
+        else:
+            qb = q.new_zeros(b, nh, step.max_n, hd)
+            qb[row_t, :, off_t] = q
+        o = F.scaled_dot_product_attention(
+            qb, ck[:b, :, : step.max_kv], cv[:b, :, : step.max_kv], attn_mask=step.mask, scale=self.scaling, enable_gqa=True
+        )
+        o = o.squeeze(2) if step.decode_only else o[row_t, :, off_t]
+        h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", segs)
+        x = layer.post_norm(h)
+        gate = self._proj(x, layer, li, "gate_proj", segs)
+        up = self._proj(x, layer, li, "up_proj", segs)
+        return h + self._proj(F.silu(gate) * up, layer, li, "down_proj", segs)
+
+    def finish(self, h: torch.Tensor, step: StepBatch) -> tuple[torch.Tensor, int]:
+        """Each row's next-token logits (and prompt logits where asked); advances ``seq.past``."""
+        rows, starts = step.rows, step.starts
         last_tok = torch.tensor([s - 1 for s in starts[1:]], dtype=torch.long)
         hidden = self._norm(h.index_select(0, last_tok))
         logits = F.linear(hidden, self._lm_head)
-        for r in range(n_old, b):
+        for r in range(step.n_old, len(rows)):
             if rows[r].want_prompt_logits:
                 rows[r].prompt_logits = F.linear(self._norm(h[starts[r] : starts[r + 1]]), self._lm_head)
-        for seq, n in zip(rows, lens):
+        for seq, n in zip(rows, step.lens):
             seq.past += n
-        return logits, b * max_n
+        return logits, len(rows) * step.max_n
 
     @staticmethod
-    def _proj(x: torch.Tensor, layer: _Layer, li: int, name: str, segs: Segments) -> torch.Tensor:
+    def _proj(x: torch.Tensor, layer: LlamaLayer, li: int, name: str, segs: Segments) -> torch.Tensor:
         return linear(x, layer.w[name], None, (li, name), segs)

@@ -9,13 +9,14 @@ scheduler with deadlines. What this module adds is the model side:
   :class:`~fmplex.generative.forward.LlamaForward` runs it. A sequence brings
   its prompt embeddings -- each image's features in place of its placeholder
   tokens (:meth:`LMStage.prompt_embeddings`) -- instead of its ids'.
-* Mllama (cross-attention): its layers are not plain Llama layers, so
-  :class:`RowForward` runs each row's prefill / decode step on the stage's own
-  transformers modules inside the shared step (one sequence's work at a time;
-  scheduling, deadlines and answers are still the engine's).
+* Mllama (cross-attention): :class:`~fmplex.multimodal.mllama_forward.MllamaForward`
+  runs the same batched Llama self-attention layers and, in its cross-attention
+  layers, each row's own image keys (padded across rows and masked); a sequence
+  brings its image features (``context``), text-only rows skip those layers.
 
 Answers equal the one-piece model's (greedy tokens identical, prefill logits
-within 1e-4; tests/unit/test_multimodal_stages.py and tests/e2e/test_multimodal.py).
+within 1e-5 in-process, 1e-4 over Triton; tests/unit/test_multimodal_stages.py and
+tests/e2e/test_multimodal.py).
 No Triton imports.
 """
 
@@ -28,10 +29,11 @@ import torch
 from fmplex.generative.engine import Engine, SamplingParams, Sequence
 from fmplex.generative.forward import Forward, LlamaForward
 
+from .mllama_forward import MllamaForward
 from .models import EOS_ID, ByteTokenizer
 from .stages import LMStage
 
-__all__ = ["ByteText", "RowForward", "lm_sequence", "make_engine"]
+__all__ = ["ByteText", "lm_sequence", "make_engine"]
 
 
 class ByteText:
@@ -42,41 +44,14 @@ class ByteText:
         return ByteTokenizer.decode(ids)
 
 
-class RowForward(Forward):
-    """Each row on the stage's transformers modules: prefill, then one token per step
-    (for models the batched Llama forward does not cover)."""
-
-    def __init__(self, lm: LMStage) -> None:
-        self.lm = lm
-        self.max_positions = lm.max_positions
-        self.vocab_size = int(lm.lm.get_input_embeddings().num_embeddings)  # Mllama's image token is past vocab_size
-
-    def __call__(self, rows: list[Sequence], n_old: int) -> tuple[torch.Tensor, int]:
-        out = []
-        for r, seq in enumerate(rows):
-            if r < n_old:
-                out.append(self.lm.step(seq.state, seq.generated[-1]))
-                seq.past += 1
-            else:
-                logits, seq.state = self.lm.prefill(seq.prompt_ids, seq.context)
-                if seq.want_prompt_logits:
-                    seq.prompt_logits = logits
-                out.append(logits[-1])
-                seq.past += len(seq.prompt_ids)
-        longest = max(1, *(len(s.prompt_ids) for s in rows[n_old:])) if len(rows) > n_old else 1
-        return torch.stack(out), len(rows) * longest
-
-    def reset(self) -> None:
-        """Per-sequence caches go with their sequences."""
-
-
 def make_engine(lm: LMStage, *, max_rows: int = 8, prefill_tokens: int = 1024, policy: str = "wfq",
                 kv_capacity: int = 64) -> Engine:  # fmt: skip
     """The engine of one lm stage instance."""
     if lm.family == "llava":
         forward: Forward = LlamaForward(lm.lm, lm.lm_head.weight, lm.config.text_config, max_rows=max_rows, kv_capacity=kv_capacity)
     else:
-        forward = RowForward(lm)
+        forward = MllamaForward(lm.lm, lm.lm_head.weight, lm.config.text_config, tiles=lm.tiles, patches=lm.patches,
+                                image_token_id=lm.image_token_id, max_rows=max_rows, kv_capacity=kv_capacity)  # fmt: skip
     return Engine(forward=forward, tokenizer=ByteText(), eos_token_id=EOS_ID, max_rows=max_rows, prefill_tokens=prefill_tokens,
                   max_context=lm.max_positions, policy=policy)  # fmt: skip
 

@@ -228,3 +228,63 @@ def test_engine_shared_batches_equal_each_request_alone(staged: Staged) -> None:
         torch.testing.assert_close(seq.prompt_logits, alone.prefill_logits, atol=ATOL, rtol=0)
     assert engine.stats.multi_row_steps >= 3 and engine.stats.max_rows == 4
     assert engine.stats.tokens_generated == sum(len(a.tokens) for _, a in runs)
+
+
+class _StepLog:
+    """The engine's forward, recording which rows (by image count) each step ran together."""
+
+    def __init__(self, forward: Any) -> None:
+        self._forward = forward
+        self.steps: list[list[int]] = []
+
+    def __call__(self, rows: list[Any], n_old: int) -> Any:
+        self.steps.append([0 if s.context is None else int(s.context.shape[0]) for s in rows])
+        return self._forward(rows, n_old)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._forward, name)
+
+
+def test_mllama_batched_step_equals_each_request_alone(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mllama rows run as one batched forward: text-only rows (which skip the cross-attention
+    layer), one image, two adjacent images, three images, and a prompt whose first tokens
+    see no image, joining at different steps and leaving at different steps (rows refilled),
+    with the KV and cross caches outgrown mid-run. Each gets exactly the greedy tokens
+    (and prefill logits within 1e-5) it gets alone on the transformers modules."""
+    from fmplex.generative.engine import SamplingParams
+    from fmplex.multimodal.lm_engine import lm_sequence, make_engine
+    from fmplex.multimodal.mllama_forward import MllamaForward
+
+    staged = Staged("mllama-tiny", tmp_path_factory.mktemp("mllama-batched"))
+    engine = make_engine(staged.lm, max_rows=4, kv_capacity=8)
+    assert isinstance(engine.forward, MllamaForward)
+    log = _StepLog(engine.forward)
+    engine.forward = log
+    texts = {
+        0: "Tell me a short story about a fox.",
+        1: "A long preface before the picture: <image> so what is it?",
+        2: "<image><image> Are these two the same?",
+        3: "<image> first, then <image> and <image>. Compare them.",
+    }
+    cases = [(1, 14, 0.0), (0, 6, 0.0), (3, 10, 0.0), (2, 18, 0.0), (0, 12, 0.0), (1, 4, 0.9), (3, 16, 0.0), (0, 9, 0.0)]
+    runs = []
+    for i, (n, max_new, temperature) in enumerate(cases):
+        images = _images(n, seed=30 + i)
+        ids = staged.lm.tokenizer.encode(f"t{i}: " + texts[n], n)
+        feats = staged.enc.encode(images) if n else None
+        alone = staged.lm.generate(ids, feats, max_new, temperature=temperature, seed=3, want_logits=True)
+        params = SamplingParams(max_tokens=max_new, temperature=temperature, seed=3)
+        runs.append((lm_sequence(staged.lm, f"task{i % 3}", ids, feats, params, want_prompt_logits=True), alone))
+    for k, (seq, _) in enumerate(runs):
+        engine.submit(seq)
+        if k in (0, 2, 3, 5):
+            engine.step()  # later requests join a running batch
+    engine.run_until_idle()
+    for seq, alone in runs:
+        assert seq.done and seq.outcome == "ok", seq
+        assert seq.generated == alone.tokens, seq
+        torch.testing.assert_close(seq.prompt_logits, alone.prefill_logits, atol=ATOL, rtol=0)
+    mixed = [s for s in log.steps if 0 in s and any(s)]
+    assert mixed, "no step ran text-only and image rows together"
+    assert any(len(set(s) - {0}) > 1 for s in log.steps), "no step ran rows with different numbers of images"
+    assert max(len(s) for s in log.steps) == 4 and engine.forward.cross.capacity > 8 and engine.cache.capacity > 8
