@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-vision-series bench-multimodal bench-growth bench-gpu-bundle bench-gpu repo clean
+.PHONY: help install system-deps demo test lint soak fuzz test-unit test-e2e bench bench-more bench-vision-series bench-multimodal bench-growth profile-saturation bench-gpu-bundle bench-gpu repo clean
 
 help:
 	@echo "make demo   - install, serve the embedded repository plus an image and a forecasting task, query them over HTTP and gRPC"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-vision-series - the same comparison for the image (efficientnet) and time-series (fracast) backbones; QUICK=1 for a short run"
 	@echo "make bench-multimodal - staged (autoscaled stages) vs monolithic multimodal serving on a trace; QUICK=1 for a short run, BEFORE=DIR adds the staged deployment served by the fmplex checkout in DIR"
 	@echo "make bench-growth - MiniLM host saturation throughput with fixed 16-row batches vs batch growth, side by side; QUICK=1 for a short run"
+	@echo "make profile-saturation - where the cores go while the MiniLM host is saturated: CPU ms per request by process, the host's stacks (perf/results/saturation_profile.json)"
 	@echo "make repo   - rebuild the embedded default model_repository/ from fmplex/data/"
 
 $(STAMP): pyproject.toml
@@ -94,6 +95,10 @@ bench-vision-series: $(STAMP) system-deps
 # Saturation throughput of the MiniLM host, fixed 16-row batches vs batch growth: perf/results/growth_bench.json.
 bench-growth: $(STAMP) system-deps
 	$(PY) perf/bench_growth.py $(if $(QUICK),--quick,)
+
+# perf/results/saturation_profile.json (~1 min): CPU per answered request by process vs the raw forward, py-spy of the host.
+profile-saturation: $(STAMP) system-deps
+	$(PY) perf/profile_saturation.py
 
 # Staged multimodal serving (encode + lm stage hosts, autoscaled) vs one whole model per task, on the same trace:
 # perf/results/multimodal_trace.json + .png (~4 min; QUICK=1 ~2 min).
