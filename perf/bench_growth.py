@@ -13,7 +13,7 @@ buys and what it costs, in one run on one machine:
 
 each saturated by ``--concurrency`` closed-loop clients per task, and each
 also with one light closed-loop client on a task of its own beside a flood
-on another (the overload case growth must not worsen: the light task's p99
+(``--flood`` clients) on another (the overload case growth must not worsen: the light task's p99
 and the rows per batch). Repetitions rotate the order; medians with their
 spread. Every sent request counts (a failed one counts as the timeout).
 
@@ -92,10 +92,10 @@ def run_setting(label: str, saturated: int | None, work: Path, names: list[str],
         sat = summarize(recs, (0.5, d), timeout_s=cfg.timeout)
         sat["batch_rows"] = delta(batch_sizes(metrics), b0)
         sat["mean_batch_rows"] = mean_rows(sat["batch_rows"])
-        # Overload: a flood on one task (10x concurrency), one light client on another.
+        # Overload: a flood on one task, one light client on another.
         light, flood = names[0], names[1]
         b0 = batch_sizes(metrics)
-        recs = driver.closed_loop({flood: cfg.concurrency * 10, light: 1}, d)
+        recs = driver.closed_loop({flood: cfg.flood, light: 1}, d)
         over = {"light": summarize([r for r in recs if r.task == light], (0.5, d), timeout_s=cfg.timeout),
                 "flood": summarize([r for r in recs if r.task == flood], (0.5, d), timeout_s=cfg.timeout)}
         over["batch_rows"] = delta(batch_sizes(metrics), b0)
@@ -116,7 +116,10 @@ def main() -> int:
     ap.add_argument("--repetitions", type=int, help="repetitions (default 3; quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per workload (default 8; quick 4)")
     ap.add_argument("--tasks", type=int, default=4, help="classifier tasks (default 4)")
-    ap.add_argument("--concurrency", type=int, default=8, help="closed-loop clients per task while saturated (default 8)")
+    ap.add_argument("--concurrency", type=int, default=48,
+                    help="closed-loop clients per task while saturated (default 48: with 4 tasks, enough rows for two "
+                         "workers to run 64-row batches and find another 64 waiting)")
+    ap.add_argument("--flood", type=int, default=320, help="closed-loop clients of the flooding task in the overload case (default 320)")
     ap.add_argument("--timeout", type=float, default=30.0, help="client deadline, s: a failed request counts as this")
     ap.add_argument("--results", type=Path, default=None, help="results folder (default perf/results)")
     cfg = ap.parse_args()
@@ -152,7 +155,7 @@ def main() -> int:
         }
     summary["growth_over_fixed"] = spread([r["growth"]["saturation"]["throughput_rps"] / r["fixed"]["saturation"]["throughput_rps"] for r in runs])
     out = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "repetitions": reps, "duration_s": cfg.duration, "tasks": cfg.tasks,
-           "concurrency": cfg.concurrency, "summary": summary, "runs": runs}
+           "concurrency": cfg.concurrency, "flood": cfg.flood, "summary": summary, "runs": runs}
     path = write_results("growth_bench.json", out, cfg.results) if cfg.results else write_results("growth_bench.json", out)
     log(f"== medians of {reps} (min..max):")
     for label in SETTINGS:
