@@ -27,6 +27,7 @@ class SeriesBackbones(SingleHostFamily):
     host_params = {
         "max_batch_rows": 64, "max_rows_per_request": 256, "workers": "1", "policy": "wfq",
         "max_lag": 256, "max_queue_delay_us": 0, "extension_budget_mb": 256,
+        "saturated_batch_rows": 0, "light_window_ms": 1000,  # growth off: see SchedulerSettings
     }  # fmt: skip
 
     def user_errors(self) -> tuple[type[Exception], ...]:

@@ -26,6 +26,7 @@ class VisionBackbones(SingleHostFamily):
     host_params = {
         "max_batch_rows": 16, "max_rows_per_request": 64, "workers": "1", "policy": "wfq",
         "max_lag": 64, "max_queue_delay_us": 0, "extension_budget_mb": 1024,
+        "saturated_batch_rows": 0, "light_window_ms": 1000,  # growth off: see SchedulerSettings
     }  # fmt: skip
 
     def user_errors(self) -> tuple[type[Exception], ...]:
