@@ -31,7 +31,7 @@ from .extension_cache import ExtensionCache
 from .host import TaskUnavailable
 from .scheduled_host import ScheduledHost
 from .ledger import Answer
-from .routing import Route, SlotRouter
+from .routing import Job, Route, SlotRouter
 from .scheduler import Pending, TaskPolicy
 from .settings import SchedulerSettings, worker_count
 
@@ -43,19 +43,6 @@ class FamilyHostSettings(SchedulerSettings):
     workers: str = "1"
     max_rows_per_request: int = 64
     extension_budget_mb: float = 1024.0
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """What the scheduler carries for one request."""
-
-    request: Any
-    answer: Answer
-    entry: TaskEntry
-    slot: int
-    wanted: frozenset[str]
-    data: Any  # the family's decoded request
-    task: Any = None  # the loaded task, when decoding needed it
 
 
 def slot_parser(prefixes: tuple[str, ...]) -> Any:

@@ -28,10 +28,10 @@ from fmplex.runtime.extension_cache import ExtensionCache
 from fmplex.runtime.host import input_array
 from fmplex.runtime.scheduled_host import ScheduledHost
 from fmplex.runtime.ledger import Answer
-from fmplex.runtime.routing import Route, SlotRouter
+from fmplex.runtime.routing import Job, Route, SlotRouter
 from fmplex.runtime.scheduler import Pending, TaskPolicy
 from fmplex.runtime.settings import SchedulerSettings, worker_count
-from fmplex.runtime.validation import Limits, Rows, decode_rows
+from fmplex.runtime.validation import Limits, decode_rows
 
 from .executor import Executor, WorkItem, pad_tokens, set_threads
 from .extensions import Extension, load_extension
@@ -44,18 +44,6 @@ class EncoderSettings(SchedulerSettings):
     max_rows_per_request: int = 256
     max_text_bytes: int = 16384
     extension_budget_mb: float = 1024.0
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """What the scheduler carries for one request (its opaque payload)."""
-
-    request: Any
-    answer: Answer
-    entry: TaskEntry
-    slot: int
-    rows: Rows
-    wanted: frozenset[str]
 
 
 class TritonPythonModel(ScheduledHost):
@@ -104,7 +92,7 @@ class TritonPythonModel(ScheduledHost):
     def accept(self, request: Any, answer: Answer, route: Route | None, now: float) -> None:
         assert route is not None
         rows = decode_rows(input_array(request, "TEXT"), input_array(request, "INPUT_IDS"), input_array(request, "ATTENTION_MASK"), self.limits)
-        job = Job(request, answer, route.entry, route.slot, rows, route.wanted)
+        job = Job(request, answer, route.entry, route.slot, route.wanted, rows)
         timeout_us = request.timeout()
         tokens = min(rows.token_estimate(), self.spec.max_tokens)
         pending = Pending(
@@ -134,7 +122,7 @@ class TritonPythonModel(ScheduledHost):
                 self.fail(job.answer, "request cancelled", codes.CANCELLED, "cancelled")
                 continue
             ext, err = self._extension(job.entry)
-            items.append(WorkItem(job.rows, ext, error=err))
+            items.append(WorkItem(job.data, ext, error=err))
             jobs.append(job)
         try:
             report = self.executor.run(items)

@@ -153,3 +153,14 @@ def test_the_backbone_loads_once_per_family_object() -> None:
 
     for fam in (VisionFamily(), SeriesFamily()):
         assert fam.executor is fam.executor
+
+
+@pytest.mark.parametrize("backbone, package", [("efficientnet", "vision"), ("fracast", "timeseries")])
+def test_a_user_error_while_building_is_the_family_objects_own(backbone: str, package: str) -> None:
+    import importlib  # noqa: PLC0415
+
+    family = family_for(backbone)
+    errors = (importlib.import_module(f"fmplex.families.{package}.importers").SourceError,
+              importlib.import_module(f"fmplex.families.{package}.train").TrainError)
+    assert family.user_errors() == errors
+    assert type(family.family_object()) is family.object_class() and family.object_class().__module__ == f"fmplex.families.{package}.family"

@@ -35,16 +35,9 @@ MIN_FINITE = 8  # fracast refuses a context with fewer finite observations
 EMBEDDING = 128  # [mean of the hidden states, last hidden state], what the head summarises
 
 
-class BackboneMissing(RuntimeError):
-    """The ``fracast`` package (and so the weights) is not installed."""
-
-
 def weights_dir() -> Path:
     """The ``weights/`` folder inside the installed package (found without importing it)."""
-    config = weight_cache.package_file(PACKAGE, "weights/config.json")
-    if config is None:
-        raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package fracast (its weights/ folder was not found)")
-    return config.parent
+    return weight_cache.require_package_file(PACKAGE, "weights/config.json", BACKBONE, "fracast").parent
 
 
 @functools.cache
