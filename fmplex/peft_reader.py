@@ -25,13 +25,14 @@ for the encoder, :mod:`fmplex.generative.lora` for the decoder).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fmplex.artifacts import read_json, read_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,33 +98,6 @@ class PeftAdapter:
         return PeftError(f"{self.source}: {message}")
 
 
-def read_json(path: Path, error: type[Exception] = PeftError) -> dict[str, Any]:
-    """A JSON object from ``path``; anything else raises ``error`` with one line
-    (the importers of other sources pass their own error type)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} must hold a JSON object")
-    return data
-
-
-def read_safetensors(path: Path, error: type[Exception] = PeftError) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (never pickle); anything else raises ``error`` with one line."""
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise error(f"{path} is missing (only safetensors are read, never pickle)") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise error(f"{path} is not a readable safetensors file: {exc}") from None
-
-
 def pattern_value(patterns: dict[str, Any], path: str, default: float) -> float:
     """PEFT's ``rank_pattern``/``alpha_pattern``: a key matches a module path suffix."""
     for key, value in patterns.items():
@@ -157,7 +131,7 @@ def read_adapter(source: Path, peft_types: tuple[str, ...] = PEFT_TYPES) -> Peft
     source = Path(source)
     if not source.is_dir():
         raise PeftError(f"{source} is not a directory (a PEFT adapter is the directory save_pretrained writes)")
-    cfg = read_json(source / ADAPTER_CONFIG)
+    cfg = read_json(source / ADAPTER_CONFIG, PeftError)
     peft_type = cfg.get("peft_type")
     if peft_type not in peft_types:
         raise PeftError(f"{source}: peft_type is {peft_type!r}, not {' or '.join(repr(t) for t in peft_types)}")
@@ -169,7 +143,7 @@ def read_adapter(source: Path, peft_types: tuple[str, ...] = PEFT_TYPES) -> Peft
     task_type = cfg.get("task_type")
     modules = [str(m) for m in (cfg.get("modules_to_save") or [])]
     adapter = PeftAdapter(source=source, config=cfg, peft_type=peft_type, task_type=task_type)
-    weights = read_safetensors(source / ADAPTER_WEIGHTS)
+    weights = read_safetensors(source / ADAPTER_WEIGHTS, PeftError)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
     for key, tensor in weights.items():

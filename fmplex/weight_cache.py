@@ -26,6 +26,10 @@ from typing import Any, Callable
 DONE = "fmplex-cache.json"  # written last: a directory without it is incomplete
 
 
+class BackboneMissing(RuntimeError):
+    """The package that ships a backbone's weights is not installed (one line naming it)."""
+
+
 def package_file(package: str, relpath: str) -> Path | None:
     """The file ``relpath`` inside the installed package ``package``, or None (the package is not imported)."""
     spec = importlib.util.find_spec(package)
@@ -34,6 +38,14 @@ def package_file(package: str, relpath: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def require_package_file(package: str, relpath: str, backbone: str, distribution: str) -> Path:
+    """:func:`package_file`, or :class:`BackboneMissing` naming the PyPI ``distribution`` the backbone needs."""
+    path = package_file(package, relpath)
+    if path is None:
+        raise BackboneMissing(f"backbone '{backbone}' needs the PyPI package {distribution} ({relpath} not found)")
+    return path
 
 
 def content_fingerprint(*paths: Path, salt: bytes = b"") -> str:

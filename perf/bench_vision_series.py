@@ -50,6 +50,7 @@ from fmplex.control import serving, workflows  # noqa: E402
 from fmplex.control.server import TritonProcess, free_ports  # noqa: E402
 from fmplex.control.triton_api import Triton  # noqa: E402
 from perf import deployments as dep  # noqa: E402
+from perf.budget import grow_until_budget, load_until_budget  # noqa: E402
 from perf.common import cpu_seconds, machine_header, process_tree, server_memory, timed_rate, write_results  # noqa: E402
 from perf.load import Arrival, Driver, Target, poisson, rotations, spread, summarize  # noqa: E402
 from perf.report import aggregate  # noqa: E402
@@ -285,64 +286,38 @@ def _answer_once(bench: FamilyBench, url: str, names: list[str], payload: Any, t
 def budget_fmplex(bench: FamilyBench, work: Path, vdir: Path, entry: registry.TaskEntry, payload: Any, budget_mib: float,
                   wall_s: float, step: int, slots: int) -> dict[str, Any]:
     """Deploy clones into the running host in chunks (each answering once) until the budget, the slots or the clock."""
-    t_end = time.monotonic() + wall_s
     repo = fmplex_repo(bench, work / "budget-fmplex", [], vdir, entry, slots=slots)
     ports = free_ports()
     proc = serving.start(repo, ports, log_path=work / "budget-fmplex.log")
     url = f"127.0.0.1:{ports.grpc}"
-    curve, fitted, reached, stopped_by, unanswered = [], 0, False, "wall-clock limit", 0
+    unanswered = 0
     try:
         assert proc.proc is not None
-        curve.append((0, server_memory(proc.proc.pid)["pss_mib"]))
+        pid = proc.proc.pid
         with Triton(url, timeout=300) as triton:
-            while time.monotonic() < t_end:
+
+            def add(fitted: int) -> int | str:
+                nonlocal unanswered
                 if fitted >= slots:
-                    stopped_by = f"slot pool of one host ({slots})"
-                    break
+                    return f"slot pool of one host ({slots})"
                 chunk = [f"v{i:05d}" for i in range(fitted, min(fitted + step, slots))]
                 clone_tasks(repo, chunk, vdir, entry)
                 workflows.deploy(repo, chunk, triton=triton, check=False)
                 unanswered += _answer_once(bench, url, chunk, payload)
-                mem = server_memory(proc.proc.pid)["pss_mib"]
-                curve.append((fitted + len(chunk), mem))
-                log(f"   fmplex budget: {fitted + len(chunk):5d} tasks, {mem:7.0f} MiB PSS")
-                if mem > budget_mib:
-                    reached, stopped_by = True, "budget"
-                    break
-                fitted += len(chunk)
+                return fitted + len(chunk)
+
+            res = grow_until_budget(add, lambda: server_memory(pid)["pss_mib"], budget_mib, wall_s, log,
+                                    lambda n, mem: f"   fmplex budget: {n:5d} tasks, {mem:7.0f} MiB PSS")
     finally:
         proc.stop()
-    return {"tasks": fitted, "budget_reached": reached, "stopped_by": stopped_by, "unanswered": unanswered, "curve": curve}
+    return {**res, "unanswered": unanswered}
 
 
 def budget_isolated(bench: FamilyBench, work: Path, vdir: Path, budget_mib: float, wall_s: float, limit: int) -> dict[str, Any]:
     """Load one-copy-per-task models one by one until the budget or the clock."""
-    t_end = time.monotonic() + wall_s
     names = dep.task_names(limit, "b")
     repo = baseline_repo(bench, work / "budget-iso", names, vdir, partitioned=False)
-    ports = free_ports()
-    proc = dep.start(repo, ports, [], work / "budget-isolated.log")
-    curve, fitted, reached, stopped_by = [], 0, False, "wall-clock limit"
-    try:
-        assert proc.proc is not None
-        curve.append((0, server_memory(proc.proc.pid)["pss_mib"]))
-        with Triton(f"127.0.0.1:{ports.grpc}", timeout=300) as triton:
-            for i, n in enumerate(names, start=1):
-                if time.monotonic() >= t_end:
-                    break
-                triton.load(n)
-                mem = server_memory(proc.proc.pid)["pss_mib"]
-                curve.append((i, mem))
-                log(f"   isolated budget: {i:3d} tasks, {mem:7.0f} MiB PSS")
-                if mem > budget_mib:
-                    reached, stopped_by = True, "budget"
-                    break
-                fitted = i
-            else:
-                stopped_by = f"task limit {limit}"
-    finally:
-        proc.stop()
-    return {"tasks": fitted, "budget_reached": reached, "stopped_by": stopped_by, "curve": curve}
+    return load_until_budget(repo, names, work / "budget-isolated.log", budget_mib, wall_s, log, "isolated budget")
 
 
 # --- one family -------------------------------------------------------------------------

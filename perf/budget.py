@@ -109,15 +109,62 @@ def _answer_once(url: str, names: list[str], timeout_s: float = 300.0) -> list[s
     return errors
 
 
+def grow_until_budget(add: Callable[[int], int | str], memory: Callable[[], float], budget_mib: float, wall_s: float,
+                      log: Callable[[str], None], line: Callable[[int, float], str]) -> dict[str, Any]:
+    """The tasks-in-budget loop every deployment shares: ``add(n)`` puts more tasks beside the ``n``
+    that fit so far and returns the new count (or a string: why no more can be added); after each
+    addition ``memory()`` (MiB PSS) is logged with ``line(count, mib)``. Stops when the memory passes
+    the budget (the last addition does not count), when ``add`` says so or when the clock runs out:
+    a count cut short by the clock is a lower bound, and ``stopped_by`` says so."""
+    t_end = time.monotonic() + wall_s
+    curve = [(0, memory())]
+    fitted, reached, stopped_by = 0, False, "wall-clock limit"
+    if curve[0][1] > budget_mib:
+        reached, stopped_by = True, "budget (passed before the first task)"
+    while not reached and time.monotonic() < t_end:
+        count = add(fitted)
+        if isinstance(count, str):
+            stopped_by = count
+            break
+        mem = memory()
+        curve.append((count, mem))
+        log(line(count, mem))
+        if mem > budget_mib:
+            reached, stopped_by = True, "budget"
+            break
+        fitted = count
+    return {"tasks": fitted, "budget_reached": reached, "stopped_by": stopped_by, "curve": curve}
+
+
+def load_until_budget(repo: Path, names: list[str], log_path: Path, budget_mib: float, wall_s: float,
+                      log: Callable[[str], None], label: str) -> dict[str, Any]:
+    """One-copy-per-task models of ``repo`` loaded one by one into one server (started with none)
+    until the budget, the clock or the last of ``names``."""
+    ports = free_ports()
+    proc = dep.start(repo, ports, [], log_path)
+    try:
+        assert proc.proc is not None
+        pid = proc.proc.pid
+        with Triton(f"127.0.0.1:{ports.grpc}", timeout=300) as triton:
+
+            def add(fitted: int) -> int | str:
+                if fitted >= len(names):
+                    return f"task limit {len(names)}"
+                triton.load(names[fitted])
+                return fitted + 1
+
+            return grow_until_budget(add, lambda: server_memory(pid)["pss_mib"], budget_mib, wall_s, log,
+                                     lambda n, mem: f"   {label}: {n:3d} tasks, {mem:7.0f} MiB PSS")
+    finally:
+        proc.stop()
+
+
 def budget_fmplex(work: Path, kinds: list[KindSource], budget_mib: float, wall_s: float, step: int,
                   log: Callable[[str], None] = print, slots: int = MAX_SLOTS) -> dict[str, Any]:
     """Deploy the kind mix into running hosts until the budget or the clock runs out."""
-    t_end = time.monotonic() + wall_s
     servers: list[tuple[Path, TritonProcess, str]] = []
-    curve: list[tuple[int, float]] = []
-    mix: dict[str, int] = {}
     labels: dict[str, str] = {}
-    fitted, reached, stopped_by, deployed, errors = 0, False, "wall-clock limit", 0, 0
+    errors = 0
 
     def memory() -> float:
         return sum(server_memory(p.proc.pid)["pss_mib"] for _, p, _ in servers if p.proc is not None)
@@ -130,75 +177,46 @@ def budget_fmplex(work: Path, kinds: list[KindSource], budget_mib: float, wall_s
         servers.append((repo, proc, f"127.0.0.1:{ports.grpc}"))
         log(f"   fmplex: host {h + 1} up (slots {slots})")
 
+    def add(deployed: int) -> int:
+        nonlocal errors
+        repo, _, url = servers[-1]
+        on_host = sum(1 for t in registry.load(repo).tasks.values() if t.deployed)
+        if on_host >= slots:
+            new_host()
+            repo, _, url = servers[-1]
+            on_host = 0
+        chunk = [f"v{i:05d}" for i in range(deployed, deployed + min(step, slots - on_host))]
+        labels.update(_add_tasks(repo, chunk, kinds, deployed))
+        subprocess.run([dep.FMPLEX, "deploy", "--repo", str(repo), "--url", url, *chunk], check=True, capture_output=True)
+        bad = _answer_once(url, chunk)
+        errors += len(bad)
+        if bad:
+            log(f"   fmplex: {len(bad)} of {len(chunk)} new tasks did not answer, e.g. {bad[0]}")
+        return deployed + len(chunk)
+
     try:
         new_host()
-        curve.append((0, memory()))
-        if curve[-1][1] > budget_mib:
-            reached, stopped_by = True, "budget (one empty host already passes it)"
-        while not reached and time.monotonic() < t_end:
-            repo, _, url = servers[-1]
-            on_host = sum(1 for t in registry.load(repo).tasks.values() if t.deployed)
-            if on_host >= slots:
-                new_host()
-                repo, _, url = servers[-1]
-                on_host = 0
-            chunk = [f"v{i:05d}" for i in range(deployed, deployed + min(step, slots - on_host))]
-            labels.update(_add_tasks(repo, chunk, kinds, deployed))
-            subprocess.run([dep.FMPLEX, "deploy", "--repo", str(repo), "--url", url, *chunk], check=True, capture_output=True)
-            bad = _answer_once(url, chunk)
-            errors += len(bad)
-            if bad:
-                log(f"   fmplex: {len(bad)} of {len(chunk)} new tasks did not answer, e.g. {bad[0]}")
-            deployed += len(chunk)
-            mem = memory()
-            curve.append((deployed, mem))
-            log(f"   fmplex: {deployed:5d} tasks on {len(servers)} host(s), {mem:7.0f} MiB PSS")
-            if mem > budget_mib:
-                reached, stopped_by = True, "budget"
-                break
-            fitted = deployed
+        res = grow_until_budget(add, memory, budget_mib, wall_s, log,
+                                lambda n, mem: f"   fmplex: {n:5d} tasks on {len(servers)} host(s), {mem:7.0f} MiB PSS")
     finally:
         for _, proc, _ in servers:
             proc.stop()
-    for i in range(fitted):
+    mix: dict[str, int] = {}
+    for i in range(res["tasks"]):
         k = labels[f"v{i:05d}"]
         mix[k] = mix.get(k, 0) + 1
-    return {"tasks": fitted, "budget_reached": reached, "stopped_by": stopped_by, "hosts": len(servers), "slots_per_host": slots,
-            "mix": mix, "unanswered": errors, "curve": curve, "wall_limit_s": wall_s}
+    return {**res, "hosts": len(servers), "slots_per_host": slots, "mix": mix, "unanswered": errors, "wall_limit_s": wall_s}
 
 
 def budget_isolated(work: Path, kinds: list[KindSource], budget_mib: float, wall_s: float, limit: int,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Load one-copy-per-task models one by one until the budget or the clock runs out."""
-    t_end = time.monotonic() + wall_s
     names = dep.task_names(limit, "b")
     sources = [(k.version_dir, k.family) for k in kinds]
     repo = dep.baseline_repo(work / "budget-iso", names, "isolated", sources=sources)
-    ports = free_ports()
-    proc = dep.start(repo, ports, [], work / "budget-isolated.log")
-    curve, fitted, reached, stopped_by = [], 0, False, "wall-clock limit"
-    try:
-        assert proc.proc is not None
-        curve.append((0, server_memory(proc.proc.pid)["pss_mib"]))
-        with Triton(f"127.0.0.1:{ports.grpc}", timeout=300) as triton:
-            for i, n in enumerate(names, start=1):
-                if time.monotonic() >= t_end:
-                    break
-                triton.load(n)
-                mem = server_memory(proc.proc.pid)["pss_mib"]
-                curve.append((i, mem))
-                log(f"   isolated: {i:3d} tasks, {mem:7.0f} MiB PSS")
-                if mem > budget_mib:
-                    reached, stopped_by = True, "budget"
-                    break
-                fitted = i
-            else:
-                stopped_by = f"task limit {limit}"
-    finally:
-        proc.stop()
+    res = load_until_budget(repo, names, work / "budget-isolated.log", budget_mib, wall_s, log, "isolated")
     mix: dict[str, int] = {}
-    for i in range(fitted):
+    for i in range(res["tasks"]):
         k = kinds[i % len(kinds)].kind
         mix[k] = mix.get(k, 0) + 1
-    return {"tasks": fitted, "budget_reached": reached, "stopped_by": stopped_by, "setting": "1 instance x 1 thread", "mix": mix,
-            "curve": curve, "wall_limit_s": wall_s}
+    return {**res, "setting": "1 instance x 1 thread", "mix": mix, "wall_limit_s": wall_s}

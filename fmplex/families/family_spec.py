@@ -1,14 +1,15 @@
-"""What a serving-side family object (vision, time series) declares about itself.
+"""What a serving-side family object (vision, time series) declares about itself, and what it shares.
 
-Plain records, no click and no Triton: the family's host imports them, and
-the control-side adapters (``vision_control``, ``series_control``) read them
-to build click options and host configs.
+Plain records and one small base class, no click and no Triton: the family's
+host imports them, and the control-side adapters (``vision_control``,
+``series_control``) read them to build click options and host configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 Echo = Callable[[str], None]
 
@@ -53,3 +54,39 @@ def require_device(device: str) -> str:
     elif dev.type != "cpu":
         raise DeviceError(f"device {device!r} is not supported (use cpu, or cuda[:n] on a GPU machine)")
     return device
+
+
+class BatchedFamily:
+    """What the family objects that run one shared pass over many tasks' rows (``VisionFamily``,
+    ``SeriesFamily``) have in common: the backbone's executor, loaded on first use (once per
+    process, on a device checked first, so that building a task or only reading the family's
+    description never loads a network), the artifact check and the batched entry point."""
+
+    def __init__(self, device: str = "cpu", max_pass_rows: int | None = -1) -> None:
+        self.device = device
+        self.max_pass_rows = max_pass_rows  # -1: the executor's default for the device
+        self._executor: Any = None
+
+    def make_executor(self) -> Any:
+        """The backbone's executor (imports torch and the network; called once, by :attr:`executor`)."""
+        raise NotImplementedError
+
+    def load_task(self, vdir: Path) -> Any:
+        """A task from its version directory; ArtifactError if it does not fit."""
+        raise NotImplementedError
+
+    @property
+    def executor(self) -> Any:
+        """The backbone, loaded on first use (once per process)."""
+        if self._executor is None:
+            require_device(self.device)
+            self._executor = self.make_executor()
+        return self._executor
+
+    def check_artifact(self, vdir: Path) -> Any:
+        """Load an artifact exactly as the host will (what it would refuse is refused here)."""
+        return self.load_task(vdir)
+
+    def run_batch(self, items: Sequence[tuple[Any, Any]]) -> list[Any]:
+        """One shared pass over every request's rows: a BatchResult (outputs or error) per request, in order."""
+        return self.executor.run_batch(items)

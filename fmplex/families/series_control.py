@@ -27,21 +27,10 @@ class SeriesBackbones(SingleHostFamily):
     host_params = {
         "max_batch_rows": 64, "max_rows_per_request": 256, "workers": "1", "policy": "wfq",
         "max_lag": 256, "max_queue_delay_us": 0, "extension_budget_mb": 256,
+        "saturated_batch_rows": 0, "light_window_ms": 1000,  # growth off: see SchedulerSettings
     }  # fmt: skip
-
-    def user_errors(self) -> tuple[type[Exception], ...]:
-        from .timeseries.importers import SourceError  # noqa: PLC0415 - torch-heavy: only while building
-        from .timeseries.train import TrainError  # noqa: PLC0415
-
-        return (SourceError, TrainError)
-
-    def object_class(self) -> Any:
-        from .timeseries.family import SeriesFamily  # noqa: PLC0415
-
-        return SeriesFamily
-
-    def make_object(self) -> Any:
-        return self.object_class()()
+    object_path = "fmplex.families.timeseries.family:SeriesFamily"
+    error_paths = ("fmplex.families.timeseries.importers:SourceError", "fmplex.families.timeseries.train:TrainError")
 
     def usage(self, kind: Any) -> str:
         return {

@@ -12,6 +12,7 @@ the backend, the host outputs and the create options.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +38,10 @@ class SingleHostFamily(BackboneFamily):
     default_slots = 64
     errors = (BuildError,)
     host_params: ClassVar[dict[str, Any]] = {}
+    # "module:Class" of the family object and of the build errors a user causes: imported only when
+    # needed (they pull in torch), so listing the families stays cheap.
+    object_path: ClassVar[str]
+    error_paths: ClassVar[tuple[str, ...]] = ()
 
     def family_object(self) -> Any:
         """The family object (``VisionFamily()`` ...), made once; it loads the backbone on first use."""
@@ -46,7 +51,7 @@ class SingleHostFamily(BackboneFamily):
         return obj
 
     def make_object(self) -> Any:
-        raise NotImplementedError
+        return self.object_class()()
 
     # --- the catalog ------------------------------------------------------------------------------
     def backbones(self) -> dict[str, str]:
@@ -61,7 +66,7 @@ class SingleHostFamily(BackboneFamily):
         return [Tensor(t.name, t.data_type, t.dims, optional=t.name in self.optional_inputs) for t in obj_cls.inputs]
 
     def object_class(self) -> Any:
-        raise NotImplementedError
+        return _imported(self.object_path)
 
     def host_config(self, backbone: str, slots: int) -> str:
         spec = self.catalog[backbone]
@@ -103,7 +108,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 
     def user_errors(self) -> tuple[type[Exception], ...]:
         """The family object's error classes a user causes (imported only while building: they pull in torch)."""
-        return ()
+        return tuple(_imported(path) for path in self.error_paths)
 
     def family_options(self, kind: str, options: dict[str, Any]) -> dict[str, Any]:
         """The family object's build options from the CLI's."""
@@ -180,3 +185,9 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
         )
         write_atomic(Path(repo) / entry.name / CONFIG, text)
         return [entry.name]
+
+
+def _imported(path: str) -> Any:
+    """The object a ``module:name`` path names."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

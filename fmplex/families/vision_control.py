@@ -26,21 +26,10 @@ class VisionBackbones(SingleHostFamily):
     host_params = {
         "max_batch_rows": 16, "max_rows_per_request": 64, "workers": "1", "policy": "wfq",
         "max_lag": 64, "max_queue_delay_us": 0, "extension_budget_mb": 1024,
+        "saturated_batch_rows": 0, "light_window_ms": 1000,  # growth off: see SchedulerSettings
     }  # fmt: skip
-
-    def user_errors(self) -> tuple[type[Exception], ...]:
-        from .vision.importers import SourceError  # noqa: PLC0415 - torch-heavy: only while building
-        from .vision.train import TrainError  # noqa: PLC0415
-
-        return (SourceError, TrainError)
-
-    def object_class(self) -> Any:
-        from .vision.family import VisionFamily  # noqa: PLC0415
-
-        return VisionFamily
-
-    def make_object(self) -> Any:
-        return self.object_class()()
+    object_path = "fmplex.families.vision.family:VisionFamily"
+    error_paths = ("fmplex.families.vision.importers:SourceError", "fmplex.families.vision.train:TrainError")
 
     def usage(self, kind: Any) -> str:
         return {

@@ -26,7 +26,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fmplex.peft_reader import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftError, read_adapter, read_json  # noqa: F401 - ADAPTER_WEIGHTS: part of this module's names (families, tests)
+from fmplex.artifacts import read_json
+from fmplex.peft_reader import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftError, read_adapter  # noqa: F401 - ADAPTER_WEIGHTS: part of this module's names (families, tests)
 from fmplex.row_deltas import Ia3Delta, LoraDelta, RowDelta
 
 # Projection name -> its parent module in a LlamaDecoderLayer (PEFT's module paths)
@@ -109,7 +110,7 @@ def load_peft_adapter(source: Path, config: Any, name: str = "", kind: str = "lo
     source = Path(source)
     peft_type = KINDS[kind]
     try:
-        check_config(read_json(source / ADAPTER_CONFIG), str(source), peft_type)
+        check_config(read_json(source / ADAPTER_CONFIG, PeftError), str(source), peft_type)
         read = read_adapter(source, (peft_type,))
     except PeftError as exc:
         raise AdapterError(str(exc)) from None

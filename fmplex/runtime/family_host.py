@@ -31,33 +31,18 @@ from .extension_cache import ExtensionCache
 from .host import TaskUnavailable
 from .scheduled_host import ScheduledHost
 from .ledger import Answer
-from .routing import Route, SlotRouter
-from .scheduler import Pending, TaskPolicy, make_scheduler
-from .settings import HostSettings, worker_count
+from .routing import Job, Route, SlotRouter
+from .scheduler import Pending, TaskPolicy
+from .settings import SchedulerSettings, worker_count
 
 
 @dataclasses.dataclass(frozen=True)
-class FamilyHostSettings(HostSettings):
-    policy: str = "wfq"
-    max_batch_rows: int = 16  # rows of one shared pass
-    max_lag: float = 64.0
-    max_queue_delay_us: float = 0.0
+class FamilyHostSettings(SchedulerSettings):
+    max_batch_rows: int = 16  # rows of one shared pass while a light task waits
+    max_lag: float = 64.0  # in the family's cost units (rows, or rows x rounds)
+    workers: str = "1"
     max_rows_per_request: int = 64
     extension_budget_mb: float = 1024.0
-    workers: str = "1"
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """What the scheduler carries for one request."""
-
-    request: Any
-    answer: Answer
-    entry: TaskEntry
-    slot: int
-    wanted: frozenset[str]
-    data: Any  # the family's decoded request
-    task: Any = None  # the loaded task, when decoding needed it
 
 
 def slot_parser(prefixes: tuple[str, ...]) -> Any:
@@ -109,15 +94,8 @@ class FamilyHost(ScheduledHost):
         pattern = "/".join(f"{p}<slot>" for p in self.prefixes)
         self.router = SlotRouter(self.view, self.backbone, self.name, st.slots, slot_parser(self.prefixes), pattern)
         self.workers = worker_count(st.workers, st.device)
-        self.scheduler = make_scheduler(
-            st.policy,
-            cost_fn=lambda p: float(p.tokens),  # the family's cost: rows, or rows x rounds
-            max_rows=st.max_batch_rows,
-            max_tokens=1 << 30,
-            max_lag=st.max_lag,
-            max_queue_delay_s=st.max_queue_delay_us / 1e6,
-            parallel=self.workers,
-        )
+        # The family's cost (rows, or rows x rounds) is the only budget: no token bound.
+        self.scheduler = st.make_scheduler(self.workers, max_tokens=1 << 30, cost_fn=lambda p: float(p.tokens))
         self.cache = ExtensionCache(self._load_task, int(st.extension_budget_mb * 2**20))
         self._live: set[tuple[str, int]] | None = None
         return self.workers

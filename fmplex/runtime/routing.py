@@ -11,7 +11,7 @@ client cannot reach another task's slot through a vFM. Pure Python (no Triton).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from fmplex.registry import Registry, RegistryView, TaskEntry
 
@@ -29,6 +29,19 @@ class Route:
     @property
     def version(self) -> int:
         return int(self.entry.deployed_version or self.entry.version)
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """What a scheduled host's scheduler carries for one routed request (its opaque payload)."""
+
+    request: Any
+    answer: Any  # the request's ledger Answer
+    entry: TaskEntry
+    slot: int
+    wanted: frozenset[str]
+    data: Any  # the host's decoded request: the encoder's Rows, a family's decoded inputs
+    task: Any = None  # the loaded task, when decoding needed it
 
 
 class SlotRouter:

@@ -17,6 +17,8 @@ import os
 import typing
 from typing import Any, TypeVar
 
+from .scheduler import CostFn, Scheduler, make_scheduler
+
 S = TypeVar("S")
 
 TORCH_THREADS_ENV = "FMPLEX_TORCH_THREADS"  # overrides torch_threads (tests, benchmarks)
@@ -35,6 +37,37 @@ class HostSettings:
     torch_threads: int = 1  # intra-op threads of this process (one on a shared CPU)
     repository: str = ""  # the model repository; "" = the one Triton loaded the host from
     device: str = "cpu"  # cpu, or cuda[:n] on a GPU machine
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSettings(HostSettings):
+    """What every host that batches requests through the fmplex scheduler reads (the encoder, vision
+    and time-series hosts): one set of parameter names, one meaning and one way to the scheduler's
+    ``BatchBudget``, so a knob such as batch growth works the same on every such host. A host's
+    subclass changes the defaults and adds its own fields."""
+
+    policy: str = "wfq"  # wfq, or fifo (a baseline)
+    max_batch_rows: int = 16  # rows of one batch while a light task waits
+    saturated_batch_rows: int = 0  # rows a batch may grow to while no task is light (<= max_batch_rows: off)
+    light_window_ms: float = 1000.0  # a task served this recently with less than its share still counts as light
+    max_lag: float = 4096.0  # how far (virtual time) WFQ may look past the smallest finish tag to batch well
+    max_queue_delay_us: float = 0.0  # wait to fill a batch (0: work-conserving)
+    workers: str = "auto"  # batches run at once (see worker_count)
+
+    def make_scheduler(self, parallel: int, max_tokens: int, cost_fn: CostFn | None = None) -> Scheduler:
+        """The scheduler these settings describe, for ``parallel`` workers; ``max_tokens`` bounds
+        the padded volume of a ``max_batch_rows`` batch (the host's own unit: tokens, or cost)."""
+        return make_scheduler(
+            self.policy,
+            cost_fn=cost_fn,
+            max_rows=self.max_batch_rows,
+            max_tokens=max_tokens,
+            max_lag=self.max_lag,
+            max_queue_delay_s=self.max_queue_delay_us / 1e6,
+            saturated_rows=self.saturated_batch_rows,
+            light_window_s=self.light_window_ms / 1000.0,
+            parallel=parallel,
+        )
 
 
 def read_settings(config: dict[str, Any], cls: type[S], **defaults: Any) -> S:

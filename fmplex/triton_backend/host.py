@@ -28,40 +28,22 @@ from fmplex.runtime.extension_cache import ExtensionCache
 from fmplex.runtime.host import input_array
 from fmplex.runtime.scheduled_host import ScheduledHost
 from fmplex.runtime.ledger import Answer
-from fmplex.runtime.routing import Route, SlotRouter
-from fmplex.runtime.scheduler import Pending, TaskPolicy, make_scheduler
-from fmplex.runtime.settings import HostSettings, worker_count
-from fmplex.runtime.validation import Limits, Rows, decode_rows
+from fmplex.runtime.routing import Job, Route, SlotRouter
+from fmplex.runtime.scheduler import Pending, TaskPolicy
+from fmplex.runtime.settings import SchedulerSettings, worker_count
+from fmplex.runtime.validation import Limits, decode_rows
 
 from .executor import Executor, WorkItem, pad_tokens, set_threads
 from .extensions import Extension, load_extension
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderSettings(HostSettings):
-    policy: str = "wfq"  # wfq, or fifo (a baseline)
-    max_batch_rows: int = 16  # rows of one batch while a light task waits
-    saturated_batch_rows: int = 64  # rows a batch may grow to while no task is light (<= max_batch_rows: off)
-    light_window_ms: float = 1000.0  # a task served this recently with less than its share still counts as light
+class EncoderSettings(SchedulerSettings):
+    saturated_batch_rows: int = 64  # growth is on for text (see SchedulerSettings)
     max_batch_tokens: int = 8192  # padded tokens of a max_batch_rows batch
-    max_lag: float = 4096.0
-    max_queue_delay_us: float = 0.0
     max_rows_per_request: int = 256
     max_text_bytes: int = 16384
     extension_budget_mb: float = 1024.0
-    workers: str = "auto"
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """What the scheduler carries for one request (its opaque payload)."""
-
-    request: Any
-    answer: Answer
-    entry: TaskEntry
-    slot: int
-    rows: Rows
-    wanted: frozenset[str]
 
 
 class TritonPythonModel(ScheduledHost):
@@ -82,16 +64,7 @@ class TritonPythonModel(ScheduledHost):
             vocab_size=self.executor.vocab_size,
         )
         self.workers = worker_count(st.workers, st.device)
-        self.scheduler = make_scheduler(
-            st.policy,
-            max_rows=st.max_batch_rows,
-            max_tokens=st.max_batch_tokens,
-            max_lag=st.max_lag,
-            max_queue_delay_s=st.max_queue_delay_us / 1e6,
-            saturated_rows=st.saturated_batch_rows,
-            light_window_s=st.light_window_ms / 1000.0,
-            parallel=self.workers,
-        )
+        self.scheduler = st.make_scheduler(self.workers, max_tokens=st.max_batch_tokens)
         self.cache = ExtensionCache(self._load_extension, int(st.extension_budget_mb * 2**20))
         self._live: tuple[set[tuple[str, int]], set[tuple[str, int]]] | None = None  # (deployed, pinned) for a worker
         return self.workers
@@ -119,7 +92,7 @@ class TritonPythonModel(ScheduledHost):
     def accept(self, request: Any, answer: Answer, route: Route | None, now: float) -> None:
         assert route is not None
         rows = decode_rows(input_array(request, "TEXT"), input_array(request, "INPUT_IDS"), input_array(request, "ATTENTION_MASK"), self.limits)
-        job = Job(request, answer, route.entry, route.slot, rows, route.wanted)
+        job = Job(request, answer, route.entry, route.slot, route.wanted, rows)
         timeout_us = request.timeout()
         tokens = min(rows.token_estimate(), self.spec.max_tokens)
         pending = Pending(
@@ -149,7 +122,7 @@ class TritonPythonModel(ScheduledHost):
                 self.fail(job.answer, "request cancelled", codes.CANCELLED, "cancelled")
                 continue
             ext, err = self._extension(job.entry)
-            items.append(WorkItem(job.rows, ext, error=err))
+            items.append(WorkItem(job.data, ext, error=err))
             jobs.append(job)
         try:
             report = self.executor.run(items)

@@ -66,3 +66,26 @@ def test_summary_is_the_median_over_repetitions_with_its_range() -> None:
     assert "| fmplex | 8.0 [7.0..9.0] | nan | 4.0 | 120 [100..130] | 240 [200..260] | 0 | 500 [500..500] |" in md
     assert "fmplex: **512** (lower bound: wall-clock limit)" in md and "isolated: **6**;" in md
     assert "contended" in md
+
+
+def test_the_budget_loop_counts_only_what_fit_and_says_why_it_stopped() -> None:
+    """perf/budget.py's loop, which both tasks-in-budget benchmarks use: memory grows 100 MiB per task."""
+    from perf.budget import grow_until_budget
+
+    def run(budget: float, limit: int) -> dict:
+        state = {"n": 0}
+
+        def add(n: int) -> int | str:
+            if n >= limit:
+                return f"task limit {limit}"
+            state["n"] = n + 2  # a chunk of two
+            return state["n"]
+
+        return grow_until_budget(add, lambda: 50.0 + 100.0 * state["n"], budget, 60.0, lambda _: None, lambda n, m: f"{n} {m}")
+
+    over = run(budget=480.0, limit=100)  # 4 tasks = 450 MiB fit, 6 = 650 do not
+    assert (over["tasks"], over["budget_reached"], over["stopped_by"]) == (4, True, "budget")
+    assert over["curve"] == [(0, 50.0), (2, 250.0), (4, 450.0), (6, 650.0)]
+    short = run(budget=10_000.0, limit=4)
+    assert (short["tasks"], short["budget_reached"], short["stopped_by"]) == (4, False, "task limit 4")
+    assert run(budget=10.0, limit=4)["stopped_by"].startswith("budget") and run(budget=10.0, limit=4)["tasks"] == 0

@@ -10,7 +10,7 @@ import pytest
 
 from fmplex.runtime.ledger import DUPLICATE, SEND_FAILED, Answer, ResponseLedger
 from fmplex.runtime.routing import SlotRouter
-from fmplex.runtime.settings import HostSettings, read_settings
+from fmplex.runtime.settings import HostSettings, SchedulerSettings, read_settings
 from fmplex.runtime.validation import RequestError
 
 FINAL = 1
@@ -200,3 +200,15 @@ def test_settings_are_typed_with_defaults(monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_bad_setting_names_its_parameter() -> None:
     with pytest.raises(ValueError, match="host parameter max_rows='many' is not a valid int"):
         read_settings(_config(max_rows="many"), DemoSettings)
+
+
+def test_scheduler_settings_reach_the_batch_budget_under_their_own_units() -> None:
+    st = read_settings(_config(policy="fifo", max_batch_rows="8", saturated_batch_rows="32", light_window_ms="250",
+                               max_lag="12", max_queue_delay_us="1500", workers="3"), SchedulerSettings)
+    budget = st.make_scheduler(parallel=3, max_tokens=999).budget
+    assert (budget.max_rows, budget.saturated_rows, budget.max_tokens, budget.parallel) == (8, 32, 999, 3)
+    assert budget.light_window_s == pytest.approx(0.25) and budget.max_queue_delay_s == pytest.approx(0.0015) and budget.max_lag == 12.0
+    assert type(st.make_scheduler(1, 1)).__name__ == "FIFOScheduler"
+    # Growth is off unless a host turns it on, and grows to saturated_batch_rows when it does.
+    assert SchedulerSettings().make_scheduler(2, 100).budget.limits(queued_rows=1000, light_waiting=False) == (16, 100)
+    assert st.make_scheduler(1, 100).budget.limits(queued_rows=1000, light_waiting=False) == (32, 400)

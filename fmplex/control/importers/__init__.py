@@ -15,6 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
+from fmplex import artifacts
 from fmplex.backbones import BackboneSpec
 
 Echo = Callable[[str], None]
@@ -52,14 +53,10 @@ def build(kind: str, source: Path, spec: BackboneSpec, options: dict[str, Any], 
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object, or a one-line :class:`SourceError` (the PEFT reader's rules)."""
-    from fmplex import peft_reader  # noqa: PLC0415 - it imports torch, which not every command needs
-
-    return peft_reader.read_json(path, SourceError)
+    """A JSON object, or a one-line :class:`SourceError`."""
+    return artifacts.read_json(path, SourceError)
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
     """The tensors of a safetensors file (never pickle), or a one-line :class:`SourceError`."""
-    from fmplex import peft_reader  # noqa: PLC0415
-
-    return peft_reader.read_safetensors(path, SourceError)
+    return artifacts.read_safetensors(path, SourceError)

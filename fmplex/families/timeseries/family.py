@@ -13,12 +13,12 @@ and the trainer lazily.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
+from fmplex.families.family_spec import BatchedFamily, Echo, KindInfo, TensorSpec
 
 from .inputs import SeriesLimits, SeriesRequest, decode_request
 from .model import BACKBONE, WEIGHT_FORMATS, fingerprint
@@ -28,7 +28,7 @@ COMMON_OPTIONS = ("min_context", "missing")
 FORECAST_OPTIONS = ("horizon", "max_horizon", "quantiles", *COMMON_OPTIONS)
 
 
-class SeriesFamily:
+class SeriesFamily(BatchedFamily):
     backbone = BACKBONE
     description = "Fracast-0 (85k parameters), univariate series, last 2048 steps -> 48-step quantile forecasts"
     # Host inputs: SERIES always; LENGTHS and HORIZON optional.
@@ -58,22 +58,15 @@ class SeriesFamily:
                  max_pass_rows: int | None = -1) -> None:
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-        self.device = device
+        super().__init__(device, max_pass_rows)
         self.weights = weights
         self.limits = limits
-        self.max_pass_rows = max_pass_rows  # -1: the executor's default for the device
-        self._executor: Any = None
 
     # --- serving --------------------------------------------------------------------------------
-    @property
-    def executor(self) -> Any:
-        """The backbone, loaded on first use (once per process)."""
-        if self._executor is None:
-            from .executor import SeriesExecutor  # noqa: PLC0415 - torch + the network
+    def make_executor(self) -> Any:
+        from .executor import SeriesExecutor  # noqa: PLC0415 - torch + the network
 
-            require_device(self.device)
-            self._executor = SeriesExecutor(self.weights, self.device, max_pass_rows=self.max_pass_rows)
-        return self._executor
+        return SeriesExecutor(self.weights, self.device, max_pass_rows=self.max_pass_rows)
 
     def decode(self, task: SeriesTask, series: np.ndarray | None, lengths: np.ndarray | None = None,
                horizon: np.ndarray | None = None) -> SeriesRequest:
@@ -90,14 +83,6 @@ class SeriesFamily:
         """A task from its version directory (manifest + weights); ArtifactError if it does not fit."""
         vdir = Path(vdir)
         return load_task(read_manifest(vdir), read_weights(vdir), self.executor.backbone)
-
-    def check_artifact(self, vdir: Path) -> SeriesTask:
-        """Load an artifact exactly as the host will (what it would refuse is refused here)."""
-        return self.load_task(vdir)
-
-    def run_batch(self, items: Sequence[tuple[SeriesTask, SeriesRequest]]) -> list[Any]:
-        """One shared pass over every request's rows: a BatchResult (outputs or error) per request, in order."""
-        return self.executor.run_batch(items)
 
     # --- building (control plane) ---------------------------------------------------------------
     def build_task(self, vdir: Path, task: str, version: int, kind: str, source: Path | None,

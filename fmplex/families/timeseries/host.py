@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from fmplex.backbones import SERIES
-from fmplex.runtime.family_host import FamilyHost, Job
+from fmplex.runtime.family_host import FamilyHost
+from fmplex.runtime.routing import Job
 from fmplex.runtime.host import input_array
 
 from .family import SeriesFamily

