@@ -78,6 +78,7 @@ class BackboneReplica:
 
         from fmplex.control import serving  # noqa: PLC0415
         from fmplex.control.server import generate_key  # noqa: PLC0415
+        from fmplex.families import family_for  # noqa: PLC0415
 
         self.repo = Path(repository)
         reg = registry.load(self.repo)
@@ -105,13 +106,14 @@ class BackboneReplica:
             api_key=key,
             watchdog=True,
             backbones=[backbone],
+            # its other hosts too (a generative backbone's streaming twin, which NAME.stream vFMs run on)
+            more_hosts=[m for m in family_for(backbone).host_models(backbone) if m != host_model],
             load_vfms=False,
             extra_args=bind,
             # its tritonserver and stubs die with it, also when Ray kills it (even while starting) or its node goes
             on_start=lambda p: reaper.spawn(p.proc.pid, label=str(self.repo)) if p.proc is not None else None,
         )
         assert self.proc.proc is not None
-        self._load_twin_hosts(backbone, host_model, ports.grpc, key)
         self.record = ReplicaRecord(
             replica=replica_id,
             backbone=backbone,
@@ -129,23 +131,6 @@ class BackboneReplica:
         )
         self.placer = serve.get_deployment_handle(PLACER, app_name)
         self._announce()
-
-    def _load_twin_hosts(self, backbone: str, host_model: str, grpc_port: int, key: str) -> None:
-        """The backbone's other hosts, before the replica announces itself (a generative
-        backbone's streaming twin, which its tasks' ``NAME.stream`` vFMs run on)."""
-        from fmplex.control.triton_api import Triton  # noqa: PLC0415
-        from fmplex.families import family_for  # noqa: PLC0415
-
-        others = [m for m in family_for(backbone).host_models(backbone) if m != host_model]
-        if not others:
-            return
-        try:
-            with Triton(f"127.0.0.1:{grpc_port}", key=key, timeout=600.0) as triton:
-                for model in others:
-                    triton.load(model)
-        except BaseException:
-            self.proc.stop(grace=10)
-            raise
 
     def _announce(self) -> None:
         # Fire and forget: the placer also learns from later health checks (it may start after us).
