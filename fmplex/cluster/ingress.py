@@ -28,6 +28,15 @@ from .stream import StreamRelay
 log = logging.getLogger("ray.serve")
 
 
+async def _events(resp: Any) -> AsyncIterator[bytes]:
+    """A replica's server-sent events (HTTP ``generate_stream``), passed on as they arrive."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    finally:
+        resp.release()
+
+
 class _Forward(Exception):
     """A forwarded call that did not reach a working replica (retry once elsewhere)."""
 
@@ -156,7 +165,7 @@ class Ingress:
 
     # --- HTTP ---------------------------------------------------------------------------
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse, Response  # noqa: PLC0415
+        from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: PLC0415
 
         path = request.url.path.rstrip("/")
         parts = path.split("/")
@@ -187,14 +196,21 @@ class Ingress:
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), auto_decompress=False)
             url = rec.http_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
             try:
-                async with self._http.request(request.method, url, data=body, headers=headers) as resp:
-                    content = await resp.read()
-                    if resp.status == 400 and any(m in content.decode("utf-8", "replace").lower() for m in UNKNOWN_MARKERS) and parts[-1] != "ready":
-                        raise _Forward(f"{rec.replica} does not hold {name}")
-                    keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
-                    return Response(content=content, status_code=resp.status, headers=keep)
+                resp = await self._http.request(request.method, url, data=body, headers=headers)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
+            keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
+            if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(_events(resp), status_code=200, headers=keep)  # generate_stream: each event as it comes
+            try:
+                content = await resp.read()
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
+            finally:
+                resp.release()
+            if resp.status == 400 and any(m in content.decode("utf-8", "replace").lower() for m in UNKNOWN_MARKERS) and parts[-1] != "ready":
+                raise _Forward(f"{rec.replica} does not hold {name}")
+            return Response(content=content, status_code=resp.status, headers=keep)
 
         try:
             return await self._call(name, forward)

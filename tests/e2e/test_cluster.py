@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -266,6 +267,19 @@ def _generation(url: str, final: bool = True, pieces: int | None = None) -> tupl
         stream.close()
 
 
+def _events(url: str) -> tuple[list[dict[str, Any]], float, float]:
+    """The events of one HTTP ``generate_stream`` to ``NAME.stream``, and the seconds to the first and the last one."""
+    body = json.dumps({"TEXT": PROMPT, "max_tokens": MAX_TOKENS}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/{LM_TASK}.stream/generate_stream", data=body)
+    events, first, t0 = [], 0.0, time.monotonic()
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: "):
+                first = first or time.monotonic() - t0
+                events.append(json.loads(line[len(b"data: ") :]))
+    return events, first, time.monotonic() - t0
+
+
 def test_streaming_a_generative_vfm_through_the_endpoint_equals_the_replica_itself(env: Env) -> None:
     endpoint = f"127.0.0.1:{env.grpc_port}"
     t0 = time.monotonic()
@@ -289,6 +303,21 @@ def test_streaming_a_generative_vfm_through_the_endpoint_equals_the_replica_itse
             ttft[where].append(_generation(url)[1])
     for where, runs in ttft.items():
         env.timings[f"stream: time to first token {where} (ms, median of 3)"] = 1000 * sorted(runs)[1]
+
+    # HTTP generate_stream: the same events, passed on as they come
+    direct_http = f"{lm[0]['address']}:{lm[0]['http_port']}"
+    events, _, _ = _events(direct_http)
+    assert len(events) >= 2 and "".join(e["TEXT_OUTPUT"] for e in events) == "".join(r[1] for r in via)
+    first: dict[str, list[tuple[float, float]]] = {"endpoint": [], "direct": []}
+    for _ in range(3):
+        for where, url in (("endpoint", f"127.0.0.1:{env.http_port}"), ("direct", direct_http)):
+            got, secs, last = _events(url)
+            assert got == events, where
+            first[where].append((secs, last))
+    for where, runs in first.items():
+        mid = sorted(runs)[1]
+        env.timings[f"http generate_stream: first event {where} (ms, median of 3)"] = 1000 * mid[0]
+        env.timings[f"http generate_stream: last event {where} (ms, same run)"] = 1000 * mid[1]
 
     # one stream: a generation, a MiniLM task and errors, interleaved; every request answered, none hangs
     stream = _Stream(endpoint)
