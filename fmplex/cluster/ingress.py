@@ -17,7 +17,6 @@ import tritonclient.grpc.service_pb2 as pb
 import tritonclient.grpc.service_pb2_grpc as pb_grpc
 
 from fmplex import registry
-
 from fmplex.families import family_for
 
 from .config import TICK_S
