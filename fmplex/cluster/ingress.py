@@ -10,21 +10,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import grpc
 import tritonclient.grpc.service_pb2 as pb
 import tritonclient.grpc.service_pb2_grpc as pb_grpc
 
 from fmplex import registry
+from fmplex.families import family_for
 
 from .config import TICK_S
 from .placement import PlacementError
-from .replica import ReplicaRecord
+from .replica import UNKNOWN_MARKERS, ReplicaRecord
+from .stream import StreamRelay
 
 log = logging.getLogger("ray.serve")
 
-UNKNOWN_MARKERS = ("unknown model", "is not ready", "not found", "is not available")
+
+async def _events(resp: Any) -> AsyncIterator[bytes]:
+    """A replica's server-sent events (HTTP ``generate_stream``), passed on as they arrive."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    finally:
+        resp.release()
 
 
 class _Forward(Exception):
@@ -82,36 +91,43 @@ class Ingress:
         if fresh is not None:
             self.table = fresh
 
-    def _backbone_of(self, name: str) -> tuple[str, bool] | None:
-        """(backbone, is_task) for a vFM or a host model name; None if the cluster does not serve it."""
+    def _resolve(self, name: str) -> tuple[str, str | None] | None:
+        """(backbone, task) for a vFM, (backbone, None) for a host model; None if the cluster does not serve it.
+
+        A task's other vFMs (a generative task's ``NAME.stream``) go where the task is.
+        """
         reg = self.view.current()
         entry = reg.tasks.get(name)
         if entry is not None and entry.deployed:
-            return entry.backbone, True
-        for backbone, host in reg.hosts.items():
-            if host.model == name:
-                return backbone, False
+            return entry.backbone, name
+        base, dot, _ = name.partition(".")
+        entry = reg.tasks.get(base) if dot else None
+        if entry is not None and entry.deployed and name in family_for(entry.backbone).task_models(base):
+            return entry.backbone, base
+        for backbone in reg.hosts:
+            if name in family_for(backbone).host_models(backbone):
+                return backbone, None
         return None
 
     async def _pick(self, name: str, avoid: set[str]) -> ReplicaRecord:
         """The replica for a call on model ``name``; KeyError if the cluster does not serve it."""
         self._ensure_loop()
-        found = self._backbone_of(name)
+        found = self._resolve(name)
         if found is None:
             raise KeyError(name)
-        backbone, is_task = found
+        backbone, task = found
         for attempt in range(2):
             replicas = self.table["replicas"]
-            if is_task:
-                ids = [r for r in self.table["routes"].get(name, []) if r not in avoid and r in replicas]
+            if task is not None:
+                ids = [r for r in self.table["routes"].get(task, []) if r not in avoid and r in replicas]
             else:
                 ids = [r for r, rec in replicas.items() if rec["backbone"] == backbone and r not in avoid]
             if ids:
                 rid = min(ids, key=lambda r: (self.inflight_replica.get(r, 0), r))
                 return ReplicaRecord(**replicas[rid])
             if attempt == 0:
-                if is_task:
-                    self.table = await self.placer.ensure.remote(name)
+                if task is not None:
+                    self.table = await self.placer.ensure.remote(task)
                 else:
                     await self._refresh()
         raise _Forward(f"no replica of backbone '{backbone}' is available for '{name}'")
@@ -120,15 +136,17 @@ class Ingress:
         """Run ``fn(record)`` on a replica for ``name``, retrying once on another one."""
         avoid: set[str] = set()
         last: Exception | None = None
+        found = self._resolve(name)
+        task = found[1] if found is not None and found[1] is not None else name  # loads count per task
         for attempt in range(2):
             try:
                 rec = await self._pick(name, avoid)
             except _Forward as exc:
                 last = exc
                 break
-            self.inflight_task[name] = self.inflight_task.get(name, 0) + 1
+            self.inflight_task[task] = self.inflight_task.get(task, 0) + 1
             self.inflight_replica[rec.replica] = self.inflight_replica.get(rec.replica, 0) + 1
-            self._used.add(name)
+            self._used.add(task)
             try:
                 return await fn(rec)
             except _Forward as exc:
@@ -139,14 +157,14 @@ class Ingress:
                     await self.placer.suspect.remote(rec.replica)
                     await self._refresh()
             finally:
-                self.inflight_task[name] -= 1
+                self.inflight_task[task] -= 1
                 self.inflight_replica[rec.replica] -= 1
         self.unavailable += 1
         raise _Forward(f"'{name}' is unavailable right now (retried once): {last}")
 
     # --- HTTP ---------------------------------------------------------------------------
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse, Response  # noqa: PLC0415
+        from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: PLC0415
 
         path = request.url.path.rstrip("/")
         parts = path.split("/")
@@ -177,14 +195,21 @@ class Ingress:
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), auto_decompress=False)
             url = rec.http_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
             try:
-                async with self._http.request(request.method, url, data=body, headers=headers) as resp:
-                    content = await resp.read()
-                    if resp.status == 400 and any(m in content.decode("utf-8", "replace").lower() for m in UNKNOWN_MARKERS) and parts[-1] != "ready":
-                        raise _Forward(f"{rec.replica} does not hold {name}")
-                    keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
-                    return Response(content=content, status_code=resp.status, headers=keep)
+                resp = await self._http.request(request.method, url, data=body, headers=headers)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
+            keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length", "content-encoding")}
+            if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(_events(resp), status_code=200, headers=keep)  # generate_stream: each event as it comes
+            try:
+                content = await resp.read()
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                raise _Forward(f"replica {rec.replica} unreachable: {exc!r}") from None
+            finally:
+                resp.release()
+            if resp.status == 400 and any(m in content.decode("utf-8", "replace").lower() for m in UNKNOWN_MARKERS) and parts[-1] != "ready":
+                raise _Forward(f"{rec.replica} does not hold {name}")
+            return Response(content=content, status_code=resp.status, headers=keep)
 
         try:
             return await self._call(name, forward)
@@ -245,7 +270,7 @@ class Ingress:
         return await self._grpc("ServerMetadata", host, request, grpc_context, pb.ServerMetadataResponse())
 
     async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        if self._backbone_of(request.name) is None:
+        if self._resolve(request.name) is None:
             return pb.ModelReadyResponse(ready=False)
         return await self._grpc("ModelReady", request.name, request, grpc_context, pb.ModelReadyResponse())
 
@@ -260,6 +285,12 @@ class Ingress:
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await self._grpc("ModelInfer", request.model_name, request, grpc_context, pb.ModelInferResponse())
+
+    async def ModelStreamInfer(self, request_stream: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        """Triton's bidirectional stream (``tritonclient.grpc`` ``start_stream``/``async_stream_infer``):
+        each request is routed by its model name, the responses of every replica are merged."""
+        async for resp in StreamRelay(self, request_stream).run():
+            yield resp
 
     async def counters(self) -> dict[str, int]:
         """Calls retried on another replica, and calls answered UNAVAILABLE (for status and tests)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmplex import registry
+from fmplex.families import family_for
 
 from .config import TICK_S
 from .placement import Placement, PlacementError, PlacementPolicy, Release, ReplicaState, TaskInfo
@@ -23,6 +24,12 @@ from .replica import ReplicaRecord, artifact_bytes, is_live, triton_for
 log = logging.getLogger("ray.serve")
 
 RELEASE_GRACE_S = 2.0  # an extra copy leaves the table this long before it is unloaded
+
+
+def _task_models(reg: registry.Registry, name: str) -> list[str]:
+    """A task's Triton models in load order: ``NAME`` first, then e.g. its ``NAME.stream`` twin."""
+    entry = reg.tasks.get(name)
+    return family_for(entry.backbone).task_models(name) if entry is not None else [name]
 
 
 class Placer:
@@ -142,8 +149,7 @@ class Placer:
                 self.version += 1
                 await asyncio.to_thread(self._unload_now, rec, victim)
                 self._event("evicted", replica=rec.replica, task=victim, for_task=info.name)
-            with triton_for(rec) as triton:
-                secs = await asyncio.to_thread(triton.load, info.name)
+            secs = await asyncio.to_thread(self._load_now, rec, info.name)
         except Exception as exc:  # noqa: BLE001 - a dead replica is dropped; a broken task is reported
             if not await asyncio.to_thread(is_live, rec):
                 self._drop(rec.replica, f"load of {info.name} failed: {exc}")
@@ -154,13 +160,23 @@ class Placer:
         self.version += 1
         return True
 
-    @staticmethod
-    def _unload_now(rec: ReplicaRecord, name: str) -> None:
-        try:
-            with triton_for(rec) as triton:
-                triton.unload(name)
-        except Exception as exc:  # noqa: BLE001 - the replica may be gone; nothing holds the task there any more
-            log.warning("unloading %s from %s failed: %s", name, rec.replica, exc)
+    def _load_now(self, rec: ReplicaRecord, name: str) -> float:
+        """Load every Triton model of a task on ``rec`` (a generative task's ``NAME.stream``
+        twin goes with ``NAME``, as ``fmplex deploy`` loads them); seconds for ``NAME``."""
+        models = _task_models(self.view.current(), name)
+        with triton_for(rec) as triton:
+            secs = triton.load(models[0])
+            for extra in models[1:]:
+                triton.load(extra)
+        return secs
+
+    def _unload_now(self, rec: ReplicaRecord, name: str) -> None:
+        for model in reversed(_task_models(self.view.current(), name)):
+            try:
+                with triton_for(rec) as triton:
+                    triton.unload(model)
+            except Exception as exc:  # noqa: BLE001 - the replica may be gone; nothing holds the task there any more
+                log.warning("unloading %s from %s failed: %s", model, rec.replica, exc)
 
     # --- load reports, hot tasks, liveness -----------------------------------------------
     async def report(self, task_load: dict[str, float], replica_load: dict[str, float], used: list[str]) -> int:

@@ -21,6 +21,9 @@ from fmplex.artifacts import version_dir
 from . import reaper
 from .config import PLACER, backbone_deployment
 
+# What a replica's tritonserver says of a model it does not hold (the table was stale: try another one).
+UNKNOWN_MARKERS = ("unknown model", "is not ready", "not found", "is not available")
+
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaRecord:
@@ -75,6 +78,7 @@ class BackboneReplica:
 
         from fmplex.control import serving  # noqa: PLC0415
         from fmplex.control.server import generate_key  # noqa: PLC0415
+        from fmplex.families import family_for  # noqa: PLC0415
 
         self.repo = Path(repository)
         reg = registry.load(self.repo)
@@ -102,6 +106,8 @@ class BackboneReplica:
             api_key=key,
             watchdog=True,
             backbones=[backbone],
+            # its other hosts too (a generative backbone's streaming twin, which NAME.stream vFMs run on)
+            more_hosts=[m for m in family_for(backbone).host_models(backbone) if m != host_model],
             load_vfms=False,
             extra_args=bind,
             # its tritonserver and stubs die with it, also when Ray kills it (even while starting) or its node goes

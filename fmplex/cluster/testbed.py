@@ -28,10 +28,11 @@ OUTPUT = {"classifier": "LOGITS", "embedding": "EMBEDDING"}  # the output a task
 
 
 def add_tasks(repo: Path, extra: int) -> dict[str, str]:
-    """Register ``extra`` tasks that reuse the repository's deployed tasks' artifacts, deploy them
-    through ``fmplex deploy --offline`` (the single-server path), and return every deployed task's output name."""
+    """Register ``extra`` tasks that reuse the repository's deployed classifier and embedding tasks'
+    artifacts, deploy them through ``fmplex deploy --offline`` (the single-server path), and return
+    every deployed classifier and embedding task's output name."""
     reg = registry.load(repo)
-    sources = sorted(n for n, t in reg.tasks.items() if t.deployed)
+    sources = sorted(n for n, t in reg.tasks.items() if t.deployed and t.outputs_family in OUTPUT)
     names = []
     with registry.editing(repo) as reg:
         for i in range(extra):
@@ -44,7 +45,7 @@ def add_tasks(repo: Path, extra: int) -> dict[str, str]:
         fmplex = str(Path(sys.executable).parent / "fmplex")
         subprocess.run([fmplex, "deploy", "--offline", *names, "--repo", str(repo)], check=True, capture_output=True, timeout=300)
     reg = registry.load(repo)
-    return {n: OUTPUT[t.outputs_family] for n, t in reg.tasks.items() if t.deployed}
+    return {n: OUTPUT[t.outputs_family] for n, t in reg.tasks.items() if t.deployed and t.outputs_family in OUTPUT}
 
 
 @dataclasses.dataclass

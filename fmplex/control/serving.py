@@ -31,6 +31,7 @@ def start(
     api_key: str | None = None,
     watchdog: bool = False,
     backbones: list[str] | None = None,
+    more_hosts: list[str] | None = None,
     load_vfms: bool = True,
     extra_args: list[str] | None = None,
     on_start: Callable[[TritonProcess], None] | None = None,
@@ -39,8 +40,10 @@ def start(
 
     ``api_key`` locks the server's control APIs (see ``server``); the vFMs are
     then loaded with it. None serves unlocked. A cluster replica passes
-    ``backbones`` (the hosts it owns; default all) and ``load_vfms=False``: it
-    loads vFMs on demand, where placement puts them. ``on_start`` is called
+    ``backbones`` (the hosts it owns; default all), ``more_hosts`` (host models
+    loaded at start beside the registered ones, e.g. a generative backbone's
+    streaming twin) and ``load_vfms=False``: it loads vFMs on demand, where
+    placement puts them. ``on_start`` is called
     once the process exists, before it is ready (a replica ties the server's
     lifetime to its own there, so that a replica killed during start-up leaves nothing).
     """
@@ -55,7 +58,7 @@ def start(
         repo,
         ports,
         prefer=prefer,
-        load=[h.model for h in reg.hosts.values()],
+        load=[h.model for h in reg.hosts.values()] + list(more_hosts or []),
         extra_args=extra_args,
         log_path=log_path,
         torch_threads=torch_threads,

@@ -4,11 +4,16 @@ One module-scoped cluster (a head and two worker nodes, all on 127.0.0.1)
 runs the ``fmplex`` Serve application on a copy of the embedded repository
 with 12 deployed tasks (the 4 embedded ones and 8 more made from their
 artifacts through ``fmplex deploy --offline``, the single-server deploy path).
+A third replica holds a SmolLM2 backbone (deployment ``fm-smollm2``) with one
+generative task, ``chat``, and its streaming twin ``chat.stream``.
 The tests run in order on it:
 
 1. the first requests for all 12 tasks arrive concurrently, through one endpoint,
    from unchanged tritonclient HTTP and gRPC clients; every answer equals what a
    single fmplex server answers (same repository), within ATOL;
+1b. an unchanged tritonclient gRPC stream to ``chat.stream`` through the endpoint
+   gets the same token responses as a stream to the tritonserver that holds it,
+   with MiniLM requests and errors on the same stream;
 2. each task is READY on exactly one replica (asked of every replica's own
    tritonserver), and the 12 tasks spread within one of even;
 3. a hot task gains a replica while clients hammer it and loses it after;
@@ -27,9 +32,13 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import queue
 import shutil
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,6 +63,9 @@ ATOL = 1e-4  # fp32 on the same backbone; only padding in shared batches differs
 RECOVERY_BOUND_S = 30.0  # node loss -> every task answered again (measured ~6-10 s on 2 busy cores)
 SENTENCE = "The battery died within an hour and support never replied."
 EXTRA = 8  # tasks made beside the embedded four: 12 in all
+LM_TASK = "chat"  # the generative task on the SmolLM2 replica
+PROMPT = "The capital of France is"
+MAX_TOKENS = 8
 HOT_LOAD = 5.0  # requests in flight per holding replica: above it a task gets another replica
 
 
@@ -83,7 +95,7 @@ def _infer(client: Any, mod: Any, task: str, output: str) -> np.ndarray:
 def _reference(repo: Path, tasks: dict[str, str]) -> dict[str, np.ndarray]:
     """What one fmplex server on the same repository answers."""
     ports = free_ports()
-    proc = serving.start(repo, ports, log_path=repo.parent / "single.log")
+    proc = serving.start(repo, ports, log_path=repo.parent / "single.log", backbones=["minilm"])  # the streams compare with the LM replica itself
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
         out = {t: _infer(client, grpcclient, t, o) for t, o in tasks.items()}
@@ -91,6 +103,17 @@ def _reference(repo: Path, tasks: dict[str, str]) -> dict[str, np.ndarray]:
         return out
     finally:
         proc.stop()
+
+
+def _add_lm_task(repo: Path) -> None:
+    """The SmolLM2 backbone and one generative task (``chat`` and ``chat.stream``), with the CLI."""
+    fmplex = str(Path(sys.executable).parent / "fmplex")
+    for args in (
+        ["init", str(repo), "--backbone", "smollm2", "--slots", "4"],
+        ["task", "create", LM_TASK, "--backbone", "smollm2", "--kind", "generate", "--repo", str(repo)],
+        ["deploy", LM_TASK, "--offline", "--repo", str(repo)],
+    ):
+        subprocess.run([fmplex, *args], check=True, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +125,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         work = tmp_path_factory.mktemp("cluster")
         repo = work / "repo"  # the shared directory every node sees
         shutil.copytree(EMBEDDED, repo)
-        tasks = add_tasks(repo, EXTRA)
+        with cf.ThreadPoolExecutor(1) as pool:  # the registry is edited under its lock: both at once
+            lm = pool.submit(_add_lm_task, repo)
+            tasks = add_tasks(repo, EXTRA)
+            lm.result()
         # the single-server reference runs while the Ray cluster starts (both mostly wait on start-ups)
         with cf.ThreadPoolExecutor(1) as pool:
             reference = pool.submit(_reference, repo, tasks)
@@ -115,7 +141,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def _cluster(repo: Path, tasks: dict[str, str], reference: Any, timings: dict[str, float], t0: float) -> Iterator[Env]:
-    spec = ClusterSpec(replicas={"minilm": 2}, hot_load=HOT_LOAD, cool_load=1.0)
+    spec = ClusterSpec(replicas={"minilm": 2, "smollm2": 1}, hot_load=HOT_LOAD, cool_load=1.0)
     try:
         with local_cluster(repo, spec) as lc:
             timings["cluster up"] = time.monotonic() - t0
@@ -182,6 +208,151 @@ def test_first_requests_arrive_together_and_answers_equal_single_server(env: Env
         grpc.close()
 
 
+class _Stream:
+    """One unchanged tritonclient gRPC stream (``start_stream``/``async_stream_infer``), responses in a queue."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.got.put((result, error)))
+
+    def send(self, model: str, request_id: str, inputs: dict[str, np.ndarray], final: bool = True) -> None:
+        dtypes = {np.int32: "INT32", np.float32: "FP32"}
+        tensors = []
+        for name, arr in inputs.items():
+            t = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else dtypes[arr.dtype.type])
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        self.client.async_stream_infer(model, tensors, request_id=request_id, enable_empty_final_response=final)
+
+    def next(self, timeout: float = 120) -> tuple[Any, Any]:
+        return self.got.get(timeout=timeout)  # queue.Empty: a hang, which fails the test
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def _lm_inputs(prompt: str = PROMPT, max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
+    return {"TEXT": np.array([prompt.encode()], dtype=object), "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+
+
+def _generation(url: str, final: bool = True, pieces: int | None = None) -> tuple[list[tuple[str, str, bool, str]], float]:
+    """(id, text, final flag, parameters) of each response of one streamed generation, and the seconds to the first one.
+
+    With ``final`` the stream ends at the response flagged final; without it,
+    after a quiet second that follows ``pieces`` responses (what the direct stream sent), or one or more.
+    """
+    stream = _Stream(url)
+    try:
+        t0 = time.monotonic()
+        stream.send(f"{LM_TASK}.stream", "gen-1", _lm_inputs(), final=final)
+        out, first = [], 0.0
+        while True:
+            try:
+                result, error = stream.next(timeout=120 if final or len(out) < (pieces or 1) else 1.0)
+            except queue.Empty:
+                assert not final and len(out) == (pieces or len(out)), f"stream stalled after {len(out)} responses"
+                return out, first
+            assert error is None, error
+            first = first or time.monotonic() - t0
+            resp = result.get_response()
+            text = result.as_numpy("TEXT_OUTPUT")
+            flag = resp.parameters["triton_final_response"].bool_param
+            params = ";".join(f"{k}={v}".strip() for k, v in sorted(resp.parameters.items()))
+            out.append((resp.id, "" if text is None else text[0].decode(), flag, params))
+            if final and flag:
+                return out, first
+    finally:
+        stream.close()
+
+
+def _events(url: str) -> tuple[list[dict[str, Any]], float, float]:
+    """The events of one HTTP ``generate_stream`` to ``NAME.stream``, and the seconds to the first and the last one."""
+    body = json.dumps({"TEXT": PROMPT, "max_tokens": MAX_TOKENS}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/{LM_TASK}.stream/generate_stream", data=body)
+    events, first, t0 = [], 0.0, time.monotonic()
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: "):
+                first = first or time.monotonic() - t0
+                events.append(json.loads(line[len(b"data: ") :]))
+    return events, first, time.monotonic() - t0
+
+
+def test_streaming_a_generative_vfm_through_the_endpoint_equals_the_replica_itself(env: Env) -> None:
+    endpoint = f"127.0.0.1:{env.grpc_port}"
+    t0 = time.monotonic()
+    via, ttft_first = _generation(endpoint)  # the first use places chat (and its twin chat.stream)
+    env.timings["stream: first generation (placement included)"] = time.monotonic() - t0
+    status = local.placer_status()
+    lm = [r for r in status["replicas"] if r["backbone"] == "smollm2"]
+    assert len(lm) == 1 and status["tasks"][LM_TASK]["replicas"] == [lm[0]["replica"]]
+    for model in (LM_TASK, f"{LM_TASK}.stream"):  # the twin went with its task, to the SmolLM2 replica only
+        assert _replicas_ready(status, model) == [lm[0]["replica"]], model
+    direct_url = f"{lm[0]['address']}:{lm[0]['grpc_port']}"
+    direct, _ = _generation(direct_url)
+    assert via == direct and len(via) >= 2 and via[-1][2], (via, direct)  # greedy: the same pieces, ids, parameters and final flag
+    assert "".join(r[1] for r in via).strip()
+    plain, _ = _generation(direct_url, final=False)
+    assert _generation(endpoint, final=False, pieces=len(plain))[0] == plain  # no empty final asked: none sent, none missing
+
+    ttft: dict[str, list[float]] = {"endpoint": [], "direct": []}
+    for _ in range(3):
+        for where, url in (("endpoint", endpoint), ("direct", direct_url)):
+            ttft[where].append(_generation(url)[1])
+    for where, runs in ttft.items():
+        env.timings[f"stream: time to first token {where} (ms, median of 3)"] = 1000 * sorted(runs)[1]
+
+    # HTTP generate_stream: the same events, passed on as they come
+    direct_http = f"{lm[0]['address']}:{lm[0]['http_port']}"
+    events, _, _ = _events(direct_http)
+    assert len(events) >= 2 and "".join(e["TEXT_OUTPUT"] for e in events) == "".join(r[1] for r in via)
+    first: dict[str, list[tuple[float, float]]] = {"endpoint": [], "direct": []}
+    for _ in range(3):
+        for where, url in (("endpoint", f"127.0.0.1:{env.http_port}"), ("direct", direct_http)):
+            got, secs, last = _events(url)
+            assert got == events, where
+            first[where].append((secs, last))
+    for where, runs in first.items():
+        mid = sorted(runs)[1]
+        env.timings[f"http generate_stream: first event {where} (ms, median of 3)"] = 1000 * mid[0]
+        env.timings[f"http generate_stream: last event {where} (ms, same run)"] = 1000 * mid[1]
+
+    # one stream: a generation, a MiniLM task and errors, interleaved; every request answered, none hangs
+    stream = _Stream(endpoint)
+    try:
+        stream.send(f"{LM_TASK}.stream", "lm", _lm_inputs())
+        stream.send("sentiment", "enc", {"TEXT": np.array([SENTENCE.encode()], dtype=object)}, final=False)
+        stream.send("no-such-task.stream", "unknown", _lm_inputs())
+        stream.send(f"{LM_TASK}.stream", "bad", {"TEXT": np.array([PROMPT.encode()], dtype=object), "MAX_TOKENS": np.array([100000], dtype=np.int32)})
+        errors: dict[str, str] = {}
+        pieces: list[str] = []
+        logits = None
+        while logits is None or len(errors) < 2 or not (pieces and pieces[-1] == "final"):
+            result, error = stream.next()
+            if error is not None:
+                errors[str(error)] = str(error)
+                continue
+            resp = result.get_response()
+            if resp.id in ("bad", "unknown"):
+                continue  # an empty final response after the error (the client asked for final flags)
+            if resp.id == "enc":
+                logits = result.as_numpy(env.tasks["sentiment"])
+            else:
+                assert resp.id == "lm", resp.id
+                text = result.as_numpy("TEXT_OUTPUT")
+                pieces.append("" if text is None else text[0].decode())
+                if resp.parameters["triton_final_response"].bool_param:
+                    pieces.append("final")
+        np.testing.assert_allclose(logits[0], env.expected["sentiment"][0], atol=ATOL)
+        assert "".join(pieces[:-1]) == "".join(r[1] for r in via)
+        assert any("unknown model" in e and "no-such-task.stream" in e for e in errors), errors
+        assert any("max_tokens 100000" in e for e in errors), errors
+    finally:
+        stream.close()
+
+
 def _settled() -> dict[str, Any]:
     """The placer's status once no task is hot any more and no extra copy waits to be unloaded.
 
@@ -198,13 +369,14 @@ def _settled() -> dict[str, Any]:
 
 def test_each_task_ready_on_exactly_one_replica_and_spread_within_one(env: Env) -> None:
     status = _settled()
-    assert len(status["replicas"]) == 2
+    minilm = [r for r in status["replicas"] if r["backbone"] == "minilm"]
+    assert len(minilm) == 2 and len(status["replicas"]) == 3
     for task in env.tasks:
         assert status["tasks"][task]["replicas"] and len(status["tasks"][task]["replicas"]) == 1, status["tasks"][task]
         assert _replicas_ready(status, task) == status["tasks"][task]["replicas"], task
-    counts = [len(r["tasks"]) for r in status["replicas"]]
+    counts = [len(r["tasks"]) for r in minilm]
     assert sum(counts) == 12 and max(counts) - min(counts) <= 1, counts
-    for r in status["replicas"]:
+    for r in minilm:
         assert r["healthy"] and 0 < r["bytes"] <= r["budget_bytes"]
 
 
@@ -262,7 +434,7 @@ def test_scaling_2_to_3_keeps_the_old_replicas_processes(env: Env) -> None:
     status = local.placer_status()
     env.timings["scale 2->3"] = time.monotonic() - t0
     after = {r["replica"]: r["server_pid"] for r in status["replicas"]}
-    assert len(after) == 3
+    assert len(after) == 4 and sum(r["backbone"] == "minilm" for r in status["replicas"]) == 3
     for rid, pid in before.items():
         assert after.get(rid) == pid, f"replica {rid} was replaced"
         os.kill(pid, 0)  # the same tritonserver process, still running
@@ -273,7 +445,7 @@ def test_scaling_2_to_3_keeps_the_old_replicas_processes(env: Env) -> None:
 def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) -> None:
     status = local.placer_status()
     head = env.local.cluster.head_node.node_id
-    victims = [r for r in status["replicas"] if r["node"] != head and r["tasks"]]
+    victims = [r for r in status["replicas"] if r["node"] != head and r["tasks"] and r["backbone"] == "minilm"]
     assert victims, status["replicas"]
     victim = victims[0]
     node = next(n for n in env.local.cluster.list_all_nodes() if n.node_id == victim["node"])
