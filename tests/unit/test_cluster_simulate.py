@@ -64,7 +64,7 @@ def test_a_trace_is_replayed_request_by_request() -> None:
 
 
 def test_a_modelled_endpoint_queues_requests_before_the_replicas() -> None:
-    costs = Costs(throughput=((1, 100.0), (16, 320.0)), endpoint_s=0.004)
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), path_in=(("endpoint", 0.004),))
     w = Workload(tasks=2, duration_s=5, warmup_s=0)
     # all arrive at 0; the endpoint passes them at 4, 8 and 12 ms; replicas take 10 ms per request:
     # task 0's first done at 14, task 1's at 18, task 0's second waits for the first: 14 + 10 = 24
