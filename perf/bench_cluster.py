@@ -134,6 +134,35 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
 
+class OtherWork:
+    """Samples, every ``step`` seconds, the CPUs that other work on the machine takes (the machine's
+    busy time minus this run's processes): a shared machine's load comes and goes within a run."""
+
+    def __init__(self, groups: dict[str, list[int]], step: float = 0.5) -> None:
+        self.groups, self.step = groups, step
+        self.steps: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        last = snapshot(self.groups)
+        while not self._stop.wait(self.step):
+            now = snapshot(self.groups)
+            d = delta(last, now)
+            ours = sum(d[g] for g in self.groups) + d["client"]
+            self.steps.append((round(last["wall"] - t0, 3), round(max(0.0, (d["machine"] - ours) / d["wall"]), 3)))
+            last = now
+
+    def __enter__(self) -> OtherWork:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def host_batches(metrics_port: int) -> tuple[float, float]:
     """(batches, rows) a replica's host has run so far (its Prometheus metrics)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -309,7 +338,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             before = replica_counts(local.placer_status(), tasks)
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
-            latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds)
+            with OtherWork(groups) as other:
+                latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds)
             d = delta(a, snapshot(groups))
             after = replica_counts(local.placer_status(), tasks)
             status = local.placer_status()
@@ -326,15 +356,18 @@ def calibrate(args: argparse.Namespace) -> dict:
     half = {g: v / 2 for g, v in path_cpu.items()}
     path_in = (("client", half["client"]), ("proxy", half["proxy"]), ("ingress", half["ingress"]))
     path_out = (("ingress", half["ingress"]), ("proxy", half["proxy"]), ("client", half["client"]))
+    # other work as it came and went during the run, plus this run's own side work (constant)
+    over_time = tuple((at, cpu + side) for at, cpu in other.steps)
     costs = Costs(
         throughput=tuple((b, b / (per_batch + per_row * b)) for b in range(1, 17)),
-        overhead_s=overhead, path_in=path_in, path_out=path_out, cpus=cpus, background_cpus=background,
+        overhead_s=overhead, path_in=path_in, path_out=path_out, cpus=cpus, background_cpus=background, background_trace=over_time,
     )
     # the same requests at the same times, plus the time the client needs after the last one to collect the answers
     replay = dataclasses.replace(base, duration_s=args.seconds + 30)
     sim = simulate("shared", len(replicas), replay, costs, placement=placement, trace=trace)
     sim_load = [x * replay.duration_s / args.seconds for x in sim.replica_load]
     # what the old model (each server its own processor; no client, no sharing) would say of the same run
+    steady = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_trace=()), placement=placement, trace=trace)
     dedicated = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None), placement=placement, trace=trace)
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
     p99_err = abs(sim.p99_ms - real_p99) / real_p99
@@ -363,7 +396,9 @@ def calibrate(args: argparse.Namespace) -> dict:
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms)},
+        "simulated_with_other_work_as_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
+        "other_work_cpus_every_half_second": [c for _, c in other.steps],
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": finite(p99_err)},
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),
     }

@@ -244,7 +244,8 @@ class PlacementPolicy:
         another task's only one). A cooled task loses one extra copy: the holder
         with the highest replica id goes (a stable, predictable choice). Tasks
         are visited in name order, so the result is deterministic. A pinned
-        task is never reduced below what it has.
+        task is never reduced below what it has, and no task below the copies
+        its measured load calls for (:meth:`copies_for`).
         """
         actions: list[Placement | Release] = []
         for name in sorted(tasks):
@@ -258,7 +259,7 @@ class PlacementPolicy:
                 if others:
                     best = min(others, key=lambda r: (r.load, len(r.tasks), r.used_bytes, r.replica))
                     actions.append(Placement(name, best.replica))
-            elif want < len(holders) and not task.pinned:
+            elif want < len(holders) and not task.pinned and len(holders) > self.copies_for(task.load):
                 actions.append(Release(name, holders[-1]))
         return actions
 

@@ -31,6 +31,7 @@ import heapq
 import json
 import math
 import random
+import sys
 from collections import deque
 from typing import Literal
 
@@ -55,7 +56,8 @@ class Costs:
     modelled unless given) or a number of CPUs that all servers' work shares
     (processor sharing, at most one CPU per server: the single machine of
     the calibration run), of which other work on the machine takes
-    ``background_cpus``. The defaults are MiniLM, one CPU thread, 11-token
+    ``background_cpus``, or, where ``background_trace`` gives it as
+    (from second, CPUs) steps, as much as it took then. The defaults are MiniLM, one CPU thread, 11-token
     sentences, as measured in this repository; memory is the backbone's fp32
     weights and a classifier head's artifact.
     """
@@ -71,6 +73,7 @@ class Costs:
     path_out: tuple[tuple[str, float], ...] = ()
     cpus: float | None = None
     background_cpus: float = 0.0
+    background_trace: tuple[tuple[float, float], ...] = ()
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -226,7 +229,7 @@ def simulate(
 
     rng = random.Random(work.seed)
     # events: (time, order, kind, a, b); kind 0: a server's work done (a: server, b: version),
-    # 1: arrival (a: task), 2: placement tick
+    # 1: arrival (a: task), 2: placement tick, 3: other work's CPUs change (a: step)
     events: list[tuple[float, int, int, str | int, int]] = []
     order = 0
 
@@ -243,6 +246,9 @@ def simulate(
             push(at, 1, names[i], -1)
     if mode == "shared":
         push(1.0, 2, "", -1)
+    if costs.cpus is not None:
+        for k, (at, _cpus) in enumerate(costs.background_trace):
+            push(at, 3, k, -1)
     latencies: list[float] = []
     in_flight = 0
 
@@ -332,6 +338,10 @@ def simulate(
             active.discard(int(a))
             done(servers[int(a)], now)
             reschedule(now)
+        elif kind == 3:
+            advance(now)
+            capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_trace[int(a)][1])
+            reschedule(now)
         elif kind == 1:  # arrival
             in_flight += 1
             forward([now, str(a), -1], now)
@@ -348,10 +358,9 @@ def simulate(
                              {t: costs.task_bytes for t in s.tasks}, float(len(s.queue)))
                 for s in replicas
             ]
-            infos = {t: TaskInfo(t, "fm", costs.task_bytes) for t in inflight}
-            for t in names:
-                if len(holders[t]) > 1:
-                    infos[t] = TaskInfo(t, "fm", costs.task_bytes)
+            known = placing == "rate"  # the measured load is what the policy places by
+            infos = {t: TaskInfo(t, "fm", costs.task_bytes, load=_task_load(mode, rate_of[t], costs) if known else 0.0)
+                     for t in names if t in inflight or len(holders[t]) > 1}
             for act in policy.rebalance(infos, inflight, states_now):
                 sid_act = int(act.replica[1:])
                 if isinstance(act, Placement):
@@ -376,13 +385,15 @@ def simulate(
     )
 
 
-def max_tasks(mode: Mode, gpus: int, slo_ms: float, base: Workload, costs: Costs = Costs(), policy: PlacementPolicy = PlacementPolicy()) -> int:
+def max_tasks(
+    mode: Mode, gpus: int, slo_ms: float, base: Workload, costs: Costs = Costs(), policy: PlacementPolicy = PlacementPolicy(), placing: Placing = "rate"
+) -> int:
     """The most tasks (of ``base``'s rate and mix) that ``gpus`` host with p99 <= ``slo_ms``."""
 
     def ok(n: int) -> bool:
         if n == 0:
             return True
-        r = simulate(mode, gpus, dataclasses.replace(base, tasks=n), costs, policy)
+        r = simulate(mode, gpus, dataclasses.replace(base, tasks=n), costs, policy, placing=placing)
         return r.hosted and r.p99_ms <= slo_ms
 
     lo, hi = 0, max(1, gpus)
@@ -404,23 +415,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=2.0, help="mean requests/s per task")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--backbone-mb", type=float, default=90.0)
+    ap.add_argument("--task-kb", type=float, default=4.0, help="resident bytes of one task's extension")
     ap.add_argument("--device-gb", type=float, default=16.0)
     ap.add_argument("--max-replicas-per-task", type=int, default=3, help="the cap on a hot task's replicas")
+    ap.add_argument("--placing", choices=("rate", "count"), default="rate",
+                    help="rate: place by measured load (request rate x cost); count: by task count and bytes, on first use")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    costs = Costs(device_bytes=int(args.device_gb * 2**30), backbone_bytes=int(args.backbone_mb * 2**20))
+    costs = Costs(device_bytes=int(args.device_gb * 2**30), backbone_bytes=int(args.backbone_mb * 2**20), task_bytes=int(args.task_kb * 2**10))
     base = Workload(tasks=1, rate_per_task=args.rate, duration_s=args.duration)
     policy = PlacementPolicy(max_replicas_per_task=args.max_replicas_per_task)
+    print(f"by bytes: one copy per task fits {costs.copies_per_gpu()} copies per GPU; shared fits {costs.tasks_per_gpu()} tasks per replica", flush=True)
     rows = []
     for g in args.gpus:
-        shared = max_tasks("shared", g, args.slo_ms, base, costs, policy)
-        per_task = max_tasks("per_task", g, args.slo_ms, base, costs, policy)
+        shared = max_tasks("shared", g, args.slo_ms, base, costs, policy, args.placing)
+        per_task = max_tasks("per_task", g, args.slo_ms, base, costs, policy, args.placing)
         rows.append({"gpus": g, "shared": shared, "per_task": per_task, "ratio": round(shared / per_task, 2) if per_task else None})
         print(f"R={g:4d}: shared {shared:6d} tasks, one copy per task {per_task:6d} tasks, ratio {rows[-1]['ratio']}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate, "rows": rows}, fh, indent=2)
-
+            json.dump({"argv": argv if argv is not None else sys.argv[1:], "slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate,
+                       "placing": args.placing, "max_replicas_per_task": args.max_replicas_per_task,
+                       "copies_per_gpu_by_bytes": costs.copies_per_gpu(), "tasks_per_replica_by_bytes": costs.tasks_per_gpu(), "rows": rows}, fh, indent=2)
 
 if __name__ == "__main__":
     main()

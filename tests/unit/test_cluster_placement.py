@@ -269,3 +269,11 @@ def test_place_prefers_the_replica_with_less_measured_load_over_fewer_tasks() ->
     assert POLICY.place(task("new"), [busy, quiet]).replica == "b"
     # no measured load anywhere: fewest tasks, as before
     assert POLICY.place(task("new"), [hold(replica("a"), "x"), hold(replica("b"), "y", "z")]).replica == "a"
+
+
+def test_rebalance_keeps_the_copies_a_task_s_measured_load_calls_for() -> None:
+    policy = PlacementPolicy(hot_load=8, cool_load=2, copy_load=0.5, max_replicas_per_task=3)
+    replicas = [hold(replica(r), "t") for r in "ab"] + [replica("c")]
+    quiet = {"t": 0.0}  # nothing in flight: the in-flight rule alone would drop a copy
+    assert policy.rebalance({"t": loaded("t", 0.0)}, quiet, replicas) == [Release("t", "b")]
+    assert policy.rebalance({"t": loaded("t", 0.8)}, quiet, replicas) == []  # its load calls for 2

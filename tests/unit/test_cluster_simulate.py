@@ -104,3 +104,11 @@ def test_placing_by_load_spreads_a_zipf_mix_better_than_by_count() -> None:
     by_count = simulate("shared", 4, w, placing="count")
     assert sum(by_rate.replica_load) == pytest.approx(sum(by_count.replica_load), rel=0.05)
     assert max(by_rate.replica_load) - min(by_rate.replica_load) < max(by_count.replica_load) - min(by_count.replica_load)
+
+
+def test_other_work_that_changes_over_time_takes_what_it_took_then() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=2.0, background_trace=((0.0, 0.0), (0.005, 1.0)))
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # both replicas run 5 ms of their 10 alone on a CPU each, then share the one CPU left: 5 ms of work in 10 ms
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.p99_ms == pytest.approx(15.0)
