@@ -102,7 +102,7 @@ def process_groups(tag: str, replica_by_grpc_port: dict[int, str]) -> dict[str, 
         if pid in servers:
             name = servers[pid]
         elif parent in servers:
-            name = servers[parent]
+            name = servers[parent] + "/stub"  # the host: its batches run here
         elif "ProxyActor" in cmd:
             name = "proxy"
         elif "Ingress" in cmd:
@@ -134,20 +134,41 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
 
+def runnable_threads(exclude: set[int]) -> int:
+    """Threads of the machine that are running or want a CPU now (state R), outside the processes ``exclude``."""
+    n = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            for tid in os.listdir(f"/proc/{entry}/task"):
+                with open(f"/proc/{entry}/task/{tid}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[0] == "R":
+                        n += 1
+        except (OSError, IndexError):
+            continue
+    return n
+
+
 class OtherWork:
-    """Samples, every ``step`` seconds, the CPUs that other work on the machine takes (the machine's
-    busy time minus this run's processes): a shared machine's load comes and goes within a run."""
+    """Samples, every ``step`` seconds, what other work on the machine does: the CPUs it took (the
+    machine's busy time minus this run's processes) and its threads that want a CPU at that instant.
+    A shared machine's load comes and goes within a run."""
 
     def __init__(self, groups: dict[str, list[int]], step: float = 0.5) -> None:
         self.groups, self.step = groups, step
-        self.steps: list[tuple[float, float]] = []
+        self.steps: list[tuple[float, float]] = []  # (from second, CPUs taken)
+        self.runnable: list[tuple[float, float]] = []  # (from second, threads wanting a CPU)
+        self._ours = {p for pids in groups.values() for p in pids} | {os.getpid()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         t0 = time.monotonic()
         last = snapshot(self.groups)
+        self.runnable.append((0.0, float(runnable_threads(self._ours))))
         while not self._stop.wait(self.step):
+            self.runnable.append((round(time.monotonic() - t0, 3), float(runnable_threads(self._ours))))
             now = snapshot(self.groups)
             d = delta(last, now)
             ours = sum(d[g] for g in self.groups) + d["client"]
@@ -311,8 +332,11 @@ def calibrate(args: argparse.Namespace) -> dict:
                 time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
                 d, b1 = delta(a, snapshot(groups)), host_batches(mport)
                 batches, rows = b1[0] - b0[0], b1[1] - b0[1]
-                cpu = d[hname] - idle.get(hname, 0.0) * d["wall"]
-                curve[k] = {"rps": round(rps, 1), "rows_per_batch": round(rows / batches, 2), "cpu_ms_per_batch": round(1000 * cpu / batches, 2)}
+                server = d[hname] - idle.get(hname, 0.0) * d["wall"]
+                stub = d[hname + "/stub"] - idle.get(hname + "/stub", 0.0) * d["wall"]
+                cpu = server + stub
+                curve[k] = {"rps": round(rps, 1), "rows_per_batch": round(rows / batches, 2), "cpu_ms_per_batch": round(1000 * cpu / batches, 2),
+                            "of_which_host_stub": round(1000 * stub / batches, 2)}
                 fit_x.append(rows / batches)
                 fit_y.append(cpu / batches)
             per_row, per_batch = np.polyfit(fit_x, fit_y, 1)
@@ -328,12 +352,12 @@ def calibrate(args: argparse.Namespace) -> dict:
             n = max(1, len(sent_pre))
             path_cpu = {g: max(0.0, (d[g] - idle.get(g, 0.0) * d["wall"]) / n) for g in ("client", "proxy", "ingress", "ray")}
             # 4. one request in flight through the endpoint: what is not CPU work is network latency
-            a = snapshot(groups)
-            _, lat1 = closed_loop(port, tasks[:1], 1, args.cost_seconds)
-            d = delta(a, snapshot(groups))
-            others1 = max(0.0, (d["machine"] - sum(d[g] for g in groups) - d["client"]) / d["wall"])
+            with OtherWork(groups) as other1:
+                _, lat1 = closed_loop(port, tasks[:1], 1, args.cost_seconds)
+            runnable1 = float(np.mean([n for _, n in other1.runnable]))
+            idle_cpus = sum(idle.get(g, 0.0) for g in groups)
             cpu1 = path_cpu["client"] + path_cpu["proxy"] + path_cpu["ingress"] + per_batch + per_row
-            overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - others1))
+            overhead = max(0.0, lat1 - cpu1 / min(1.0, (cpus - idle_cpus) / (1 + runnable1)))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
             load_at_run = os.getloadavg()[0]
@@ -356,18 +380,18 @@ def calibrate(args: argparse.Namespace) -> dict:
     half = {g: v / 2 for g, v in path_cpu.items()}
     path_in = (("client", half["client"]), ("proxy", half["proxy"]), ("ingress", half["ingress"]))
     path_out = (("ingress", half["ingress"]), ("proxy", half["proxy"]), ("client", half["client"]))
-    # other work as it came and went during the run, plus this run's own side work (constant)
-    over_time = tuple((at, cpu + side) for at, cpu in other.steps)
+    # this run's own side work takes its CPUs; other work competes for the rest thread by thread, as it came and went
     costs = Costs(
         throughput=tuple((b, b / (per_batch + per_row * b)) for b in range(1, 17)),
-        overhead_s=overhead, path_in=path_in, path_out=path_out, cpus=cpus, background_cpus=background, background_trace=over_time,
+        overhead_s=overhead, path_in=path_in, path_out=path_out, cpus=cpus, background_cpus=side, background_runnable=tuple(other.runnable),
     )
     # the same requests at the same times, plus the time the client needs after the last one to collect the answers
     replay = dataclasses.replace(base, duration_s=args.seconds + 30)
     sim = simulate("shared", len(replicas), replay, costs, placement=placement, trace=trace)
     sim_load = [x * replay.duration_s / args.seconds for x in sim.replica_load]
     # what the old model (each server its own processor; no client, no sharing) would say of the same run
-    steady = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_trace=()), placement=placement, trace=trace)
+    # the alternative reading of other work: the CPUs it took, taken off the top whatever this run wanted
+    taken = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_cpus=background, background_runnable=()), placement=placement, trace=trace)
     dedicated = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None), placement=placement, trace=trace)
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
     p99_err = abs(sim.p99_ms - real_p99) / real_p99
@@ -379,7 +403,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         "machine_load_average_1min": {"before": round(load_before, 1), "at_run": round(load_at_run, 1), "after": round(os.getloadavg()[0], 1)},
         "other_work_cpus_during_run": round(others, 2),
         "idle_cpus_by_group": {g: round(v, 3) for g, v in idle.items() if g not in ("client", "machine")},
-        "background_cpus_simulated": round(background, 3),
+        "side_work_cpus": round(side, 3),
         "measured_costs": {
             "replica_by_in_flight": curve,
             "replica_cpu_ms_per_batch_fixed": round(per_batch * 1000, 2),
@@ -396,9 +420,10 @@ def calibrate(args: argparse.Namespace) -> dict:
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms)},
-        "simulated_with_other_work_as_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
+        "simulated_with_other_work_as_cpus_taken": {"p99_ms": finite(taken.p99_ms), "p50_ms": finite(taken.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
+        "other_work_runnable_threads_every_half_second": [c for _, c in other.runnable],
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": finite(p99_err)},
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),
     }

@@ -19,6 +19,7 @@ load calls for it.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -187,20 +188,35 @@ class PlacementPolicy:
         memory or slots run out. Never evicts. Raises :class:`PlacementError`
         when a task finds no replica with room.
         """
-        states = {r.replica: r for r in replicas if r.healthy}
+        free_bytes = {r.replica: r.free_bytes for r in replicas}
+        free_slots = {r.replica: r.free_slots for r in replicas}
+        held = {r.replica: set(r.tasks) for r in replicas}
+        heaps: dict[str, list[tuple[float, int, str]]] = {}  # per backbone: (planned load, tasks, replica id)
+        for r in replicas:
+            if r.healthy:
+                heaps.setdefault(r.backbone, []).append((r.planned_load, len(r.tasks), r.replica))
+        for h in heaps.values():
+            heapq.heapify(h)
         out: list[Placement] = []
         for task in sorted(tasks, key=lambda t: (-t.load, t.name)):
-            room = [r for r in states.values() if r.backbone == task.backbone and r.fits(task) and task.name not in r.tasks]
-            if not room:
+            heap, want = heaps.get(task.backbone, []), self.copies_for(task.load)
+            chosen, passed = [], []
+            while heap and len(chosen) < want:
+                entry = heapq.heappop(heap)
+                rid = entry[2]
+                fits = free_slots[rid] >= 1 and free_bytes[rid] >= task.bytes and task.name not in held[rid]
+                (chosen if fits else passed).append(entry)
+            if not chosen:
                 raise PlacementError(f"task '{task.name}' ({task.bytes} bytes) fits on no replica of '{task.backbone}'")
-            chosen = sorted(room, key=lambda r: (r.planned_load, len(r.tasks), r.replica))[: self.copies_for(task.load)]
-            for r in chosen:
-                states[r.replica] = dataclasses.replace(
-                    r,
-                    tasks={**r.tasks, task.name: task.bytes},
-                    task_load={**r.task_load, task.name: task.load / len(chosen)},
-                )
-                out.append(Placement(task.name, r.replica))
+            share = task.load / len(chosen)
+            for planned, count, rid in chosen:
+                free_slots[rid] -= 1
+                free_bytes[rid] -= task.bytes
+                held[rid].add(task.name)
+                heapq.heappush(heap, (planned + share, count + 1, rid))
+                out.append(Placement(task.name, rid))
+            for entry in passed:
+                heapq.heappush(heap, entry)
         return out
 
     @staticmethod

@@ -55,9 +55,12 @@ class Costs:
     processor: None (the cluster figure: a GPU per replica, stages not
     modelled unless given) or a number of CPUs that all servers' work shares
     (processor sharing, at most one CPU per server: the single machine of
-    the calibration run), of which other work on the machine takes
-    ``background_cpus``, or, where ``background_trace`` gives it as
-    (from second, CPUs) steps, as much as it took then. The defaults are MiniLM, one CPU thread, 11-token
+    the calibration run), of which work off every request's path takes
+    ``background_cpus``. Other work on a shared machine competes as
+    ``background_runnable`` says: (from second, threads) steps, each thread
+    wanting a CPU as a busy server does, so a busy server runs at
+    min(1, (cpus - background_cpus) / (busy servers + runnable threads)).
+    The defaults are MiniLM, one CPU thread, 11-token
     sentences, as measured in this repository; memory is the backbone's fp32
     weights and a classifier head's artifact.
     """
@@ -73,7 +76,7 @@ class Costs:
     path_out: tuple[tuple[str, float], ...] = ()
     cpus: float | None = None
     background_cpus: float = 0.0
-    background_trace: tuple[tuple[float, float], ...] = ()
+    background_runnable: tuple[tuple[float, float], ...] = ()
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -247,7 +250,7 @@ def simulate(
     if mode == "shared":
         push(1.0, 2, "", -1)
     if costs.cpus is not None:
-        for k, (at, _cpus) in enumerate(costs.background_trace):
+        for k, (at, _threads) in enumerate(costs.background_runnable):
             push(at, 3, k, -1)
     latencies: list[float] = []
     in_flight = 0
@@ -255,11 +258,12 @@ def simulate(
     # --- processors: dedicated (each server its own), or shared CPUs (processor sharing) ---
     shared_cpu = costs.cpus is not None
     capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus)
+    others = 0.0  # other work's runnable threads now
     active: set[int] = set()
     clock = {"last": 0.0, "version": 0}
 
     def cpu_rate() -> float:
-        return min(1.0, capacity / len(active)) if active else 0.0
+        return min(1.0, capacity / (len(active) + others)) if active else 0.0
 
     def advance(now: float) -> None:
         rate = cpu_rate()
@@ -340,7 +344,7 @@ def simulate(
             reschedule(now)
         elif kind == 3:
             advance(now)
-            capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_trace[int(a)][1])
+            others = costs.background_runnable[int(a)][1]
             reschedule(now)
         elif kind == 1:  # arrival
             in_flight += 1
