@@ -56,11 +56,9 @@ class Costs:
     modelled unless given) or a number of CPUs that all servers' work shares
     (processor sharing, at most one CPU per server: the single machine of
     the calibration run), of which work off every request's path takes
-    ``background_cpus``. Other work on a shared machine competes as
-    ``background_runnable`` says: (from second, threads) steps, each thread
-    wanting a CPU as a busy server does, so a busy server runs at
-    min(1, (cpus - background_cpus) / (busy servers + runnable threads)).
-    The defaults are MiniLM, one CPU thread, 11-token
+    ``background_cpus``, and other work on a shared machine what
+    ``background_trace`` says it took: (from second, CPUs) steps. A busy
+    server then runs at min(1, CPUs left / busy servers). The defaults are MiniLM, one CPU thread, 11-token
     sentences, as measured in this repository; memory is the backbone's fp32
     weights and a classifier head's artifact.
     """
@@ -76,7 +74,7 @@ class Costs:
     path_out: tuple[tuple[str, float], ...] = ()
     cpus: float | None = None
     background_cpus: float = 0.0
-    background_runnable: tuple[tuple[float, float], ...] = ()
+    background_trace: tuple[tuple[float, float], ...] = ()
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -250,20 +248,19 @@ def simulate(
     if mode == "shared":
         push(1.0, 2, "", -1)
     if costs.cpus is not None:
-        for k, (at, _threads) in enumerate(costs.background_runnable):
+        for k, (at, _cpus) in enumerate(costs.background_trace):
             push(at, 3, k, -1)
     latencies: list[float] = []
     in_flight = 0
 
     # --- processors: dedicated (each server its own), or shared CPUs (processor sharing) ---
     shared_cpu = costs.cpus is not None
-    capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus)
-    others = 0.0  # other work's runnable threads now
+    capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus)  # CPUs left to the servers now
     active: set[int] = set()
     clock = {"last": 0.0, "version": 0}
 
     def cpu_rate() -> float:
-        return min(1.0, capacity / (len(active) + others)) if active else 0.0
+        return min(1.0, capacity / len(active)) if active else 0.0
 
     def advance(now: float) -> None:
         rate = cpu_rate()
@@ -344,7 +341,7 @@ def simulate(
             reschedule(now)
         elif kind == 3:
             advance(now)
-            others = costs.background_runnable[int(a)][1]
+            capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus - costs.background_trace[int(a)][1])
             reschedule(now)
         elif kind == 1:  # arrival
             in_flight += 1
@@ -438,7 +435,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"R={g:4d}: shared {shared:6d} tasks, one copy per task {per_task:6d} tasks, ratio {rows[-1]['ratio']}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"argv": argv if argv is not None else sys.argv[1:], "slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate,
+            shown = list(sys.argv[1:] if argv is None else argv)
+            if "--out" in shown:
+                del shown[shown.index("--out"):shown.index("--out") + 2]
+            json.dump({"argv": shown, "slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate,
                        "placing": args.placing, "max_replicas_per_task": args.max_replicas_per_task,
                        "copies_per_gpu_by_bytes": costs.copies_per_gpu(), "tasks_per_replica_by_bytes": costs.tasks_per_gpu(), "rows": rows}, fh, indent=2)
 

@@ -106,13 +106,13 @@ def test_placing_by_load_spreads_a_zipf_mix_better_than_by_count() -> None:
     assert max(by_rate.replica_load) - min(by_rate.replica_load) < max(by_count.replica_load) - min(by_count.replica_load)
 
 
-def test_other_work_competes_for_the_cpus_as_it_came_and_went() -> None:
-    costs = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=2.0, background_runnable=((0.0, 0.0), (0.005, 2.0)))
+def test_other_work_takes_the_cpus_it_took_then() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=2.0, background_trace=((0.0, 0.0), (0.005, 1.0)))
     w = Workload(tasks=2, duration_s=5, warmup_s=0)
-    # both replicas run 5 ms of their 10 alone on a CPU each; then two other threads want CPUs too:
-    # 2 CPUs over 4 threads, half a CPU each, 5 ms of work in 10 ms
+    # both replicas run 5 ms of their 10 alone on a CPU each, then share the one CPU left: 5 ms of work in 10 ms
     r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
     assert r.p99_ms == pytest.approx(15.0)
-    # work off the requests' path takes its CPUs first: one CPU left for two replicas, then for four threads
-    r = simulate("shared", 2, w, dataclasses.replace(costs, background_cpus=1.0), placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
-    assert r.p99_ms == pytest.approx(5.0 + 30.0)  # 2.5 ms of work by 5 ms, the other 7.5 at a quarter CPU
+    # work off the requests' path takes its CPUs as well: 1.5 CPUs left (3.75 ms of work each by 5 ms),
+    # then half a CPU (the other 6.25 ms at a quarter CPU each)
+    r = simulate("shared", 2, w, dataclasses.replace(costs, background_cpus=0.5), placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.p99_ms == pytest.approx(5.0 + 25.0)
