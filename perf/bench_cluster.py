@@ -424,8 +424,8 @@ def calibrate(args: argparse.Namespace) -> dict:
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
-        # context only: threads of other work wanting a CPU at each sample (as a model -- each thread an equal
-        # share -- it predicted a p99 nearly 3x too high: interactive servers get more than an equal share)
+        # context only: threads of other work wanting a CPU at each sample. As a model (each thread an equal
+        # claimant) it overshot the p99: servers that sleep between requests get more than an equal share.
         "other_work_runnable_threads_every_half_second": [c for _, c in other.runnable],
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": finite(p99_err)},
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),

@@ -5,12 +5,14 @@ It uses the placement and routing policy of the real cluster
 serving the same tasks:
 
 - ``shared``: one backbone copy per replica (one replica per GPU); tasks
-  are placed by bytes and slots, requests of all tasks on a replica are batched
-  together, and hot tasks get extra replicas.
+  are placed by measured load (or by count), within bytes and slots;
+  requests of all tasks on a replica are batched together, and hot tasks get
+  extra replicas.
 - ``per_task``: one model copy per task. A GPU holds as many copies as its
   memory allows and runs one batch at a time from any of them (work-conserving
   co-location, the kinder of the two classic baselines; a static split of the
-  GPU would do worse); a batch holds requests of one task only.
+  GPU would do worse); a batch holds requests of one task only. The same
+  policy places the copies, and a hot task's extra replica is one more copy.
 
 Costs are inputs (:class:`Costs`). By default they are this repository's
 single-thread CPU measurements of MiniLM; pass a GPU's figures to get a GPU's
@@ -19,8 +21,11 @@ is pure and deterministic for a seed: it reads no clock and imports neither Ray
 nor Triton.
 
 ``perf/bench_cluster.py`` replays a real three-node run in it (``trace`` and
-``placement``) to calibrate it; until its p99 matches a run on a quiet
-machine, its larger figures are estimates (docs/scaling-out.md).
+``placement``) to calibrate it. That run shares one machine's few CPUs
+between every process, so there the servers share ``Costs.cpus`` instead of
+owning a processor each, and the client, proxy and ingress are modelled as
+stages of the request's path. Until its p99 matches a run on a quiet machine,
+the larger figures are estimates (docs/scaling-out.md).
 """
 
 from __future__ import annotations
