@@ -438,7 +438,7 @@ def calibrate(args: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("calibration", "figure", "all"), default="all",
-                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure")
+                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure (about 20 min on 2 busy cores)")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop run to predict")
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the endpoint's measured capacity")
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each cost measurement")
