@@ -19,6 +19,8 @@ load calls for it.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import math
 from typing import Iterable, Mapping, Sequence
 
 
@@ -34,6 +36,7 @@ class TaskInfo:
     backbone: str
     bytes: int  # resident extension size (the artifact's weights)
     pinned: bool = False  # never evicted to make room for another task
+    load: float = 0.0  # measured load: request rate x cost per request, as a share of one replica's time (0: unknown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,12 @@ class ReplicaState:
     healthy: bool = True
     last_used: Mapping[str, int] = dataclasses.field(default_factory=dict)
     pinned: frozenset[str] = frozenset()  # held tasks that are never evicted
+    task_load: Mapping[str, float] = dataclasses.field(default_factory=dict)  # measured load each held task brings here
+
+    @property
+    def planned_load(self) -> float:
+        """The measured load of the tasks held here (a share of this replica's time)."""
+        return sum(self.task_load.values())
 
     @property
     def used_bytes(self) -> int:
@@ -98,17 +107,23 @@ class PlacementPolicy:
     ``cool_load``: below this per replica (counted as if it had one fewer) the
     newest extra replica is released. ``cool_load < hot_load`` is the
     hysteresis that keeps a task from flapping between one and two replicas.
+    ``copy_load``: where a task's measured load is known, the most of one
+    replica's time one copy of it should take; a task above it is placed on
+    as many replicas as that needs (see :meth:`copies_for`).
     """
 
     hot_load: float = 8.0
     cool_load: float = 2.0
     max_replicas_per_task: int = 3
+    copy_load: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 <= self.cool_load < self.hot_load:
             raise ValueError(f"need 0 <= cool_load < hot_load, got {self.cool_load} and {self.hot_load}")
         if self.max_replicas_per_task < 1:
             raise ValueError("max_replicas_per_task must be at least 1")
+        if not 0 < self.copy_load <= 1:
+            raise ValueError(f"need 0 < copy_load <= 1, got {self.copy_load}")
 
     # --- routing ------------------------------------------------------------
     def route(self, task: TaskInfo, replicas: Sequence[ReplicaState]) -> str | None:
@@ -126,9 +141,10 @@ class PlacementPolicy:
 
         Only healthy replicas of the task's backbone are candidates. Those with
         room (a free slot and enough free budget bytes) come first, ordered by
-        fewest tasks, then fewest bytes, then least load, then replica id: so
-        tasks spread evenly, and two routers asking about the same snapshot get
-        the same answer. If no replica has room, the one that frees room by
+        least measured load of the tasks they hold (all equal where no load is
+        known), then fewest tasks, then fewest bytes, then least load in
+        flight, then replica id: so load and tasks spread evenly, and two
+        routers asking about the same snapshot get the same answer. If no replica has room, the one that frees room by
         evicting the fewest least-recently-used unpinned tasks (then least
         load, then id) is chosen.
         """
@@ -140,7 +156,7 @@ class PlacementPolicy:
             raise PlacementError(f"no healthy replica of backbone '{task.backbone}' to place task '{task.name}' on")
         roomy = [r for r in candidates if r.fits(task)]
         if roomy:
-            best = min(roomy, key=lambda r: (len(r.tasks), r.used_bytes, r.load, r.replica))
+            best = min(roomy, key=lambda r: (r.planned_load, len(r.tasks), r.used_bytes, r.load, r.replica))
             return Placement(task.name, best.replica)
         options = []
         for r in candidates:
@@ -154,6 +170,54 @@ class PlacementPolicy:
             )
         _, _, replica, victims = min(options)
         return Placement(task.name, replica, victims)
+
+    def copies_for(self, load: float) -> int:
+        """How many replicas a task with measured ``load`` starts on: enough that no copy
+        takes more than ``copy_load`` of a replica, at most ``max_replicas_per_task``."""
+        return max(1, min(self.max_replicas_per_task, math.ceil(load / self.copy_load - 1e-9)))
+
+    def plan(self, tasks: Sequence[TaskInfo], replicas: Sequence[ReplicaState]) -> list[Placement]:
+        """Place many tasks at once by measured load (a cluster's start, or a simulation).
+
+        Heaviest tasks first (then by name, so the answer is deterministic).
+        Each gets :meth:`copies_for` its load, on distinct healthy replicas of
+        its backbone that have room, each copy taking an equal share of its
+        load; every copy goes where the planned load is least (then fewest
+        tasks, then id). So hot tasks get replicas, their load is spread, and
+        the light tasks fill the replicas around them, many per replica, until
+        memory or slots run out. Never evicts. Raises :class:`PlacementError`
+        when a task finds no replica with room.
+        """
+        free_bytes = {r.replica: r.free_bytes for r in replicas}
+        free_slots = {r.replica: r.free_slots for r in replicas}
+        held = {r.replica: set(r.tasks) for r in replicas}
+        heaps: dict[str, list[tuple[float, int, str]]] = {}  # per backbone: (planned load, tasks, replica id)
+        for r in replicas:
+            if r.healthy:
+                heaps.setdefault(r.backbone, []).append((r.planned_load, len(r.tasks), r.replica))
+        for h in heaps.values():
+            heapq.heapify(h)
+        out: list[Placement] = []
+        for task in sorted(tasks, key=lambda t: (-t.load, t.name)):
+            heap, want = heaps.get(task.backbone, []), self.copies_for(task.load)
+            chosen, passed = [], []
+            while heap and len(chosen) < want:
+                entry = heapq.heappop(heap)
+                rid = entry[2]
+                fits = free_slots[rid] >= 1 and free_bytes[rid] >= task.bytes and task.name not in held[rid]
+                (chosen if fits else passed).append(entry)
+            if not chosen:
+                raise PlacementError(f"task '{task.name}' ({task.bytes} bytes) fits on no replica of '{task.backbone}'")
+            share = task.load / len(chosen)
+            for planned, count, rid in chosen:
+                free_slots[rid] -= 1
+                free_bytes[rid] -= task.bytes
+                held[rid].add(task.name)
+                heapq.heappush(heap, (planned + share, count + 1, rid))
+                out.append(Placement(task.name, rid))
+            for entry in passed:
+                heapq.heappush(heap, entry)
+        return out
 
     @staticmethod
     def _victims(task: TaskInfo, replica: ReplicaState) -> tuple[str, ...] | None:
@@ -196,7 +260,8 @@ class PlacementPolicy:
         another task's only one). A cooled task loses one extra copy: the holder
         with the highest replica id goes (a stable, predictable choice). Tasks
         are visited in name order, so the result is deterministic. A pinned
-        task is never reduced below what it has.
+        task is never reduced below what it has, and no task below the copies
+        its measured load calls for (:meth:`copies_for`).
         """
         actions: list[Placement | Release] = []
         for name in sorted(tasks):
@@ -210,7 +275,7 @@ class PlacementPolicy:
                 if others:
                     best = min(others, key=lambda r: (r.load, len(r.tasks), r.used_bytes, r.replica))
                     actions.append(Placement(name, best.replica))
-            elif want < len(holders) and not task.pinned:
+            elif want < len(holders) and not task.pinned and len(holders) > self.copies_for(task.load):
                 actions.append(Release(name, holders[-1]))
         return actions
 

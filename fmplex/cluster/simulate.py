@@ -5,12 +5,14 @@ It uses the placement and routing policy of the real cluster
 serving the same tasks:
 
 - ``shared``: one backbone copy per replica (one replica per GPU); tasks
-  are placed by bytes and slots, requests of all tasks on a replica are batched
-  together, and hot tasks get extra replicas.
+  are placed by measured load (or by count), within bytes and slots;
+  requests of all tasks on a replica are batched together, and hot tasks get
+  extra replicas.
 - ``per_task``: one model copy per task. A GPU holds as many copies as its
   memory allows and runs one batch at a time from any of them (work-conserving
   co-location, the kinder of the two classic baselines; a static split of the
-  GPU would do worse); a batch holds requests of one task only.
+  GPU would do worse); a batch holds requests of one task only. The same
+  policy places the copies, and a hot task's extra replica is one more copy.
 
 Costs are inputs (:class:`Costs`). By default they are this repository's
 single-thread CPU measurements of MiniLM; pass a GPU's figures to get a GPU's
@@ -19,8 +21,11 @@ is pure and deterministic for a seed: it reads no clock and imports neither Ray
 nor Triton.
 
 ``perf/bench_cluster.py`` replays a real three-node run in it (``trace`` and
-``placement``) to calibrate it; until its p99 matches a run on a quiet
-machine, its larger figures are estimates (docs/scaling-out.md).
+``placement``) to calibrate it. That run shares one machine's few CPUs
+between every process, so there the servers share ``Costs.cpus`` instead of
+owning a processor each, and the client, proxy and ingress are modelled as
+stages of the request's path. Until its p99 matches a run on a quiet machine,
+the larger figures are estimates (docs/scaling-out.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import heapq
 import json
 import math
 import random
+import sys
 from collections import deque
 from typing import Literal
 
@@ -41,17 +47,25 @@ Mode = Literal["shared", "per_task"]
 
 @dataclasses.dataclass(frozen=True)
 class Costs:
-    """What one GPU (one replica) can do, and what things weigh.
+    """What one GPU (one replica) can do, what things weigh, and what else a request passes through.
 
     ``throughput`` maps batch sizes to sequences/s of one backbone copy
-    (linear in between, flat beyond the last). ``overhead_s`` is what the
-    path to the replica adds to each request's latency without taking the
-    replica's time (on a real cluster: Serve's proxy and the ingress), and
-    ``endpoint_s`` the endpoint's own work per request: with it, requests
-    queue at one endpoint before they reach a replica (a real cluster's one
-    proxy and one ingress, where they are the bottleneck). The defaults are MiniLM, one
-    CPU thread, 11-token sentences, as measured in this repository; memory is
-    the backbone's fp32 weights and a classifier head's artifact.
+    (linear in between, flat beyond the last); with ``cpus`` set, read it as
+    sequences per CPU-second. ``overhead_s`` is latency every request pays
+    without taking anybody's time (network hops). ``path_in`` and
+    ``path_out`` are the single-threaded stages a request passes on its way
+    to a replica and back (a real cluster's client, proxy and ingress), as
+    (name, seconds of work per request); a name in both is the same server,
+    so both directions queue there. ``cpus`` says whether servers own their
+    processor: None (the cluster figure: a GPU per replica, stages not
+    modelled unless given) or a number of CPUs that all servers' work shares
+    (processor sharing, at most one CPU per server: the single machine of
+    the calibration run), of which work off every request's path takes
+    ``background_cpus``, and other work on a shared machine what
+    ``background_trace`` says it took: (from second, CPUs) steps. A busy
+    server then runs at min(1, CPUs left / busy servers). The defaults are MiniLM, one CPU thread, 11-token
+    sentences, as measured in this repository; memory is the backbone's fp32
+    weights and a classifier head's artifact.
     """
 
     throughput: tuple[tuple[int, float], ...] = ((1, 100.0), (16, 320.0))
@@ -60,8 +74,12 @@ class Costs:
     task_bytes: int = 4 * 2**10
     max_batch: int = 16
     slots: int = 256
-    overhead_s: float = 0.0  # latency every request pays outside the replica (proxy, ingress, network); uses no replica time
-    endpoint_s: float = 0.0  # time the endpoint (one FIFO server in front of all replicas) spends per request; 0: not modelled
+    overhead_s: float = 0.0
+    path_in: tuple[tuple[str, float], ...] = ()
+    path_out: tuple[tuple[str, float], ...] = ()
+    cpus: float | None = None
+    background_cpus: float = 0.0
+    background_trace: tuple[tuple[float, float], ...] = ()
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -75,6 +93,14 @@ class Costs:
     def batch_seconds(self, batch: int, share: float = 1.0) -> float:
         """Time one copy with ``share`` of a GPU takes for a batch."""
         return batch / self.seqs_per_s(batch) / share
+
+    def copies_per_gpu(self) -> int:
+        """One-copy-per-task: how many model copies (backbone + one task) one device's memory holds."""
+        return self.device_bytes // (self.backbone_bytes + self.task_bytes)
+
+    def tasks_per_gpu(self) -> int:
+        """Shared: how many tasks one replica holds (memory after the one backbone, and slots)."""
+        return min(self.slots, (self.device_bytes - self.backbone_bytes) // max(1, self.task_bytes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +132,68 @@ class Result:
 
 @dataclasses.dataclass
 class _Server:
+    """A replica (batches) or a path stage (one request at a time); ``left``: work left of what it runs now."""
+
     sid: int
     share: float
     tasks: set[str]
-    queue: deque[tuple[float, str]] = dataclasses.field(default_factory=deque)
-    busy_until: float = 0.0
+    queue: deque[list] = dataclasses.field(default_factory=deque)
+    running: list = dataclasses.field(default_factory=list)
+    left: float = 0.0
     busy: bool = False
     served: int = 0
+
+
+Placing = Literal["rate", "count"]
+
+
+def _task_load(mode: Mode, rate: float, costs: Costs) -> float:
+    """A task's measured load: its rate times what one request costs a replica, as a share of one
+    replica's time. Shared replicas batch across tasks (the full-batch cost); a task's own copy
+    batches only its own requests (the batch-1 cost)."""
+    return rate / costs.seqs_per_s(costs.max_batch if mode == "shared" else 1)
+
+
+def _initial_placement(
+    mode: Mode, gpus: int, names: list[str], rates: list[float], costs: Costs, policy: PlacementPolicy, placing: Placing
+) -> list[list[int]] | None:
+    """Which servers hold each task at the start (None: some task finds no room).
+
+    ``rate``: the policy's :meth:`~PlacementPolicy.plan` by measured load, in
+    both modes (one copy per task places copies of backbone + task bytes; a
+    hot task's extra copy is one more whole copy). ``count``: the first-use
+    :meth:`~PlacementPolicy.place` in task order (shared), round robin (one
+    copy per task).
+    """
+    if mode == "shared":
+        budget, slots, nbytes = costs.device_bytes - costs.backbone_bytes, costs.slots, costs.task_bytes
+    else:
+        budget, slots, nbytes = costs.device_bytes, max(1, costs.copies_per_gpu()), costs.backbone_bytes + costs.task_bytes
+    states = [ReplicaState(f"r{g:04d}", "fm", budget, slots) for g in range(gpus)]
+    holders: list[list[int]] = [[] for _ in names]
+    if placing == "count" and mode == "per_task":
+        if costs.copies_per_gpu() * gpus < len(names):
+            return None
+        return [[i % gpus] for i in range(len(names))]
+    try:
+        if placing == "rate":
+            infos = [TaskInfo(n, "fm", nbytes, load=_task_load(mode, r, costs)) for n, r in zip(names, rates)]
+            decisions = policy.plan(infos, states)
+        else:
+            decisions, index = [], {s.replica: i for i, s in enumerate(states)}
+            for n in names:
+                p = policy.place(TaskInfo(n, "fm", nbytes), states)
+                if p.evict:  # only fits by evicting another task: the cluster is full
+                    return None
+                st = states[index[p.replica]]
+                states[index[p.replica]] = dataclasses.replace(st, tasks={**st.tasks, n: nbytes})
+                decisions.append(p)
+    except PlacementError:
+        return None
+    position = {n: i for i, n in enumerate(names)}
+    for p in decisions:
+        holders[position[p.task]].append(int(p.replica[1:]))
+    return holders
 
 
 def simulate(
@@ -123,65 +204,96 @@ def simulate(
     policy: PlacementPolicy = PlacementPolicy(),
     placement: list[int] | None = None,
     trace: list[tuple[float, int]] | None = None,
+    placing: Placing = "rate",
 ) -> Result:
     """One run. ``placement`` (shared mode) puts task i on replica ``placement[i]``
     instead of asking the policy, and ``trace`` ((time s, task i) arrivals)
-    replaces the Poisson arrivals: together they replay a real run, request by request."""
+    replaces the Poisson arrivals: together they replay a real run, request by
+    request. ``placing`` picks how the policy places tasks (see
+    :func:`_initial_placement`)."""
     names = [f"t{i:05d}" for i in range(work.tasks)]
-    servers: list[_Server] = []
-    holders: dict[str, list[int]] = {n: [] for n in names}
-    if mode == "shared":
-        budget = costs.device_bytes - costs.backbone_bytes
-        states = {f"r{g:04d}": ReplicaState(f"r{g:04d}", "fm", budget, costs.slots) for g in range(gpus)}
-        servers = [_Server(g, 1.0, set()) for g in range(gpus)]
-        for i, n in enumerate(names):
-            if placement is not None:
-                servers[placement[i]].tasks.add(n)
-                holders[n].append(placement[i])
-                st = states[f"r{placement[i]:04d}"]
-                states[st.replica] = dataclasses.replace(st, tasks={**st.tasks, n: costs.task_bytes})
-                continue
-            try:
-                p = policy.place(TaskInfo(n, "fm", costs.task_bytes), list(states.values()))
-            except PlacementError:
-                return Result(mode, gpus, work.tasks, False, math.inf, math.inf, 0, [])
-            if p.evict:  # a task that only fits by evicting another: the cluster is full
-                return Result(mode, gpus, work.tasks, False, math.inf, math.inf, 0, [])
-            st = states[p.replica]
-            states[p.replica] = dataclasses.replace(st, tasks={**st.tasks, n: costs.task_bytes})
-            sid = int(p.replica[1:])
-            servers[sid].tasks.add(n)
-            holders[n].append(sid)
+    rates = work.rates()
+    if placement is not None:
+        where = [[g] for g in placement]
     else:
-        per_gpu = costs.device_bytes // (costs.backbone_bytes + costs.task_bytes)
-        if per_gpu < 1 or per_gpu * gpus < work.tasks:
+        found = _initial_placement(mode, gpus, names, rates, costs, policy, placing)
+        if found is None:
             return Result(mode, gpus, work.tasks, False, math.inf, math.inf, 0, [])
-        servers = [_Server(g, 1.0, set()) for g in range(gpus)]
-        for i, n in enumerate(names):
-            servers[i % gpus].tasks.add(n)
-            holders[n].append(i % gpus)
+        where = found
+    servers = [_Server(g, 1.0, set()) for g in range(gpus)]
+    holders: dict[str, list[int]] = {}
+    for n, gs in zip(names, where):
+        holders[n] = list(gs)
+        for g in gs:
+            servers[g].tasks.add(n)
+    stage_ids: dict[str, int] = {}
+    for name, _sec in costs.path_in + costs.path_out:
+        if name not in stage_ids:
+            stage_ids[name] = len(servers)
+            servers.append(_Server(len(servers), 1.0, set()))
+    steps: list[tuple[int, float]] = [(stage_ids[n], s) for n, s in costs.path_in] + [(-1, 0.0)] + [(stage_ids[n], s) for n, s in costs.path_out]
 
     rng = random.Random(work.seed)
-    events: list[tuple[float, int, int, str, int]] = []  # time, order, kind (0 done, 1 arrival, 2 tick, 3 endpoint passed), task, server
+    # events: (time, order, kind, a, b); kind 0: a server's work done (a: server, b: version),
+    # 1: arrival (a: task), 2: placement tick, 3: other work's CPUs change (a: step)
+    events: list[tuple[float, int, int, str | int, int]] = []
     order = 0
+
+    def push(at: float, kind: int, a: str | int, b: int) -> None:
+        nonlocal order
+        heapq.heappush(events, (at, order, kind, a, b))
+        order += 1
+
     if trace is None:
-        for n, rate in zip(names, work.rates()):
-            heapq.heappush(events, (rng.expovariate(rate), order, 1, n, -1))
-            order += 1
+        for n, rate in zip(names, rates):
+            push(rng.expovariate(rate), 1, n, -1)
     else:
         for at, i in trace:
-            heapq.heappush(events, (at, order, 1, names[i], -1))
-            order += 1
+            push(at, 1, names[i], -1)
     if mode == "shared":
-        heapq.heappush(events, (1.0, order, 2, "", -1))
-        order += 1
+        push(1.0, 2, "", -1)
+    if costs.cpus is not None:
+        for k, (at, _cpus) in enumerate(costs.background_trace):
+            push(at, 3, k, -1)
     latencies: list[float] = []
-    batches: dict[int, list[tuple[float, str]]] = {}
-    rate_of = dict(zip(names, work.rates()))
+    in_flight = 0
+
+    # --- processors: dedicated (each server its own), or shared CPUs (processor sharing) ---
+    shared_cpu = costs.cpus is not None
+    capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus)  # CPUs left to the servers now
+    active: set[int] = set()
+    clock = {"last": 0.0, "version": 0}
+
+    def cpu_rate() -> float:
+        return min(1.0, capacity / len(active)) if active else 0.0
+
+    def advance(now: float) -> None:
+        rate = cpu_rate()
+        for sid in active:
+            servers[sid].left -= (now - clock["last"]) * rate
+        clock["last"] = now
+
+    def reschedule(now: float) -> None:
+        clock["version"] += 1
+        if active:
+            sid = min(active, key=lambda i: (servers[i].left, i))
+            push(now + max(0.0, servers[sid].left) / cpu_rate(), 0, sid, clock["version"])
+
+    def begin(s: _Server, items: list, seconds: float, now: float) -> None:
+        s.busy, s.running, s.left = True, items, seconds
+        if shared_cpu:
+            advance(now)
+            active.add(s.sid)
+            reschedule(now)
+        else:
+            push(now + seconds, 0, s.sid, 0)
 
     def start(s: _Server, now: float) -> None:
-        nonlocal order
         if s.busy or not s.queue:
+            return
+        if s.sid >= gpus:  # a path stage: one request at a time, in order
+            req = s.queue.popleft()
+            begin(s, [req], steps[req[2]][1], now)
             return
         if mode == "shared":  # inter-task batching
             batch = [s.queue.popleft() for _ in range(min(costs.max_batch, len(s.queue)))]
@@ -191,58 +303,70 @@ def simulate(
             for item in s.queue:
                 (batch if item[1] == task0 and len(batch) < costs.max_batch else rest).append(item)
             s.queue = rest
-        s.busy = True
-        batches[s.sid] = batch
-        heapq.heappush(events, (now + costs.batch_seconds(len(batch), s.share), order, 0, "", s.sid))
-        order += 1
+        begin(s, batch, costs.batch_seconds(len(batch), s.share), now)
 
-    def route(task: str, now: float, arrived: float) -> None:
-        """Hand a request to the holder of its task with the least work waiting."""
-        target = min(holders[task], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
-        servers[target].queue.append((arrived, task))
-        start(servers[target], now)
+    def forward(req: list, now: float) -> None:
+        """Send a request (arrived, task, step) on to its next step, or finish it."""
+        nonlocal in_flight
+        req[2] += 1
+        if req[2] == len(steps):
+            in_flight -= 1
+            if req[0] >= work.warmup_s:
+                latencies.append(now - req[0] + costs.overhead_s)
+            return
+        sid = steps[req[2]][0]
+        if sid < 0:  # the replica: the holder of its task with the least work waiting
+            sid = min(holders[req[1]], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
+        servers[sid].queue.append(req)
+        start(servers[sid], now)
 
-    endpoint_free = 0.0  # when the endpoint (one FIFO server, if modelled) is next free
-    arrived_at: dict[int, float] = {}  # endpoint passages in flight: event order -> arrival time
+    def done(s: _Server, now: float) -> None:
+        s.busy = False
+        items, s.running = s.running, []
+        if s.sid < gpus:
+            s.served += len(items)
+        for req in items:
+            forward(req, now)
+        start(s, now)
+
+    rate_of = dict(zip(names, rates))
     while events:
-        now, eid, kind, task, sid = heapq.heappop(events)
+        now, _eid, kind, a, b = heapq.heappop(events)
         if now > work.duration_s:
             break
-        if kind == 1:  # arrival: through the endpoint, then to a replica
-            if costs.endpoint_s > 0:
-                endpoint_free = max(endpoint_free, now) + costs.endpoint_s
-                arrived_at[order] = now
-                heapq.heappush(events, (endpoint_free, order, 3, task, -1))
-                order += 1
-            else:
-                route(task, now, now)
+        if kind == 0:
+            if not shared_cpu:
+                done(servers[int(a)], now)
+                continue
+            if b != clock["version"]:
+                continue  # superseded: the sharing changed since
+            advance(now)
+            active.discard(int(a))
+            done(servers[int(a)], now)
+            reschedule(now)
+        elif kind == 3:
+            advance(now)
+            capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus - costs.background_trace[int(a)][1])
+            reschedule(now)
+        elif kind == 1:  # arrival
+            in_flight += 1
+            forward([now, str(a), -1], now)
             if trace is None:
-                heapq.heappush(events, (now + rng.expovariate(rate_of[task]), order, 1, task, -1))
-                order += 1
-        elif kind == 3:  # passed the endpoint
-            route(task, now, arrived_at.pop(eid))
-        elif kind == 0:
-            s = servers[sid]
-            s.busy = False
-            for arrived, _t in batches.pop(sid):
-                s.served += 1
-                if arrived >= work.warmup_s:
-                    latencies.append(now - arrived + costs.overhead_s)
-            start(s, now)
+                push(now + rng.expovariate(rate_of[str(a)]), 1, a, -1)
         else:  # placement tick: hot tasks gain replicas, cooled ones lose them
+            replicas = servers[:gpus]
             inflight: dict[str, float] = {}
-            for s in servers:
-                for _a, t in s.queue:
+            for s in replicas:
+                for _a, t, _st in s.queue:
                     inflight[t] = inflight.get(t, 0.0) + 1
             states_now = [
                 ReplicaState(f"r{s.sid:04d}", "fm", costs.device_bytes - costs.backbone_bytes, costs.slots,
                              {t: costs.task_bytes for t in s.tasks}, float(len(s.queue)))
-                for s in servers
+                for s in replicas
             ]
-            infos = {t: TaskInfo(t, "fm", costs.task_bytes) for t in inflight}
-            for t in list(names):
-                if len(holders[t]) > 1:
-                    infos[t] = TaskInfo(t, "fm", costs.task_bytes)
+            known = placing == "rate"  # the measured load is what the policy places by
+            infos = {t: TaskInfo(t, "fm", costs.task_bytes, load=_task_load(mode, rate_of[t], costs) if known else 0.0)
+                     for t in names if t in inflight or len(holders[t]) > 1}
             for act in policy.rebalance(infos, inflight, states_now):
                 sid_act = int(act.replica[1:])
                 if isinstance(act, Placement):
@@ -251,31 +375,31 @@ def simulate(
                 elif isinstance(act, Release) and len(holders[act.task]) > 1:
                     servers[sid_act].tasks.discard(act.task)
                     holders[act.task].remove(sid_act)
-            heapq.heappush(events, (now + 1.0, order, 2, "", -1))
-            order += 1
+            push(now + 1.0, 2, "", -1)
 
     latencies.sort()
     measured = max(work.duration_s - work.warmup_s, 1e-9)
-    pending = sum(len(s.queue) for s in servers)
     if not latencies:
-        return Result(mode, gpus, work.tasks, True, math.inf, math.inf, 0, [s.served / work.duration_s for s in servers])
-    # requests still queued at the end count as slower than everything served (no survivor bias)
-    total = len(latencies) + pending
+        return Result(mode, gpus, work.tasks, True, math.inf, math.inf, 0, [s.served / work.duration_s for s in servers[:gpus]])
+    # requests still in flight at the end count as slower than everything served (no survivor bias)
+    total = len(latencies) + in_flight
     idx = min(int(0.99 * total), total - 1)
     p99 = latencies[idx] if idx < len(latencies) else math.inf
     return Result(
         mode, gpus, work.tasks, True, p99 * 1000, latencies[len(latencies) // 2] * 1000, len(latencies),
-        [round(s.served / measured, 2) for s in servers],
+        [round(s.served / measured, 2) for s in servers[:gpus]],
     )
 
 
-def max_tasks(mode: Mode, gpus: int, slo_ms: float, base: Workload, costs: Costs = Costs(), policy: PlacementPolicy = PlacementPolicy()) -> int:
+def max_tasks(
+    mode: Mode, gpus: int, slo_ms: float, base: Workload, costs: Costs = Costs(), policy: PlacementPolicy = PlacementPolicy(), placing: Placing = "rate"
+) -> int:
     """The most tasks (of ``base``'s rate and mix) that ``gpus`` host with p99 <= ``slo_ms``."""
 
     def ok(n: int) -> bool:
         if n == 0:
             return True
-        r = simulate(mode, gpus, dataclasses.replace(base, tasks=n), costs, policy)
+        r = simulate(mode, gpus, dataclasses.replace(base, tasks=n), costs, policy, placing=placing)
         return r.hosted and r.p99_ms <= slo_ms
 
     lo, hi = 0, max(1, gpus)
@@ -297,23 +421,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=2.0, help="mean requests/s per task")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--backbone-mb", type=float, default=90.0)
+    ap.add_argument("--task-kb", type=float, default=4.0, help="resident bytes of one task's extension")
     ap.add_argument("--device-gb", type=float, default=16.0)
     ap.add_argument("--max-replicas-per-task", type=int, default=3, help="the cap on a hot task's replicas")
+    ap.add_argument("--placing", choices=("rate", "count"), default="rate",
+                    help="rate: place by measured load (request rate x cost); count: by task count and bytes, on first use")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    costs = Costs(device_bytes=int(args.device_gb * 2**30), backbone_bytes=int(args.backbone_mb * 2**20))
+    costs = Costs(device_bytes=int(args.device_gb * 2**30), backbone_bytes=int(args.backbone_mb * 2**20), task_bytes=int(args.task_kb * 2**10))
     base = Workload(tasks=1, rate_per_task=args.rate, duration_s=args.duration)
     policy = PlacementPolicy(max_replicas_per_task=args.max_replicas_per_task)
+    print(f"by bytes: one copy per task fits {costs.copies_per_gpu()} copies per GPU; shared fits {costs.tasks_per_gpu()} tasks per replica", flush=True)
     rows = []
     for g in args.gpus:
-        shared = max_tasks("shared", g, args.slo_ms, base, costs, policy)
-        per_task = max_tasks("per_task", g, args.slo_ms, base, costs, policy)
+        shared = max_tasks("shared", g, args.slo_ms, base, costs, policy, args.placing)
+        per_task = max_tasks("per_task", g, args.slo_ms, base, costs, policy, args.placing)
         rows.append({"gpus": g, "shared": shared, "per_task": per_task, "ratio": round(shared / per_task, 2) if per_task else None})
         print(f"R={g:4d}: shared {shared:6d} tasks, one copy per task {per_task:6d} tasks, ratio {rows[-1]['ratio']}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate, "rows": rows}, fh, indent=2)
-
+            shown = list(sys.argv[1:] if argv is None else argv)
+            if "--out" in shown:
+                del shown[shown.index("--out"):shown.index("--out") + 2]
+            json.dump({"argv": shown, "slo_ms": args.slo_ms, "costs": dataclasses.asdict(costs), "rate_per_task": args.rate,
+                       "placing": args.placing, "max_replicas_per_task": args.max_replicas_per_task,
+                       "copies_per_gpu_by_bytes": costs.copies_per_gpu(), "tasks_per_replica_by_bytes": costs.tasks_per_gpu(), "rows": rows}, fh, indent=2)
 
 if __name__ == "__main__":
     main()

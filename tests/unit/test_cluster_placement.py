@@ -216,3 +216,64 @@ def test_bad_policy_settings_are_refused() -> None:
         PlacementPolicy(hot_load=2, cool_load=2)
     with pytest.raises(ValueError, match="max_replicas_per_task"):
         PlacementPolicy(max_replicas_per_task=0)
+
+
+# --- placement by measured load ----------------------------------------------------
+
+
+def loaded(name: str, load: float, size: int = MB) -> TaskInfo:
+    return TaskInfo(name, "minilm", size, load=load)
+
+
+def test_copies_follow_the_load_up_to_the_cap() -> None:
+    policy = PlacementPolicy(copy_load=0.5, max_replicas_per_task=3)
+    assert [policy.copies_for(x) for x in (0.0, 0.2, 0.5, 0.51, 1.0, 1.2, 9.0)] == [1, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError):
+        PlacementPolicy(copy_load=0)
+
+
+def test_plan_gives_a_hot_task_replicas_and_packs_cold_tasks_around_it() -> None:
+    policy = PlacementPolicy(copy_load=0.5, max_replicas_per_task=3)
+    replicas = [replica(r) for r in "abcd"]
+    tasks = [loaded("hot", 1.2)] + [loaded(f"c{i}", 0.05) for i in range(12)]
+    plan = policy.plan(tasks, replicas)
+    holders: dict[str, list[str]] = {}
+    for p in plan:
+        holders.setdefault(p.task, []).append(p.replica)
+    assert len(holders["hot"]) == 3 and len(set(holders["hot"])) == 3  # distinct replicas, 0.4 each
+    assert all(len(h) == 1 for t, h in holders.items() if t != "hot")
+    planned = {r: 0.0 for r in "abcd"}
+    for t, hs in holders.items():
+        for h in hs:
+            planned[h] += (1.2 if t == "hot" else 0.05) / len(hs)
+    # the replica without a hot copy takes most cold tasks: the load evens out (one task's load of slack)
+    assert max(planned.values()) - min(planned.values()) <= 0.05 + 1e-9
+    spare = next(r for r in "abcd" if r not in holders["hot"])
+    assert sum(1 for t, hs in holders.items() if spare in hs) == 9  # 0.45 on every replica
+    assert policy.plan(list(reversed(tasks)), replicas) == plan  # deterministic: heaviest first, then by name
+
+
+def test_plan_respects_bytes_and_slots_and_says_when_a_task_fits_nowhere() -> None:
+    policy = PlacementPolicy()
+    replicas = [replica("a", budget=3 * MB, slots=16), replica("b", budget=100 * MB, slots=2)]
+    plan = policy.plan([loaded(f"t{i}", 0.01) for i in range(5)], replicas)
+    per = {r: sum(1 for p in plan if p.replica == r) for r in "ab"}
+    assert per == {"a": 3, "b": 2}
+    with pytest.raises(PlacementError):
+        policy.plan([loaded(f"t{i}", 0.01) for i in range(6)], replicas)
+
+
+def test_place_prefers_the_replica_with_less_measured_load_over_fewer_tasks() -> None:
+    busy = dataclasses.replace(hold(replica("a"), "x"), task_load={"x": 0.9})
+    quiet = dataclasses.replace(hold(replica("b"), "y", "z"), task_load={"y": 0.1, "z": 0.1})
+    assert POLICY.place(task("new"), [busy, quiet]).replica == "b"
+    # no measured load anywhere: fewest tasks, as before
+    assert POLICY.place(task("new"), [hold(replica("a"), "x"), hold(replica("b"), "y", "z")]).replica == "a"
+
+
+def test_rebalance_keeps_the_copies_a_task_s_measured_load_calls_for() -> None:
+    policy = PlacementPolicy(hot_load=8, cool_load=2, copy_load=0.5, max_replicas_per_task=3)
+    replicas = [hold(replica(r), "t") for r in "ab"] + [replica("c")]
+    quiet = {"t": 0.0}  # nothing in flight: the in-flight rule alone would drop a copy
+    assert policy.rebalance({"t": loaded("t", 0.0)}, quiet, replicas) == [Release("t", "b")]
+    assert policy.rebalance({"t": loaded("t", 0.8)}, quiet, replicas) == []  # its load calls for 2

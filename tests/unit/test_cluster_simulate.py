@@ -64,9 +64,55 @@ def test_a_trace_is_replayed_request_by_request() -> None:
 
 
 def test_a_modelled_endpoint_queues_requests_before_the_replicas() -> None:
-    costs = Costs(throughput=((1, 100.0), (16, 320.0)), endpoint_s=0.004)
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), path_in=(("endpoint", 0.004),))
     w = Workload(tasks=2, duration_s=5, warmup_s=0)
     # all arrive at 0; the endpoint passes them at 4, 8 and 12 ms; replicas take 10 ms per request:
     # task 0's first done at 14, task 1's at 18, task 0's second waits for the first: 14 + 10 = 24
     r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1), (0.0, 0)])
     assert r.completed == 3 and r.p50_ms == pytest.approx(18.0) and r.p99_ms == pytest.approx(24.0)
+
+
+def test_servers_on_shared_cpus_slow_each_other_down() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)))  # batch 1: 10 ms of work
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    both = [(0.0, 0), (0.0, 1)]  # one request on each replica at once
+    assert simulate("shared", 2, w, costs, placement=[0, 1], trace=both).p99_ms == pytest.approx(10.0)  # a processor each
+    one_cpu = dataclasses.replace(costs, cpus=1.0)
+    assert simulate("shared", 2, w, one_cpu, placement=[0, 1], trace=both).p99_ms == pytest.approx(20.0)  # half a CPU each
+    two_cpus = dataclasses.replace(costs, cpus=2.0)
+    assert simulate("shared", 2, w, two_cpus, placement=[0, 1], trace=both).p99_ms == pytest.approx(10.0)
+    busy = dataclasses.replace(costs, cpus=2.0, background_cpus=1.0)  # other work takes one of the two
+    assert simulate("shared", 2, w, busy, placement=[0, 1], trace=both).p99_ms == pytest.approx(20.0)
+    # one request alone never runs faster than one CPU, however many there are
+    assert simulate("shared", 2, w, dataclasses.replace(costs, cpus=4.0), placement=[0, 1], trace=[(0.0, 0)]).p99_ms == pytest.approx(10.0)
+
+
+def test_a_stage_on_the_way_in_and_out_is_one_server() -> None:
+    # the client does 2 ms on the way in and 2 ms on the way out, one request at a time
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), path_in=(("client", 0.002),), path_out=(("client", 0.002),))
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0)])
+    assert r.p99_ms == pytest.approx(14.0)
+    # two at once: in at 2 and 4 ms, replicas done at 12 and 14, out at 14 and 16; a third alone later: 14
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1), (1.0, 0)])
+    assert r.p50_ms == pytest.approx(14.0) and r.p99_ms == pytest.approx(16.0)
+
+
+def test_placing_by_load_spreads_a_zipf_mix_better_than_by_count() -> None:
+    w = Workload(tasks=64, rate_per_task=4.0, duration_s=10)  # the hottest task: ~54 req/s
+    by_rate = simulate("shared", 4, w, placing="rate")
+    by_count = simulate("shared", 4, w, placing="count")
+    assert sum(by_rate.replica_load) == pytest.approx(sum(by_count.replica_load), rel=0.05)
+    assert max(by_rate.replica_load) - min(by_rate.replica_load) < max(by_count.replica_load) - min(by_count.replica_load)
+
+
+def test_other_work_takes_the_cpus_it_took_then() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=2.0, background_trace=((0.0, 0.0), (0.005, 1.0)))
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # both replicas run 5 ms of their 10 alone on a CPU each, then share the one CPU left: 5 ms of work in 10 ms
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.p99_ms == pytest.approx(15.0)
+    # work off the requests' path takes its CPUs as well: 1.5 CPUs left (3.75 ms of work each by 5 ms),
+    # then half a CPU (the other 6.25 ms at a quarter CPU each)
+    r = simulate("shared", 2, w, dataclasses.replace(costs, background_cpus=0.5), placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.p99_ms == pytest.approx(5.0 + 25.0)
