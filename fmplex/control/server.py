@@ -392,9 +392,36 @@ class TritonProcess:
 
 
 def free_ports() -> Ports:
-    """Three distinct free TCP ports (tests and the demo run side by side)."""
+    """Three distinct free TCP ports (tests and the demo run side by side).
+
+    Picked at random below the kernel's ephemeral range when there is room:
+    a port the kernel hands out for ``bind(0)`` is also one it may hand to
+    any outgoing connection (a gRPC client, Ray) in the moment before
+    tritonserver binds it, which made a server fail with "Address already in
+    use" now and then while many ran side by side.
+    """
+    import random  # noqa: PLC0415
     import socket  # noqa: PLC0415
 
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    chosen: list[int] = []
+    if low > 20000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            if port in chosen:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            chosen.append(port)
+            if len(chosen) == 3:
+                return Ports(*chosen)
     socks = []
     try:
         for _ in range(3):
