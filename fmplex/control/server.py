@@ -398,7 +398,8 @@ def free_ports() -> Ports:
     a port the kernel hands out for ``bind(0)`` is also one it may hand to
     any outgoing connection (a gRPC client, Ray) in the moment before
     tritonserver binds it, which made a server fail with "Address already in
-    use" now and then while many ran side by side.
+    use" now and then while many ran side by side. The range starts at
+    20000, above the ports Ray gives its workers by default (10002-19999).
     """
     import random  # noqa: PLC0415
     import socket  # noqa: PLC0415
@@ -408,10 +409,10 @@ def free_ports() -> Ports:
     except (OSError, ValueError, IndexError):
         low = 0
     chosen: list[int] = []
-    if low > 20000:
+    if low > 21000:
         rng = random.SystemRandom()
         for _ in range(200):
-            port = rng.randrange(10000, low)
+            port = rng.randrange(20000, low)
             if port in chosen:
                 continue
             with socket.socket() as s:
