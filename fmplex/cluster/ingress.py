@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -20,6 +21,7 @@ from fmplex import registry
 from fmplex.families import family_for
 
 from .config import TICK_S
+from .loads import LoadMeter
 from .placement import PlacementError
 from .replica import UNKNOWN_MARKERS, ReplicaRecord
 from .stream import StreamRelay
@@ -53,6 +55,7 @@ class Ingress:
         self._load_area: dict[str, float] = {}
         self._replica_area: dict[str, float] = {}
         self._used: set[str] = set()
+        self.meter = LoadMeter()  # measured loads (rate x cost per request) for placement
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._http: Any = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -79,8 +82,11 @@ class Ingress:
             replica_load = {r: a / samples for r, a in self._replica_area.items()}
             self._load_area, self._replica_area, samples = {}, {}, 0
             used, self._used = sorted(self._used), set()
+            for gone in set(self.meter.replicas()) - set(self.table["replicas"]):
+                self.meter.forget(gone)
             try:
-                version = await self.placer.report.remote(task_load, replica_load, used)
+                shares = self.meter.shares(time.monotonic())
+                version = await self.placer.report.remote(task_load, replica_load, used, shares)
                 if version != self.table["version"]:
                     await self._refresh()
             except Exception as exc:  # noqa: BLE001 - keep serving from the cached table
@@ -147,6 +153,7 @@ class Ingress:
             self.inflight_task[task] = self.inflight_task.get(task, 0) + 1
             self.inflight_replica[rec.replica] = self.inflight_replica.get(rec.replica, 0) + 1
             self._used.add(task)
+            self.meter.started(task, rec.replica, time.monotonic())
             try:
                 return await fn(rec)
             except _Forward as exc:
@@ -159,6 +166,7 @@ class Ingress:
             finally:
                 self.inflight_task[task] -= 1
                 self.inflight_replica[rec.replica] -= 1
+                self.meter.finished(task, rec.replica, time.monotonic())
         self.unavailable += 1
         raise _Forward(f"'{name}' is unavailable right now (retried once): {last}")
 

@@ -255,8 +255,9 @@ class PlacementPolicy:
     ) -> list[Placement | Release]:
         """One step of hot-task scaling: at most one replica more or fewer per task.
 
-        A hot task gains the replica :meth:`place` would pick among those not
-        holding it yet, and never evicts for it (an extra copy is not worth
+        A hot task gains, among the replicas not holding it yet, the one with
+        the least measured load of the tasks it holds (then least load in
+        flight, fewest tasks, fewest bytes, id), and never evicts for it (an extra copy is not worth
         another task's only one). A cooled task loses one extra copy: the holder
         with the highest replica id goes (a stable, predictable choice). Tasks
         are visited in name order, so the result is deterministic. A pinned
@@ -273,7 +274,7 @@ class PlacementPolicy:
             if want > len(holders):
                 others = [r for r in replicas if r.healthy and r.backbone == task.backbone and name not in r.tasks and r.fits(task)]
                 if others:
-                    best = min(others, key=lambda r: (r.load, len(r.tasks), r.used_bytes, r.replica))
+                    best = min(others, key=lambda r: (r.planned_load, r.load, len(r.tasks), r.used_bytes, r.replica))
                     actions.append(Placement(name, best.replica))
             elif want < len(holders) and not task.pinned and len(holders) > self.copies_for(task.load):
                 actions.append(Release(name, holders[-1]))

@@ -18,6 +18,7 @@ from fmplex import registry
 from fmplex.families import family_for
 
 from .config import TICK_S
+from .loads import task_totals
 from .placement import Placement, PlacementError, PlacementPolicy, Release, ReplicaState, TaskInfo
 from .replica import ReplicaRecord, artifact_bytes, is_live, triton_for
 
@@ -44,6 +45,7 @@ class Placer:
         self.last_used: dict[str, int] = {}
         self.task_load: dict[str, float] = {}
         self.replica_load: dict[str, float] = {}
+        self.shares: dict[str, dict[str, float]] = {}  # replica -> task -> measured share of its time
         self.version = 0
         self.events: list[dict[str, Any]] = []  # placements, evictions, releases, lost replicas (for status)
         self._lock = asyncio.Lock()
@@ -89,6 +91,7 @@ class Placer:
             return
         lost = sorted(self.held.pop(replica, {}))
         self.replica_load.pop(replica, None)
+        self.shares.pop(replica, None)
         self._event("replica lost", replica=replica, backbone=rec.backbone, tasks=lost, why=why)
         self.version += 1
 
@@ -105,7 +108,11 @@ class Placer:
         entry = reg.tasks.get(name)
         if entry is None or not entry.deployed:
             raise KeyError(name)
-        return TaskInfo(name, entry.backbone, artifact_bytes(self.repo, entry), entry.pinned)
+        return TaskInfo(name, entry.backbone, artifact_bytes(self.repo, entry), entry.pinned, self._measured(name))
+
+    def _measured(self, name: str) -> float:
+        """A task's measured load over every replica holding it (0 until the ingress has seen it)."""
+        return task_totals(self.shares).get(name, 0.0)
 
     def _states(self) -> list[ReplicaState]:
         reg = self.view.current()
@@ -123,6 +130,7 @@ class Placer:
                     True,
                     {t: self.last_used.get(t, -1) for t in held},
                     frozenset(t for t in held if t in reg.tasks and reg.tasks[t].pinned),
+                    {t: v for t, v in self.shares.get(rid, {}).items() if t in held},
                 )
             )
         return out
@@ -179,11 +187,21 @@ class Placer:
                 log.warning("unloading %s from %s failed: %s", model, rec.replica, exc)
 
     # --- load reports, hot tasks, liveness -----------------------------------------------
-    async def report(self, task_load: dict[str, float], replica_load: dict[str, float], used: list[str]) -> int:
-        """The ingress's view of the last tick: requests in flight per task and per replica; returns the table version."""
+    async def report(
+        self,
+        task_load: dict[str, float],
+        replica_load: dict[str, float],
+        used: list[str],
+        shares: dict[str, dict[str, float]] | None = None,
+    ) -> int:
+        """The ingress's view: requests in flight per task and per replica over the last tick (the
+        hot/cool trigger), and the measured share of each replica's time each task takes
+        (:mod:`fmplex.cluster.loads`: where new tasks and extra copies go); returns the table version."""
         self._ensure_loop()
         self.task_load = task_load
         self.replica_load = {r: v for r, v in replica_load.items() if r in self.replicas}
+        if shares is not None:
+            self.shares = {r: dict(v) for r, v in shares.items() if r in self.replicas}
         tick = int(time.monotonic() * 10)
         for t in used:
             self.last_used[t] = tick
@@ -219,13 +237,13 @@ class Placer:
                         self.version += 1
                         asyncio.get_running_loop().create_task(self._release_later(rid, name, 0.0))
                 continue
-            tasks[name] = TaskInfo(name, entry.backbone, artifact_bytes(self.repo, entry), entry.pinned)
+            tasks[name] = TaskInfo(name, entry.backbone, artifact_bytes(self.repo, entry), entry.pinned, self._measured(name))
         async with self._lock:
             actions = self.policy.rebalance(tasks, self.task_load, self._states())
             for act in actions:
                 if isinstance(act, Placement):
                     await self._load(tasks[act.task], act)
-                    self._event("hot: extra replica", replica=act.replica, task=act.task, load=self.task_load.get(act.task))
+                    self._event("hot: extra replica", replica=act.replica, task=act.task, load=self.task_load.get(act.task), measured_load=tasks[act.task].load)
                 elif isinstance(act, Release):
                     self.held[act.replica].pop(act.task, None)
                     self.version += 1
@@ -282,13 +300,14 @@ class Placer:
                     "budget_bytes": rec.budget_bytes,
                     "slots": rec.slots,
                     "load": round(self.replica_load.get(rid, 0.0), 2),
+                    "measured_load": round(sum(self.shares.get(rid, {}).values()), 2),
                     "healthy": self._misses.get(rid, 0) == 0,
                 }
             )
         deployed = sorted(n for n, t in reg.tasks.items() if t.deployed)
         return {
             "replicas": replicas,
-            "tasks": {n: {"replicas": [r["replica"] for r in replicas if n in r["tasks"]], "load": round(self.task_load.get(n, 0.0), 2)} for n in deployed},
+            "tasks": {n: {"replicas": [r["replica"] for r in replicas if n in r["tasks"]], "load": round(self.task_load.get(n, 0.0), 2), "measured_load": round(self._measured(n), 2)} for n in deployed},
             "releasing": sorted(f"{t}@{r}" for r, t in self.releasing),
             "events": self.events[-30:],
         }

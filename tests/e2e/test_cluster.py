@@ -417,6 +417,8 @@ def test_a_hot_task_gains_a_replica_and_drops_it_when_load_falls(env: Env) -> No
         status = local.placer_status()
         assert sorted(_replicas_ready(status, "sentiment")) == sorted(status["tasks"]["sentiment"]["replicas"])
         time.sleep(2)  # both copies serve
+        measured = local.placer_status()["tasks"]["sentiment"]["measured_load"]
+        assert measured > 0, "the ingress's measured load did not reach the placer"
     finally:
         stop.set()
         for w in workers:
