@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
@@ -135,6 +136,9 @@ class StreamRelay:
         ing.inflight_replica[p.replica] = ing.inflight_replica.get(p.replica, 0) + delta
         if delta > 0:
             ing._used.add(p.task)
+            ing.meter.started(p.task, p.replica, time.monotonic())
+        else:  # a stream's request counts in the measured load like a unary one
+            ing.meter.finished(p.task, p.replica, time.monotonic())
 
     def _error(self, request: pb.ModelInferRequest, message: str) -> None:
         resp = pb.ModelStreamInferResponse(error_message=message)

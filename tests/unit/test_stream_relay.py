@@ -10,11 +10,13 @@ errors that come back on the stream instead of ending it.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator
 
 import grpc
 import tritonclient.grpc.service_pb2 as pb
 
+from fmplex.cluster.loads import LoadMeter
 from fmplex.cluster.replica import ReplicaRecord
 from fmplex.cluster.stream import FINAL, WANT_FINAL, StreamRelay
 
@@ -94,6 +96,7 @@ class _Ingress:
         self.inflight_task: dict[str, int] = {}
         self.inflight_replica: dict[str, int] = {}
         self._used: set[str] = set()
+        self.meter = LoadMeter()
         self.retries = self.unavailable = 0
 
     def _resolve(self, name: str) -> tuple[str, str | None] | None:
@@ -146,6 +149,9 @@ def test_ids_and_final_flags_read_as_from_one_server_and_requests_split_over_rep
     assert [r.model_name for r in a.seen] == ["chat.stream", "chat.stream"] and [r.model_name for r in b.seen] == ["pirate.stream"]
     assert len({r.id for r in a.seen + b.seen}) == 3  # each forwarded request has its own id upstream
     assert all(v == 0 for v in ing.inflight_task.values()) and all(v == 0 for v in ing.inflight_replica.values())
+    # streamed requests count in the measured load as unary ones do: started and finished on their replica
+    assert ing.meter.replicas() == ["a", "b"]
+    assert set(ing.meter.rates(time.monotonic())) == {"chat", "pirate"}
 
 
 def test_errors_come_back_on_the_stream_and_the_stream_goes_on() -> None:
