@@ -281,7 +281,11 @@ class QueueingScheduler(Scheduler):
         if light is None:
             light = self._light_waiting(tasks, self._shares(tasks))
         if not light and self.budget.saturated_rows > self.budget.max_rows:
-            light = self._recently_light(tasks)
+            # Queued tasks of unequal weights keep max_rows batches: a grown
+            # batch holds about everything queued (each worker takes its share
+            # of the rows in the host), so each task would be served as fast as
+            # its clients send and weights would stop deciding anything.
+            light = len({t.policy.weight for t in tasks}) > 1 or self._recently_light(tasks)
         return Packer(self.budget, self.budget.limits(self._queued_rows + self._inflight_rows, light))
 
     def _oldest_arrival(self) -> float:

@@ -79,14 +79,20 @@ class BatchBudget:
     ``saturated_rows`` lets a batch grow beyond ``max_rows`` under
     saturation, because a larger forward runs more rows per second: while
     no light task is queued (every queued task has at least its weighted
-    share of ``max_rows`` waiting, or only one task is queued), a batch may
+    share of ``max_rows`` waiting, or only one task is queued) and the
+    queued tasks share one weight, a batch may
     take up to ``min(saturated_rows, (queued_rows + rows_in_flight) // parallel)``
     rows (never fewer than ``max_rows``), ``max_tokens`` scaling with it.
     ``parallel`` is the number of workers taking batches at once: a worker
     takes its share of all the rows in the system, so growth never leaves an
     idle worker without work, and a worker whose peers are busy with large
     batches is not held to half of what waits (rows in flight are those
-    dispatched and not yet reported back through ``finished``). The moment a light task queues, batches are back
+    dispatched and not yet reported back through ``finished``). Unequal
+    weights keep ``max_rows`` batches because such a batch holds about
+    everything queued: each task would be served as fast as its clients
+    send, and weights would no longer decide anything (with three tasks of
+    32 closed-loop clients at weights 1:2:4, the shares served were 31/34/34%).
+    The moment a light task queues, batches are back
     to ``max_rows`` with share caps. The cost, bounded: a light request that
     arrives while saturated batches run waits for at most the batches in
     flight (one of at most ``saturated_rows`` rows per worker) plus one of
