@@ -72,8 +72,8 @@ def test_huge_declared_size_is_refused_before_decoding(width: int, height: int) 
 
 @pytest.mark.parametrize("width,height", [(1, 4000), (100_000, 1), (2, 19_000_000)])
 def test_extreme_aspect_ratio_is_refused_before_decoding(width: int, height: int) -> None:
-    """A tiny image of an extreme aspect ratio would be resized to a huge one (1x4000: 256x1024000,
-    a gigabyte and seconds per row, found by make fuzz): refused from the header, like a bomb."""
+    """A tiny image of an extreme aspect ratio would be resized to a huge one (1x4000: 256x1024000
+    pixels, on the host's request thread): refused from the header, like a decompression bomb."""
     from PIL import Image
 
     buf = io.BytesIO()
