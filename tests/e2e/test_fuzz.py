@@ -240,7 +240,7 @@ def test_every_property_fuzzes_as_many_examples_as_asked() -> None:
         for name, obj in vars(module).items():
             if hasattr(obj, "hypothesis") and any(m.name == "fuzz" for m in getattr(obj, "pytestmark", [])):
                 found[f"{path.stem}.{name}"] = obj._hypothesis_internal_use_settings
-    assert len(found) >= 8, sorted(found)  # the five here, and the multimodal, generative and extension-kind ones
+    assert len(found) >= 10, sorted(found)  # the five here; multimodal, generative, extension kinds; images, series
     for name, s in found.items():
         if FUZZ_EXAMPLES:
             assert (s.max_examples, s.derandomize, s.database is not None) == (FUZZ_EXAMPLES, False, True), name

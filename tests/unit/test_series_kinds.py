@@ -172,6 +172,17 @@ def test_mixed_batch_every_kind_matches_its_reference(fam, ref, ref_ft, tasks):
             close("embedding", out["EMBEDDING"], ref_embedding(ref, req.rows))
 
 
+def test_values_near_the_float32_limit_are_scaled_in_float64_as_fracast_does(fam, ref, tasks):
+    """A row whose span overflows float32 (+-3e38): fracast scales it in float64; in float32 the
+    scaled values were infinite and the forecast wrong (found by the series fuzz property)."""
+    t = tasks["fc_b"][0]
+    rows = [np.array([3e38, -3e38] * 20, dtype=np.float32), np.array([1e30, -1e30] * 20, dtype=np.float32)]
+    res = fam.run_batch([(t, fam.decode(t, np.stack(rows), None, np.array([4])))])[0]
+    assert res.error is None, res.error
+    for i, row in enumerate(rows):
+        close("near-limit point", res.outputs["FORECAST"][i], ref_forecast(ref, row, 4)[:, ref.quantiles.index(0.5)])
+
+
 def test_a_fork_differs_from_the_base_and_keeps_only_what_differs(fam, ref, tasks):
     task, vdir = tasks["ft"]
     kept = load_numpy(str(vdir / "weights.safetensors"))

@@ -70,6 +70,35 @@ def test_huge_declared_size_is_refused_before_decoding(width: int, height: int) 
     assert msg.startswith("IMAGE row 0 declares") and "limit" in msg
 
 
+@pytest.mark.parametrize("width,height", [(1, 4000), (100_000, 1), (2, 19_000_000)])
+def test_extreme_aspect_ratio_is_refused_before_decoding(width: int, height: int) -> None:
+    """A tiny image of an extreme aspect ratio would be resized to a huge one (1x4000: 256x1024000
+    pixels, on the host's request thread): refused from the header, like a decompression bomb."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 4000), 7).save(buf, "PNG")
+    data = buf.getvalue() if (width, height) == (1, 4000) else png_declaring(width, height)
+    t0 = time.perf_counter()
+    msg = one_line_error(decode_image, data, "IMAGE row 0")
+    assert time.perf_counter() - t0 < 2.0
+    assert msg.startswith(f"IMAGE row 0 is {width}x{height} pixels") and "aspect ratio" in msg
+
+
+def test_the_most_extreme_aspect_ratio_in_the_limit_is_served() -> None:
+    """The same bound as the declared size: the resized image may hold max_pixels."""
+    from PIL import Image
+
+    limits = ImageLimits(max_pixels=256 * 2560)
+    for width, height, ok in ((10, 100, True), (10, 101, False)):  # resized: 256x2560 / 256x2586
+        buf = io.BytesIO()
+        Image.new("RGB", (width, height), (10, 200, 30)).save(buf, "PNG")
+        if ok:
+            assert decode_image(buf.getvalue(), limits=limits).shape == (3, 224, 224)
+        else:
+            assert "aspect ratio" in one_line_error(decode_image, buf.getvalue(), limits=limits)
+
+
 def test_truncated_images_are_refused() -> None:
     for data in photos()[:2]:  # a JPEG and a PNG
         msg = one_line_error(decode_image, data[: len(data) // 2])

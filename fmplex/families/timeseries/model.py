@@ -87,7 +87,9 @@ def normalise(rows: Sequence[np.ndarray], width: int) -> Normalised:
         lo = np.nanmin(finite).astype(np.float64)
         sp = np.maximum(np.nanmax(finite) - lo, 1e-5).astype(np.float64)
         start = width - tail.shape[0]
-        values[i, start:] = np.where(mask, (tail - lo) / sp, np.float32(0.0)).astype(np.float32)
+        # float64 as fracast's own (its loc/span are arrays); a float64 *scalar* would leave numpy 1.x
+        # computing in float32, which overflows for values near the float32 limit
+        values[i, start:] = np.where(mask, (tail.astype(np.float64) - lo) / sp, 0.0).astype(np.float32)
         valid[i, start:] = mask
         loc[i, 0], span[i, 0] = lo, sp
     return Normalised(values, valid, loc, span)

@@ -17,7 +17,9 @@ Everything a client can get wrong raises :class:`RequestError` with one line
 that names the row, before anything is queued, so a bad image fails only its
 own request. The header is read first (Pillow opens lazily): the declared
 size is checked against ``max_pixels`` before a single pixel is decoded, so a
-decompression bomb costs nothing. Truncated files are refused (Pillow's
+decompression bomb costs nothing; so is the size step 2 would resize to, which
+a tiny image of an extreme aspect ratio (1x4000 pixels: 256x1024000 after the
+resize) would otherwise blow up. Truncated files are refused (Pillow's
 ``LOAD_TRUNCATED_IMAGES`` is left off).
 """
 
@@ -69,6 +71,10 @@ def _open(data: bytes, where: str, limits: ImageLimits):  # noqa: ANN202 - PIL.I
         raise RequestError(f"{where} declares an empty size {width}x{height}")
     if width * height > limits.max_pixels:
         raise RequestError(f"{where} declares {width}x{height} pixels, more than the limit of {limits.max_pixels}")
+    rw, rh = resized_size(width, height)
+    if rw * rh > limits.max_pixels:
+        raise RequestError(f"{where} is {width}x{height} pixels: resized to a shorter side of {RESIZE_TO} it would be "
+                           f"{rw}x{rh}, more than the limit of {limits.max_pixels} (aspect ratio too extreme)")
     if img.mode not in MODES:
         raise RequestError(f"{where} has mode {img.mode}; supported: {', '.join(MODES)} (8-bit grey, palette or RGB(A))")
     return img
@@ -94,8 +100,7 @@ def decode_image(data: bytes, where: str = "IMAGE", limits: ImageLimits = ImageL
 def to_pixels(rgb, resample) -> np.ndarray:  # noqa: ANN001 - PIL.Image.Image, a Pillow resampling filter
     """Steps 2-5 on an RGB Pillow image."""
     width, height = rgb.size
-    scale = RESIZE_TO / min(width, height)
-    size = (max(RESIZE_TO, round(width * scale)), max(RESIZE_TO, round(height * scale)))
+    size = resized_size(width, height)
     if size != (width, height):
         rgb = rgb.resize(size, resample)
     left = (size[0] - IMAGE_SIZE) // 2
@@ -104,6 +109,12 @@ def to_pixels(rgb, resample) -> np.ndarray:  # noqa: ANN001 - PIL.Image.Image, a
     arr = np.asarray(crop, dtype=np.float32) / np.float32(255.0)
     arr = (arr - MEAN) / STD
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def resized_size(width: int, height: int) -> tuple[int, int]:
+    """Step 2: the size with the shorter side at 256 and the aspect ratio kept."""
+    scale = RESIZE_TO / min(width, height)
+    return max(RESIZE_TO, round(width * scale)), max(RESIZE_TO, round(height * scale))
 
 
 def decode_images(arr: np.ndarray, limits: ImageLimits = ImageLimits()) -> np.ndarray:
