@@ -190,7 +190,8 @@ def measure(name: str, target: Target, texts: list[str], cfg: argparse.Namespace
 
         pids = process_tree(pid)
         c0, own0, w0 = cpu_seconds(pids), time.process_time(), time.perf_counter()
-        recs = driver.closed_loop({t: cfg.concurrency for t in tasks}, d)
+        sat_c = max(cfg.concurrency, cfg.saturation_clients // len(tasks))
+        recs = driver.closed_loop({t: sat_c for t in tasks}, d)
         c1, own1, w1 = cpu_seconds(pids), time.process_time(), time.perf_counter()
         sat = summarize(recs, (0.5, d), timeout_s=cfg.timeout, slo_s=cfg.slo_ms / 1e3)
         mem = server_memory(pid)
@@ -392,6 +393,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:n] on a GPU machine")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 8; quick 3)")
     ap.add_argument("--concurrency", type=int, default=8, help="closed-loop requests in flight per task")
+    ap.add_argument("--saturation-clients", type=int, default=192,
+                    help="closed-loop clients in all while saturated, split over the tasks (at least --concurrency each; "
+                         "default 192: enough rows for two workers to run 64-row batches with more waiting, for every deployment)")
     ap.add_argument("--loads", help="comma-separated offered loads as fractions of the raw limit (default 0.15,0.3,0.45,0.6,0.75)")
     ap.add_argument("--matched", type=float, default=0.45, help="matched offered load for the summary, fraction of the raw limit")
     ap.add_argument("--timeout", type=float, default=10.0,

@@ -20,7 +20,7 @@ DEPLOYMENTS = ("fmplex", "isolated", "partitioned")
 WORKLOADS = ("saturation", "matched_uniform", "matched_zipf", "bursty", "trace")
 FIELDS = ("offered_rps", "throughput_rps", "goodput_rps", "shed_share", "p50_ms", "p90_ms", "p99_ms", "memory_mib")
 WORKLOAD_TITLES = {
-    "saturation": "saturation (closed loop, every task, requests in flight per task fixed)",
+    "saturation": "saturation (closed loop, every task, `--saturation-clients` requests in flight in all, split evenly)",
     "matched_uniform": "matched load, uniform mix (open-loop Poisson, every task the same share) - headline",
     "matched_zipf": "matched load, zipf mix (open-loop Poisson, task i gets weight 1/(i+1))",
     "bursty": "bursty (Markov-modulated Poisson, same mean rate as matched, zipf mix)",
