@@ -35,7 +35,6 @@ import tritonclient.grpc.service_pb2 as pb
 from .replica import UNKNOWN_MARKERS
 
 if TYPE_CHECKING:
-    from .ingress import Ingress
     from .replica import ReplicaRecord
 
 log = logging.getLogger("ray.serve")
@@ -83,7 +82,9 @@ class _Upstream:
 class StreamRelay:
     """One client's ``ModelStreamInfer`` stream: requests routed one by one, responses merged."""
 
-    def __init__(self, ingress: Ingress, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+    def __init__(self, ingress: Any, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+        # ``ingress``: the Ingress deployment (fmplex.cluster.ingress), which imports this
+        # module, so it is not imported here, not even for typing (no import cycles).
         self.ingress = ingress
         self.requests = requests
         self.out: asyncio.Queue[Any] = asyncio.Queue()

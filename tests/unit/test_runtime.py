@@ -210,5 +210,5 @@ def test_scheduler_settings_reach_the_batch_budget_under_their_own_units() -> No
     assert budget.light_window_s == pytest.approx(0.25) and budget.max_queue_delay_s == pytest.approx(0.0015) and budget.max_lag == 12.0
     assert type(st.make_scheduler(1, 1)).__name__ == "FIFOScheduler"
     # Growth is off unless a host turns it on, and grows to saturated_batch_rows when it does.
-    assert SchedulerSettings().make_scheduler(2, 100).budget.limits(queued_rows=1000, light_waiting=False) == (16, 100)
-    assert st.make_scheduler(1, 100).budget.limits(queued_rows=1000, light_waiting=False) == (32, 400)
+    assert SchedulerSettings().make_scheduler(2, 100).budget.limits(rows_in_system=1000, light_waiting=False) == (16, 100)
+    assert st.make_scheduler(1, 100).budget.limits(rows_in_system=1000, light_waiting=False) == (32, 400)

@@ -68,7 +68,7 @@ def test_hosts_write_every_scheduler_setting_with_growth_off(repo: Path, host: s
     assert names <= set(params), sorted(names - set(params))
     st = read_settings({"parameters": {k: {"string_value": v.string_value} for k, v in params.items()}}, SchedulerSettings)
     assert st.max_batch_rows == rows and st.saturated_batch_rows <= st.max_batch_rows  # growth off
-    assert st.make_scheduler(1, 1 << 30).budget.limits(queued_rows=10_000, light_waiting=False)[0] == rows
+    assert st.make_scheduler(1, 1 << 30).budget.limits(rows_in_system=10_000, light_waiting=False)[0] == rows
 
 
 @pytest.mark.parametrize(
