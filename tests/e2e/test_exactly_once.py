@@ -10,6 +10,7 @@ suppressed and counted (``outcome="duplicate_suppressed"``) and must stay 0.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import statistics
 import subprocess
 import threading
 import time
@@ -145,8 +146,9 @@ def test_client_timeouts_and_cancellations_still_get_one_response_each(server: S
 
 def test_triton_timeout_fails_a_queued_request_within_one_batch(server: Server) -> None:
     """A request carrying a Triton timeout (microseconds) behind a backlog gets
-    'deadline exceeded' (UNAVAILABLE) before the backlog is served: sooner than
-    the fastest backlog request measured at the same time."""
+    'deadline exceeded' (UNAVAILABLE) as soon as a worker is free, not after the
+    backlog: within about one batch (the fastest backlog request, which waited
+    for nothing, measures a batch), and sooner than the typical backlog request."""
     stop = threading.Event()
     latencies: list[float] = []
 
@@ -181,7 +183,9 @@ def test_triton_timeout_fails_a_queued_request_within_one_batch(server: Server) 
         for t in threads:
             t.join(timeout=120)
         c.close()
-    assert took < min(latencies), f"the expired request waited {took:.2f}s, as long as a backlog request ({min(latencies):.2f}s)"
+    batch = min(latencies)
+    assert took <= 1.5 * batch + 0.05, f"the expired request waited {took:.2f}s, more than about one batch ({batch:.2f}s)"
+    assert took < statistics.median(latencies), f"the expired request waited {took:.2f}s, as long as a typical backlog request ({statistics.median(latencies):.2f}s)"
 
 
 def test_undeploy_while_requests_are_queued_answers_each_once(server: Server) -> None:
