@@ -91,20 +91,21 @@ class StepBatch:
     sin: torch.Tensor | None = None
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def projection_weights(attn: Any, mlp: Any) -> dict[str, Any]:
+    """A layer's attention and MLP projection weights by name (references, no copies)."""
+    return {**{n: getattr(attn, n).weight for n in PROJECTIONS}, **{n: getattr(mlp, n).weight for n in MLP_PROJECTIONS}}
+
+
 class LlamaLayer:
     """References to one decoder layer's weights and norm modules (no copies)."""
 
     def __init__(self, layer: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.w = {
-            "q_proj": attn.q_proj.weight,
-            "k_proj": attn.k_proj.weight,
-            "v_proj": attn.v_proj.weight,
-            "o_proj": attn.o_proj.weight,
-            "gate_proj": mlp.gate_proj.weight,
-            "up_proj": mlp.up_proj.weight,
-            "down_proj": mlp.down_proj.weight,
-        }
+        self.w = projection_weights(attn, mlp)
         for name, proj in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("gate_proj", mlp.gate_proj)):
             if getattr(proj, "bias", None) is not None:
                 raise ValueError(f"{name} has a bias: not a plain Llama layer")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmplex.generative.forward import LlamaForward, LlamaLayer, StepBatch
+from fmplex.generative.forward import LlamaForward, LlamaLayer, StepBatch, projection_weights
 from fmplex.generative.kv_cache import KVCache
 from fmplex.generative.sequence import Sequence
 from fmplex.row_deltas import Segments, linear
@@ -50,15 +50,7 @@ class CrossLayer:
     def __init__(self, layer: Any, cross_li: int) -> None:
         attn, mlp = layer.cross_attn, layer.mlp
         self.cross_li = cross_li  # its layer in the cross cache
-        self.w = {
-            "q_proj": attn.q_proj.weight,
-            "k_proj": attn.k_proj.weight,
-            "v_proj": attn.v_proj.weight,
-            "o_proj": attn.o_proj.weight,
-            "gate_proj": mlp.gate_proj.weight,
-            "up_proj": mlp.up_proj.weight,
-            "down_proj": mlp.down_proj.weight,
-        }
+        self.w = projection_weights(attn, mlp)
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
