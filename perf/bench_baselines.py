@@ -414,6 +414,9 @@ def main() -> int:
     ap.add_argument("--fmplex-workers", default="auto", help="the fmplex host's workers (default auto: one per core)")
     ap.add_argument("--fmplex-batch-rows", type=int, help="the fmplex host's max_batch_rows (default: fmplex's default, 16)")
     ap.add_argument("--skip-budget", action="store_true", help="skip the tasks-in-budget measurement")
+    ap.add_argument("--budget-from", type=Path, default=None, metavar="JSON",
+                    help="take tasks_in_budget from an earlier run's baselines_bench.json (a --budget-only run: the budget "
+                         "measurement alone takes ~30 min) instead of measuring it; the summary names that run")  # fmt: skip
     ap.add_argument("--budget-only", action="store_true", help="only the tasks-in-budget measurement (use with --results DIR)")
     ap.add_argument("--no-perf-analyzer", dest="perf_analyzer", action="store_false", help="skip the perf_analyzer cross-check")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the results go (default perf/results)")
@@ -483,7 +486,10 @@ def main() -> int:
                 run["deployments"][d] = run_deployment(d, work / f"{d}-r{r + 1}", names, texts, cfg, loads, matched, trace,
                                                        chosen.get(d), first=(r == 0))
             full["runs"].append(run)
-        if cfg.skip_budget:
+        if cfg.budget_from is not None:
+            earlier = json.loads(cfg.budget_from.read_text(encoding="utf-8"))
+            full["budget"] = {**earlier["budget"], "source": f"{cfg.budget_from} ({earlier.get('when', 'undated')})"}
+        elif cfg.skip_budget:
             full["budget"] = {"skipped": True}
         else:
             log(f"== tasks in a {budget_mib / 1024:g} GiB budget (measured; wall-clock limit fmplex {budget_wall:.0f} s, isolated {budget_iso_wall:.0f} s)")

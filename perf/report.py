@@ -93,6 +93,8 @@ def tasks_in_budget(budget: dict[str, Any]) -> dict[str, Any]:
         "isolated_stopped_by": i.get("stopped_by"),
         "wall_limit_s": budget.get("wall_limit_s"),
     }
+    if budget.get("source"):
+        out["source"] = budget["source"]  # measured in another run (--budget-from)
     if budget.get("skipped"):
         out = {"measured": False, "skipped": True}
     return out
@@ -280,6 +282,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         md.append("Skipped (--skip-budget).")
     else:
         mix = ", ".join(f"{k} {v}" for k, v in (tib.get("fmplex_mix") or {}).items())
+        if tib.get("source"):
+            md.append(f"- measured in a separate run: {tib['source']}")
         md += [f"- budget {tib['budget_mib'] / 1024:g} GiB (PSS of every server process), wall-clock limits {_walls(tib['wall_limit_s'])}",
                f"- fmplex: **{'>= ' if tib['fmplex_lower_bound'] else ''}{tib['fmplex']}** tasks on {tib['fmplex_hosts']} host(s) "
                f"({mix}); stopped by {tib['fmplex_stopped_by']}",
