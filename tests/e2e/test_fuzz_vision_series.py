@@ -1,12 +1,12 @@
 """Hostile image and series input, property-based (hypothesis), against the real server.
 
-The server of tests/e2e/vision_series.py (shared with
-test_vision_series.py) hosts ``fm.efficientnet`` and ``fm.fracast``; these
-tests send to three tasks of each (vision: embedding, ONNX head, a fork at
-block 13; series: zero-shot forecast, a forked head, an embedding that
-rejects missing values and needs a longer context). Every example sends a few requests at once,
-alternating HTTP and gRPC, so that good and bad requests of different tasks
-share the hosts' batches:
+The server of tests/e2e/vision_series.py (shared with test_vision_series.py)
+hosts ``fm.efficientnet`` and ``fm.fracast``; these tests send to three tasks
+of each (vision: embedding, ONNX head, a fork at block 13; series: zero-shot
+forecast, a forked head, an embedding that rejects missing values and needs a
+longer context). Every example sends a few requests at once, alternating HTTP
+and gRPC, so that good and bad requests of different tasks share the hosts'
+batches:
 
 - vision: ``IMAGE`` rows (JPEG/PNG of random sizes and modes; truncated,
   bit-flipped, foreign formats, 16-bit/CMYK modes, headers declaring huge or
