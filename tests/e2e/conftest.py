@@ -1,7 +1,8 @@
 """A real tritonserver on a copy of the embedded repository, shared by the e2e tests.
 
 One server per test session (the backbone takes seconds to load on 2 cores);
-tests that change state (deploys, weights) put it back. Ports are picked free
+tests that change state (deploys, weights) put it back. The image and series
+modules share a second one (``vision_series``). Ports are picked free
 so parallel runs do not collide; the server is always stopped at the end.
 """
 
@@ -12,7 +13,7 @@ import shutil
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ import tritonclient.http as httpclient
 
 from fmplex.control import serving
 from fmplex.control.server import Ports, TritonProcess, free_ports
+
+if TYPE_CHECKING:
+    from .vision_series import VisionSeries
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = ROOT / "model_repository"
@@ -120,6 +124,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield Server(proc, repo, ports, log)
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="package")
+def vision_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionSeries]:
+    """The server with the image and series hosts and every task that
+    test_vision_series.py and test_fuzz_vision_series.py send to (vision_series.py).
+    Package scope: it stops once the last e2e test has run, before the unit tests."""
+    from .vision_series import started  # noqa: PLC0415 - torch and the families only for the modules that use it
+
+    with started(tmp_path_factory.mktemp("vision_series")) as served:
+        yield served
 
 
 @pytest.fixture

@@ -1,11 +1,12 @@
 """Hostile image and series input, property-based (hypothesis), against the real server.
 
-One module-scoped server hosts ``fm.efficientnet`` and ``fm.fracast`` with
-three tasks each (vision: embedding, ONNX head, a fork at block 13; series:
-zero-shot forecast, a forked head, an embedding that rejects missing values
-and needs a longer context). Every example sends a few requests at once,
-alternating HTTP and gRPC, so that good and bad requests of different tasks
-share the hosts' batches:
+The server of tests/e2e/vision_series.py (shared with test_vision_series.py)
+hosts ``fm.efficientnet`` and ``fm.fracast``; these tests send to three tasks
+of each (vision: embedding, ONNX head, a fork at block 13; series: zero-shot
+forecast, a forked head, an embedding that rejects missing values and needs a
+longer context). Every example sends a few requests at once, alternating HTTP
+and gRPC, so that good and bad requests of different tasks share the hosts'
+batches:
 
 - vision: ``IMAGE`` rows (JPEG/PNG of random sizes and modes; truncated,
   bit-flipped, foreign formats, 16-bit/CMYK modes, headers declaring huge or
@@ -41,36 +42,29 @@ import io
 import struct
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 from PIL import Image
-from safetensors.torch import save_file
-from tritonclient.utils import InferenceServerException
 
-from fmplex.control import serving, workflows
-from fmplex.control.server import free_ports
 from fmplex.families.timeseries import demo_data as dd
-from fmplex.families.timeseries.model import base_state, reference_model
 
 from ..unit import test_series_kinds as sk
 from ..unit import test_vision_kinds as vk
 from ..unit.vision_data import digit_images, photos
-from .conftest import FMPLEX, Server
+from .conftest import Server
 from .fuzzing import fuzz, fuzz_settings
+from .vision_series import FORK_LABELS, ONNX_LABELS, Call, VisionSeries, alternating, at_once, call
 
 pytestmark = pytest.mark.e2e
 
 ATOL = RTOL = 1e-4
-CALL_TIMEOUT_S = 120.0  # a hang shows as a failure, not as a stuck run
 
 # --- the documented limits (docs/vision.md, docs/timeseries.md; the deploy defaults) ---------------
 MAX_IMAGE_ROWS, MAX_IMAGE_BYTES, MAX_PIXELS = 64, 20 * 1024 * 1024, 40_000_000
@@ -80,8 +74,8 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MAX_SERIES_ROWS, MAX_STEPS, WINDOW = 256, 65536, 2048
 
 VISION = {"v_emb": ["EMBEDDING"], "v_onnx": ["LOGITS", "LABEL"], "v_fork": ["LOGITS", "LABEL"]}
-ONNX_LABELS, FORK_LABELS = list("abcde"), ["c0", "c1", "c2", "c3"]
-# name -> (default horizon, max horizon, quantiles or None (all), min_context, missing)
+# name -> (default horizon, max horizon, quantiles or None (all), min_context, missing): the options
+# tests/e2e/vision_series.py builds these tasks with
 SERIES = {
     "s_fc": (24, 120, [0.1, 0.5, 0.9], 8, "mask"),
     "s_ft": (48, 96, None, 8, "mask"),
@@ -90,49 +84,14 @@ SERIES = {
 SERIES_OUT = {"s_fc": ["FORECAST", "QUANTILES"], "s_ft": ["FORECAST", "QUANTILES"], "s_emb": ["EMBEDDING"]}
 
 
-def cli(*args: str) -> None:
-    import subprocess  # noqa: PLC0415
-
-    out = subprocess.run([FMPLEX, *args], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("fuzz_vision_series")
-    repo = work / "repo"
-    cli("init", str(repo), "--backbone", "efficientnet", "--backbone", "fracast", "--slots", "4")
-    workflows.create_task(repo, "v_emb", "efficientnet", "embedding", {})
-    g = np.random.default_rng(0)
-    vk.onnx_head(work / "head.onnx", *[g.standard_normal(s).astype(np.float32) * 0.05 for s in ((64, 1280), (64,), (5, 64), (5,))])
-    workflows.create_task(repo, "v_onnx", "efficientnet", "onnx", {"source": work / "head.onnx", "image_labels": ",".join(ONNX_LABELS)})
-    fork_state = vk.fine_tuned_state(13, 4, 1)
-    save_file(fork_state, str(work / "fork.safetensors"))
-    workflows.create_task(repo, "v_fork", "efficientnet", "fork", {"source": work / "fork.safetensors", "image_labels": ",".join(FORK_LABELS)})
-
-    state = base_state("fp32")
-    gen = torch.Generator().manual_seed(1)
-    for k in ("head.out_proj.weight", "head.queries", "head.summary_proj.bias"):
-        state[k] = state[k] + 0.05 * torch.randn(state[k].shape, generator=gen)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "ft.safetensors"))
-    workflows.create_task(repo, "s_fc", "fracast", "forecast", {"horizon": 24, "max_horizon": 120, "quantiles": "0.1,0.5,0.9"})
-    workflows.create_task(repo, "s_ft", "fracast", "fork", {"source": work / "ft.safetensors", "horizon": 48, "max_horizon": 96})
-    workflows.create_task(repo, "s_emb", "fracast", "embedding", {"missing": "reject", "min_context": 32})
-    cli("deploy", *VISION, *SERIES, "--offline", "--repo", str(repo))
-
-    ref_ft = reference_model("fp32")
-    ref_ft.core.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("core.")}, strict=True)
-    ref_ft.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=True)
-    proc = serving.start(repo, free_ports(), log_path=work / "tritonserver.log")
-    try:
-        yield {
-            "server": Server(proc, repo, proc.ports, work / "tritonserver.log"),
-            "vision": VisionReference(fork_state, work / "head.onnx"),
-            "series": SeriesReference(reference_model("fp32"), ref_ft),
-        }
-    finally:
-        proc.stop()
+def served(vision_series: VisionSeries) -> dict[str, Any]:
+    """The shared server, and the references of its tasks these tests send to."""
+    return {
+        "server": vision_series.server,
+        "vision": VisionReference(vision_series.fork_state, vision_series.onnx_path),
+        "series": SeriesReference(vision_series.base, vision_series.fine_tuned),
+    }
 
 
 # --- references --------------------------------------------------------------------------------
@@ -282,38 +241,6 @@ class SeriesReference:
 
 # --- calls and checks -----------------------------------------------------------------------------
 
-TYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.float16): "FP16", np.dtype(np.int64): "INT64",
-         np.dtype(np.int32): "INT32", np.dtype(np.uint8): "UINT8", np.dtype(object): "BYTES"}
-
-
-def call(server: Server, proto: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray] | str:
-    """One request: its outputs, or its error as 'STATUS: message'."""
-    mod = httpclient if proto == "http" else grpcclient
-    if proto == "http":
-        client = httpclient.InferenceServerClient(server.http_url, network_timeout=CALL_TIMEOUT_S, connection_timeout=CALL_TIMEOUT_S)
-    else:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        xs = []
-        for name, arr in inputs.items():
-            x = mod.InferInput(name, list(arr.shape), TYPES[arr.dtype])
-            x.set_data_from_numpy(arr)
-            xs.append(x)
-        kw = {} if proto == "http" else {"client_timeout": CALL_TIMEOUT_S}
-        res = client.infer(model, xs, outputs=[mod.InferRequestedOutput(o) for o in outputs], **kw)
-        return {o: res.as_numpy(o) for o in outputs}
-    except InferenceServerException as exc:
-        return f"{exc.status()}: {exc.message()}"
-    finally:
-        client.close()
-
-
-def at_once(server: Server, calls: list[tuple[str, str, dict[str, np.ndarray], list[str]]]) -> list[Any]:
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        futures = [pool.submit(call, server, *c) for c in calls]
-        return [f.result(timeout=CALL_TIMEOUT_S + 30) for f in futures]
-
-
 def assert_refused(got: Any, why: str) -> None:
     assert isinstance(got, str), f"answered a request that must be refused ({why})"
     assert "\n" not in got and "Traceback" not in got, got
@@ -339,6 +266,18 @@ def assert_answer(got: Any, want: dict[str, np.ndarray]) -> None:
             assert [x for x, ok in zip(got[name], finite) if ok] == [x for x, ok in zip(w, finite) if ok], name
         else:
             assert_close(name, got[name], w)
+
+
+def answered_or_refused(server: Server, calls: list[Call], expect: list[tuple[str, Any]]) -> None:
+    """Send every call at once; each gets what ``expect`` says: ("error", why) a clear
+    refusal, ("ok", outputs) exactly these outputs."""
+    results = at_once(server, calls)
+    for (verdict, want), got in zip(expect, results):
+        if verdict == "error":
+            assert_refused(got, want)
+        else:
+            assert_answer(got, want)
+            event("answered")
 
 
 # --- vision strategies ----------------------------------------------------------------------------
@@ -510,15 +449,9 @@ def vision_healthy(served: dict[str, Any]) -> None:
 def test_fuzz_vision_inputs_answer_exactly_or_refuse_clearly(served: dict[str, Any], requests: list[Any], proto0: int) -> None:
     ref: VisionReference = served["vision"]
     expect = [vision_expect(ref, task, inputs, why) for task, inputs, why in requests]
-    calls = [(("http", "grpc")[(proto0 + i) % 2], task, inputs, VISION[task]) for i, (task, inputs, _) in enumerate(requests)]
+    calls = alternating([(task, inputs, VISION[task]) for task, inputs, _ in requests], proto0)
     t0 = time.monotonic()
-    results = at_once(served["server"], calls)
-    for (verdict, want), got in zip(expect, results):
-        if verdict == "error":
-            assert_refused(got, want)
-        else:
-            assert_answer(got, want)
-            event("answered")
+    answered_or_refused(served["server"], calls, expect)
     event(f"{len(requests)} requests at once took {'under' if time.monotonic() - t0 < 5 else 'over'} 5 s")
     vision_healthy(served)
 
@@ -661,12 +594,6 @@ def test_fuzz_series_inputs_answer_exactly_or_refuse_clearly(served: dict[str, A
     for task, inputs in requests:
         verdict, what = ref.rows(task, inputs)
         expect.append((verdict, what if verdict == "error" else ref.answer(task, *what)))
-    calls = [(("http", "grpc")[(proto0 + i) % 2], task, inputs, SERIES_OUT[task]) for i, (task, inputs) in enumerate(requests)]
-    results = at_once(served["server"], calls)
-    for (verdict, want), got in zip(expect, results):
-        if verdict == "error":
-            assert_refused(got, want)
-        else:
-            assert_answer(got, want)
-            event("answered")
+    calls = alternating([(task, inputs, SERIES_OUT[task]) for task, inputs in requests], proto0)
+    answered_or_refused(served["server"], calls, expect)
     series_healthy(served)

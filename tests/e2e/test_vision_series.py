@@ -1,8 +1,9 @@
 """Images and series through the real tritonserver: one server, both families, every kind.
 
-One module-scoped server hosts ``fm.efficientnet`` (vision) and ``fm.fracast``
-(time series), each with one task of every kind of its family, built as
-``fmplex task create`` builds them. Requests of all tasks are sent at once
+One server hosts ``fm.efficientnet`` (vision) and ``fm.fracast`` (time
+series), each with one task of every kind of its family, built as ``fmplex
+task create`` builds them (tests/e2e/vision_series.py; the fuzz tests of
+test_fuzz_vision_series.py share it). Requests of all tasks are sent at once
 (HTTP and gRPC) so that the hosts' shared batches mix tasks and kinds, and
 every answer is compared with the same independent references as the unit
 tests (tests/unit/test_vision_kinds.py, test_series_kinds.py): the packages'
@@ -15,38 +16,24 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import torch
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
-from safetensors.torch import save_file
-from tritonclient.utils import InferenceServerException
 
-from fmplex.control import serving, workflows
-from fmplex.control.server import free_ports
 from fmplex.families.timeseries import demo_data as dd
-from fmplex.families.timeseries.model import base_state, reference_model
 from fmplex.families.vision.preprocess import decode_image
 
 from ..unit import test_series_kinds as sk
 from ..unit import test_vision_kinds as vk
-from ..unit.vision_data import digit_images, photos, write_digits_folder
-from .conftest import Server
+from ..unit.vision_data import digit_images, photos
+from .conftest import FMPLEX, Server
+from .vision_series import FORK_LABELS, LORA_LABELS, ONNX_LABELS, SERIES, VISION, VisionSeries, alternating, at_once, cli
 
 pytestmark = pytest.mark.e2e
 
-FMPLEX = str(Path(sys.executable).parent / "fmplex")
 ATOL = RTOL = 1e-4
 MEASURED: dict[str, float] = {}
-VISION = ("v_emb", "v_clf", "v_fork", "v_onnx", "v_lora")
-SERIES = ("s_fc", "s_ft", "s_cls", "s_emb")
 
 
 def close(name: str, got: np.ndarray, want: np.ndarray) -> None:
@@ -57,12 +44,6 @@ def close(name: str, got: np.ndarray, want: np.ndarray) -> None:
     assert not (err > ATOL + RTOL * np.abs(want)).any(), f"{name}: max abs error {err.max():.3g}"
 
 
-def cli(*args: str) -> str:
-    out = subprocess.run([FMPLEX, *args], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report_errors() -> Iterator[None]:
     yield
@@ -70,109 +51,42 @@ def report_errors() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("vision_series")
-    repo = work / "repo"
-    cli("init", str(repo), "--backbone", "efficientnet", "--backbone", "fracast", "--slots", "8")
-    # Cheap kinds through the CLI; the rest in-process (one backbone load for all).
-    cli("task", "create", "v_emb", "--backbone", "efficientnet", "--kind", "embedding", "--repo", str(repo))
-    cli("task", "create", "s_fc", "--backbone", "fracast", "--kind", "forecast", "--horizon", "24", "--max-horizon", "120",
-        "--quantiles", "0.1,0.5,0.9", "--repo", str(repo))
-    data = write_digits_folder(work / "digits", 30, (0, 1, 2))
-    workflows.create_task(repo, "v_clf", "efficientnet", "classifier", {"train_csv": data})
-    fork_state = vk.fine_tuned_state(13, 4, 1)
-    save_file(fork_state, str(work / "fork.safetensors"))
-    workflows.create_task(repo, "v_fork", "efficientnet", "fork", {"source": work / "fork.safetensors", "image_labels": "c0,c1,c2,c3"})
-    g = np.random.default_rng(0)
-    vk.onnx_head(work / "head.onnx", *[g.standard_normal(s).astype(np.float32) * 0.05 for s in ((64, 1280), (64,), (5, 64), (5,))])
-    workflows.create_task(repo, "v_onnx", "efficientnet", "onnx", {"source": work / "head.onnx", "image_labels": "a,b,c,d,e"})
-    peft_model = vk.peft_adapter(work / "adapter", 3)
-    workflows.create_task(repo, "v_lora", "efficientnet", "lora", {"source": work / "adapter", "image_labels": "x,y,z"})
-
-    state = base_state("fp32")
-    gen = torch.Generator().manual_seed(1)
-    for k in ("head.out_proj.weight", "head.queries", "head.summary_proj.bias"):
-        state[k] = state[k] + 0.05 * torch.randn(state[k].shape, generator=gen)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "ft.safetensors"))
-    workflows.create_task(repo, "s_ft", "fracast", "fork", {"source": work / "ft.safetensors", "horizon": 48, "max_horizon": 96})
-    rows, labels = dd.labelled_windows(per_label=30, seed=0)
-    csv = dd.write_labelled_csv(work / "train.csv", rows, labels)
-    workflows.create_task(repo, "s_cls", "fracast", "classifier", {"train_csv": csv})
-    workflows.create_task(repo, "s_emb", "fracast", "embedding", {"missing": "reject"})
-    cli("deploy", *VISION, *SERIES, "--offline", "--repo", str(repo))
-
-    ref_ft = reference_model("fp32")
-    ref_ft.core.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("core.")}, strict=True)
-    ref_ft.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=True)
-
-    log = work / "tritonserver.log"
-    t0 = time.monotonic()
-    proc = serving.start(repo, free_ports(), log_path=log)
-    print(f"\nserver with efficientnet and fracast hosts ready in {time.monotonic() - t0:.1f}s")
-    try:
-        yield {
-            "server": Server(proc, repo, proc.ports, log),
-            "vision_built": {"states": {"fork13": fork_state, "fork_fc": fork_state}, "peft": peft_model, "onnx": work / "head.onnx",
-                             "tasks": {"clf": _loaded(repo, "v_clf")}},
-            "ref": reference_model("fp32"),
-            "ref_ft": ref_ft,
-        }
-    finally:
-        proc.stop()
-
-
-def _loaded(repo: Path, name: str) -> Any:
-    from fmplex.families.vision.family import VisionFamily  # noqa: PLC0415
-
-    return VisionFamily().load_task(repo / name / "1")
+def served(vision_series: VisionSeries) -> dict[str, Any]:
+    """The shared server, and what vk.references and the series checks take."""
+    return {
+        "server": vision_series.server,
+        "vision_built": {"states": {"fork13": vision_series.fork_state, "fork_fc": vision_series.fork_state},
+                         "peft": vision_series.peft_model, "onnx": vision_series.onnx_path, "tasks": {"clf": vision_series.clf_task}},
+        "ref": vision_series.base,
+        "ref_ft": vision_series.fine_tuned,
+    }
 
 
 # --- requests ------------------------------------------------------------------------------------
 
 
-def _input(mod: Any, name: str, arr: np.ndarray) -> Any:
-    dtype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.float64): "FP64"}.get(arr.dtype, "BYTES")
-    x = mod.InferInput(name, list(arr.shape), dtype)
-    x.set_data_from_numpy(arr)
-    return x
-
-
-def _call(url: tuple[str, str], model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray] | str:
-    """One request over HTTP or gRPC: its outputs, or the error as 'CODE: message'."""
-    proto, addr = url
-    mod = httpclient if proto == "http" else grpcclient
-    client = mod.InferenceServerClient(addr)
-    try:
-        res = client.infer(model, [_input(mod, k, v) for k, v in inputs.items()],
-                           outputs=[mod.InferRequestedOutput(o) for o in outputs])
-        return {o: res.as_numpy(o) for o in outputs}
-    except InferenceServerException as exc:
-        return f"{exc.status()}: {exc.message()}"
-    finally:
-        client.close()
-
-
 def _at_once(server: Server, calls: list[tuple[str, dict[str, np.ndarray], list[str]]]) -> list[Any]:
     """Every call concurrently, alternating HTTP and gRPC: the host batches them together."""
-    urls = [("http", server.http_url), ("grpc", server.grpc_url)]
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        futures = [pool.submit(_call, urls[i % 2], m, inp, outs) for i, (m, inp, outs) in enumerate(calls)]
-        return [f.result(timeout=300) for f in futures]
+    return at_once(server, alternating(calls))
 
 
 def _responses(server: Server, tasks: tuple[str, ...], outcome: str) -> float:
     return sum(server.metric("fmplex_task_responses_total", task=t, outcome=outcome) for t in tasks)
 
 
-def _largest_batch(server: Server, host: str) -> int:
-    """The most rows one shared pass of ``host`` has run (fmplex_batch_size_total{host, rows})."""
-    import re as _re  # noqa: PLC0415
+def _passes(server: Server, host: str) -> dict[int, float]:
+    """How many shared passes of ``host`` ran each number of rows (fmplex_batch_size_total{host, rows})."""
+    out: dict[int, float] = {}
+    for line in server.metrics().splitlines():
+        m = re.search(r'rows="(\d+)"', line)
+        if line.startswith("fmplex_batch_size_total{") and f'host="{host}"' in line and m:
+            out[int(m.group(1))] = out.get(int(m.group(1)), 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
-    rows = [int(m.group(1)) for line in server.metrics().splitlines()
-            if line.startswith("fmplex_batch_size_total{") and f'host="{host}"' in line
-            for m in [_re.search(r'rows="(\d+)"', line)] if m]
-    return max(rows, default=0)
+
+def _largest_batch_since(server: Server, host: str, before: dict[int, float]) -> int:
+    """The most rows one shared pass of ``host`` ran since ``before`` (the server is shared with other tests)."""
+    return max((rows for rows, n in _passes(server, host).items() if n > before.get(rows, 0.0)), default=0)
 
 
 def _bad(result: Any) -> str:
@@ -194,7 +108,7 @@ def _vision_pixels() -> tuple[list[bytes], np.ndarray]:
 VISION_OUT = {"v_emb": ["EMBEDDING"], "v_clf": ["LOGITS", "LABEL"], "v_fork": ["LOGITS", "LABEL"],
               "v_onnx": ["LOGITS", "LABEL"], "v_lora": ["LOGITS", "LABEL"]}
 VISION_REF = {"v_emb": "emb", "v_clf": "clf", "v_fork": "fork13", "v_onnx": "onnx", "v_lora": "lora"}
-LABELS = {"v_fork": ["c0", "c1", "c2", "c3"], "v_onnx": list("abcde"), "v_lora": ["x", "y", "z"]}
+LABELS = {"v_fork": FORK_LABELS, "v_onnx": ONNX_LABELS, "v_lora": LORA_LABELS}
 
 
 def _check_vision(name: str, got: dict[str, np.ndarray], ref: np.ndarray, clf_labels: list[str]) -> None:
@@ -219,14 +133,14 @@ def test_every_vision_kind_exact_in_shared_batches(served: dict[str, Any]) -> No
         else:
             calls.append((name, {"PIXELS": pixels[sel]}, VISION_OUT[name]))
         expect.append((name, refs[VISION_REF[name]][sel]))
-    before = _responses(server, VISION, "ok")
+    before, passes = _responses(server, VISION, "ok"), _passes(server, "fm.efficientnet")
     results = _at_once(server, calls)
     for (name, ref), got in zip(expect, results):
         assert not isinstance(got, str), got
         _check_vision(name, got, ref, clf_labels)
     assert server.wait_metric("fmplex_task_responses_total", before + len(calls), outcome="ok") >= before + len(calls)
     assert _responses(server, VISION, "ok") - before == len(calls)
-    assert _largest_batch(server, "fm.efficientnet") > 2  # requests (2 rows each) of several tasks shared a pass
+    assert _largest_batch_since(server, "fm.efficientnet", passes) > 2  # requests (2 rows each) of several tasks shared a pass
 
 
 def test_bad_images_fail_alone_under_load(served: dict[str, Any]) -> None:
@@ -322,14 +236,14 @@ def _check_series(served: dict[str, Any], name: str, inputs: dict[str, np.ndarra
 def test_every_series_kind_exact_in_shared_batches(served: dict[str, Any]) -> None:
     server: Server = served["server"]
     reqs = _series_requests()
-    before = _responses(server, SERIES, "ok")
+    before, passes = _responses(server, SERIES, "ok"), _passes(server, "fm.fracast")
     results = _at_once(server, [(n, inp, SERIES_OUT[n]) for n, inp in reqs])
     for (name, inputs), got in zip(reqs, results):
         assert not isinstance(got, str), got
         _check_series(served, name, inputs, got)
     server.settled(SERIES)
     assert _responses(server, SERIES, "ok") - before == len(reqs)
-    assert _largest_batch(server, "fm.fracast") > 3  # requests of several tasks (3 rows at most each) shared a pass
+    assert _largest_batch_since(server, "fm.fracast", passes) > 3  # requests of several tasks (3 rows at most each) shared a pass
 
 
 def test_bad_series_fail_alone_under_load(served: dict[str, Any]) -> None:

@@ -199,35 +199,49 @@ def test_tampered_or_mismatched_stages_are_refused(tmp_path: Path, staged: Stage
         models.check_pair(models.read_stage(other / "encode", "encode").meta, models.read_stage(staged.dirs["lm"], "lm").meta)
 
 
-def test_engine_shared_batches_equal_each_request_alone(staged: Staged) -> None:
-    """Several requests of different tasks (text-only, one and three images, different
-    lengths, one sampled) share the engine's steps, joining at different steps: each
-    gets exactly the tokens and prefill logits it gets alone (``LMStage.generate``)."""
+def _engine_equals_alone(
+    staged: Staged, engine: Any, prompts: list[tuple[str, int, int, float]], image_seed: int, seed: int, step_after: tuple[int, ...]
+) -> list[Any]:
+    """Run each prompt (text, images, max new tokens, temperature) alone (``LMStage.generate``)
+    and as one request of task ``task{i % 3}`` on ``engine``, submitted in order with one engine
+    step after the submissions ``step_after`` names (later requests join a running batch);
+    each must get exactly its tokens alone, and its prefill logits within ATOL. Returns the
+    requests' answers alone."""
     from fmplex.generative.engine import SamplingParams
-    from fmplex.multimodal.lm_engine import lm_sequence, make_engine
+    from fmplex.multimodal.lm_engine import lm_sequence
 
-    engine = make_engine(staged.lm, max_rows=4, kv_capacity=16)  # 6 requests, 4 rows: some wait for a free row
-    cases = [(0, 12, 0.0), (1, 9, 0.0), (3, 16, 0.0), (1, 5, 0.8), (0, 7, 0.0), (3, 11, 0.0)]
     runs = []
-    for i, (n, max_new, temperature) in enumerate(cases):
-        images = _images(n, seed=10 + i)
-        ids = staged.lm.tokenizer.encode(f"task{i % 3}: " + PROMPTS[n], n)
+    for i, (text, n, max_new, temperature) in enumerate(prompts):
+        images = _images(n, seed=image_seed + i)
+        ids = staged.lm.tokenizer.encode(text, n)
         feats = staged.enc.encode(images) if n else None
-        alone = staged.lm.generate(ids, feats, max_new, temperature=temperature, seed=5, want_logits=True)
-        seq = lm_sequence(staged.lm, f"task{i % 3}", ids, feats, SamplingParams(max_tokens=max_new, temperature=temperature, seed=5),
-                          want_prompt_logits=True)  # fmt: skip
-        runs.append((seq, alone))
+        alone = staged.lm.generate(ids, feats, max_new, temperature=temperature, seed=seed, want_logits=True)
+        params = SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed)
+        runs.append((lm_sequence(staged.lm, f"task{i % 3}", ids, feats, params, want_prompt_logits=True), alone))
     for k, (seq, _) in enumerate(runs):
         engine.submit(seq)
-        if k % 2:
-            engine.step()  # later requests join a running batch
+        if k in step_after:
+            engine.step()
     engine.run_until_idle()
     for seq, alone in runs:
         assert seq.done and seq.outcome == "ok", seq
         assert seq.generated == alone.tokens, seq
         torch.testing.assert_close(seq.prompt_logits, alone.prefill_logits, atol=ATOL, rtol=0)
+    return [alone for _, alone in runs]
+
+
+def test_engine_shared_batches_equal_each_request_alone(staged: Staged) -> None:
+    """Several requests of different tasks (text-only, one and three images, different
+    lengths, one sampled) share the engine's steps, joining at different steps: each
+    gets exactly the tokens and prefill logits it gets alone (``LMStage.generate``)."""
+    from fmplex.multimodal.lm_engine import make_engine
+
+    engine = make_engine(staged.lm, max_rows=4, kv_capacity=16)  # 6 requests, 4 rows: some wait for a free row
+    cases = [(0, 12, 0.0), (1, 9, 0.0), (3, 16, 0.0), (1, 5, 0.8), (0, 7, 0.0), (3, 11, 0.0)]
+    prompts = [(f"task{i % 3}: " + PROMPTS[n], n, max_new, temperature) for i, (n, max_new, temperature) in enumerate(cases)]
+    alone = _engine_equals_alone(staged, engine, prompts, image_seed=10, seed=5, step_after=(1, 3, 5))
     assert engine.stats.multi_row_steps >= 3 and engine.stats.max_rows == 4
-    assert engine.stats.tokens_generated == sum(len(a.tokens) for _, a in runs)
+    assert engine.stats.tokens_generated == sum(len(a.tokens) for a in alone)
 
 
 class _StepLog:
@@ -251,8 +265,7 @@ def test_mllama_batched_step_equals_each_request_alone(tmp_path_factory: pytest.
     see no image, joining at different steps and leaving at different steps (rows refilled),
     with the KV and cross caches outgrown mid-run. Each gets exactly the greedy tokens
     (and prefill logits within 1e-5) it gets alone on the transformers modules."""
-    from fmplex.generative.engine import SamplingParams
-    from fmplex.multimodal.lm_engine import lm_sequence, make_engine
+    from fmplex.multimodal.lm_engine import make_engine
     from fmplex.multimodal.mllama_forward import MllamaForward
 
     staged = Staged("mllama-tiny", tmp_path_factory.mktemp("mllama-batched"))
@@ -267,23 +280,8 @@ def test_mllama_batched_step_equals_each_request_alone(tmp_path_factory: pytest.
         3: "<image> first, then <image> and <image>. Compare them.",
     }
     cases = [(1, 14, 0.0), (0, 6, 0.0), (3, 10, 0.0), (2, 18, 0.0), (0, 12, 0.0), (1, 4, 0.9), (3, 16, 0.0), (0, 9, 0.0)]
-    runs = []
-    for i, (n, max_new, temperature) in enumerate(cases):
-        images = _images(n, seed=30 + i)
-        ids = staged.lm.tokenizer.encode(f"t{i}: " + texts[n], n)
-        feats = staged.enc.encode(images) if n else None
-        alone = staged.lm.generate(ids, feats, max_new, temperature=temperature, seed=3, want_logits=True)
-        params = SamplingParams(max_tokens=max_new, temperature=temperature, seed=3)
-        runs.append((lm_sequence(staged.lm, f"task{i % 3}", ids, feats, params, want_prompt_logits=True), alone))
-    for k, (seq, _) in enumerate(runs):
-        engine.submit(seq)
-        if k in (0, 2, 3, 5):
-            engine.step()  # later requests join a running batch
-    engine.run_until_idle()
-    for seq, alone in runs:
-        assert seq.done and seq.outcome == "ok", seq
-        assert seq.generated == alone.tokens, seq
-        torch.testing.assert_close(seq.prompt_logits, alone.prefill_logits, atol=ATOL, rtol=0)
+    prompts = [(f"t{i}: " + texts[n], n, max_new, temperature) for i, (n, max_new, temperature) in enumerate(cases)]
+    _engine_equals_alone(staged, engine, prompts, image_seed=30, seed=3, step_after=(0, 2, 3, 5))
     mixed = [s for s in log.steps if 0 in s and any(s)]
     assert mixed, "no step ran text-only and image rows together"
     assert any(len(set(s) - {0}) > 1 for s in log.steps), "no step ran rows with different numbers of images"
