@@ -150,6 +150,7 @@ class BenchConfig:
     interval_s: float = 1.0
     down_window_s: float = 12.0
     timeout_s: float = 120.0  # per request (client)
+    lm_params: tuple[tuple[str, str], ...] = ()  # lm stage host parameters set over 'fmplex init's (--lm-param)
 
     @staticmethod
     def quick(**kw: Any) -> BenchConfig:
@@ -272,6 +273,17 @@ def serving_code(code: Path | None) -> Iterator[None]:
         server.MULTIMODAL_SHIMS.update(saved)
 
 
+def set_parameters(config: Path, values: dict[str, str]) -> None:
+    """Set string ``parameters`` of a written ``config.pbtxt`` (replacing a key's entry or adding it)."""
+    text = config.read_text(encoding="utf-8")
+    for key, value in values.items():
+        entry = f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}'
+        text, n = re.subn(rf'parameters \{{ key: "{re.escape(key)}" value \{{ string_value: "[^"]*" \}} \}}', lambda _, e=entry: e, text)
+        if not n:
+            text = text.rstrip("\n") + "\n" + entry + "\n"
+    config.write_text(text, encoding="utf-8")
+
+
 def _start_staged(repo: Path, ports: Any, log_path: Path) -> TritonProcess:
     return serving.start(repo, ports, log_path=log_path, ready_timeout=600)  # hosts, then the vFMs, as 'fmplex serve'
 
@@ -293,6 +305,8 @@ def prepare(work: Path, cfg: BenchConfig, before: Path | None = None) -> dict[st
     places["encode"] = dataclasses.replace(places["encode"], instances=cfg.encode_bounds[0])
     places["lm"] = dataclasses.replace(places["lm"], instances=cfg.lm_bounds[0])
     control.init_multimodal(staged, BACKBONE, places, slots=max(8, cfg.tasks))
+    if cfg.lm_params:
+        set_parameters(staged / spec.lm_model / "config.pbtxt", dict(cfg.lm_params))
     for i, name in enumerate(names):
         workflows.create_task(staged, name, BACKBONE, options=dict(prompt=task_prompt(i), max_new_tokens=cfg.max_new_tokens))
         workflows.deploy(staged, [name])
@@ -941,6 +955,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
                     help="also serve the staged deployment with the fmplex of this checkout (e.g. 'git worktree add "
                          "/tmp/fmplex-before <commit>'): before vs after in one run, same trace and machine")  # fmt: skip
+    ap.add_argument("--lm-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="set an lm stage host parameter (fmplex.multimodal.lm_host.LMStageSettings) in the staged "
+                         "repository, e.g. max_rows=16; repeatable")  # fmt: skip
     ap.add_argument("--out", default="multimodal_trace", help="name of the result files in perf/results/")
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.tasks < 1:
@@ -956,6 +973,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw["lm_bounds"] = (lo, max(lo, base.lm_bounds[1]) if args.lm_max is None else args.lm_max)
     if args.encode_max is not None:
         kw["encode_bounds"] = (base.encode_bounds[0], args.encode_max)
+    for item in args.lm_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--lm-param {item!r}: expected KEY=VALUE")
+        kw["lm_params"] = (*kw.get("lm_params", ()), (key.strip(), value.strip()))
     cfg = dataclasses.replace(base, **kw)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

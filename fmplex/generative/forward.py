@@ -16,9 +16,13 @@ different positions and tasks:
   * each task's LoRA or IA3 delta changes its own rows only: the rows' owners
     (:class:`fmplex.row_deltas.Segments`) are built once per step and passed
     to every projection;
-  * attention runs per row against that row's KV cache -- one SDPA call over
-    the batch with a boolean mask (row r sees its own keys ``< past_r + i + 1``),
-    queries padded only when a step carries prefills.
+  * attention runs per row against that row's KV cache, with a boolean mask
+    (row r sees its own keys ``< past_r + i + 1``): one SDPA call over the
+    decode rows (one query each) and, in a step that admits prompts, one more
+    over the prefill rows, their queries padded to the longest prompt among
+    them only. Padding the decode rows to a prompt's length too would make a
+    step with one long prompt cost rows x prompt instead of rows + prompt,
+    and stall every running sequence for it.
 Greedy decoding gives the same token ids as ``model.generate(do_sample=False)``
 on the sequence alone (fp32; tests/unit/test_generative_engine.py).
 
@@ -82,11 +86,13 @@ class StepBatch:
     off_of: torch.Tensor  # [t] its offset among its row's new tokens
     lens: list[int]  # new tokens per row
     starts: list[int]
-    max_n: int  # the longest row's new tokens (padded query length)
-    max_kv: int  # the longest row's keys after this step
+    max_n: int  # the longest row's new tokens (the prefill rows' padded query length)
+    max_kv: int  # the longest decode row's keys after this step
     decode_only: bool  # one token per row: token r is row r
-    mask: torch.Tensor  # self-attention: [b, 1, 1 or max_n, max_kv], True = may attend
+    mask: torch.Tensor  # self-attention of the one-query rows (all if decode_only, else :n_old): [rows, 1, 1, max_kv], True = may attend
     segs: Segments
+    prefill_kv: int = 0  # the longest prefill row's keys after this step
+    prefill_mask: torch.Tensor | None = None  # [b - n_old, 1, max_n, prefill_kv] (None: no prefill rows)
     cos: torch.Tensor | None = None  # rotary [t, 1, head_dim], set by ``embed``
     sin: torch.Tensor | None = None
 
@@ -189,23 +195,25 @@ class LlamaForward(Forward):
         for n in lens:
             starts.append(starts[-1] + n)
         kv_len = [seq.past + n for seq, n in zip(rows, lens)]
-        max_kv, max_n = max(kv_len), max(lens)
-        self.cache.ensure(max_kv, used_rows=n_old, used_len=max((s.past for s in rows[:n_old]), default=0))
-        row_t = torch.tensor(row_of, dtype=torch.long)
+        max_n = max(lens)
         decode_only = t == b
-        keys = torch.arange(max_kv)
-        if decode_only:
-            mask = (keys[None, :] < torch.tensor(kv_len)[:, None])[:, None, None, :]
-        else:
-            last = torch.tensor(lens)[:, None] - 1
-            qpos = torch.tensor([s.past for s in rows])[:, None] + torch.minimum(torch.arange(max_n)[None, :], last)
-            mask = (keys[None, None, :] <= qpos[:, :, None])[:, None]
+        n_dec = b if decode_only else n_old  # rows attended with one query each (a one-token prompt is one too)
+        max_kv = max(kv_len[:n_dec], default=0)
+        prefill_kv = max(kv_len[n_dec:], default=0)
+        self.cache.ensure(max(max_kv, prefill_kv), used_rows=n_old, used_len=max((s.past for s in rows[:n_old]), default=0))
+        row_t = torch.tensor(row_of, dtype=torch.long)
+        mask = (torch.arange(max_kv)[None, :] < torch.tensor(kv_len[:n_dec], dtype=torch.long)[:, None])[:, None, None, :]
+        prefill_mask = None
+        if n_dec < b:
+            last = torch.tensor(lens[n_dec:])[:, None] - 1
+            qpos = torch.tensor([s.past for s in rows[n_dec:]])[:, None] + torch.minimum(torch.arange(max_n)[None, :], last)
+            prefill_mask = (torch.arange(prefill_kv)[None, None, :] <= qpos[:, :, None])[:, None]
         owners = [seq.adapter for seq in rows]
         segs = Segments.of_rows(owners) if decode_only else Segments.of_tokens(owners, row_t)  # decode: token r is row r
         return StepBatch(
             rows=rows, n_old=n_old, ids=torch.tensor(ids, dtype=torch.long), pos=torch.tensor(pos, dtype=torch.long),
             row_of=row_t, off_of=torch.tensor(off_of, dtype=torch.long), lens=lens, starts=starts, max_n=max_n,
-            max_kv=max_kv, decode_only=decode_only, mask=mask, segs=segs,
+            max_kv=max_kv, decode_only=decode_only, mask=mask, segs=segs, prefill_kv=prefill_kv, prefill_mask=prefill_mask,
         )  # fmt: skip
 
     def embed(self, step: StepBatch) -> torch.Tensor:
@@ -222,9 +230,9 @@ class LlamaForward(Forward):
 
     def self_attention_layer(self, h: torch.Tensor, layer: LlamaLayer, li: int, cache_li: int, step: StepBatch) -> torch.Tensor:
         """One Llama decoder layer (weights ``layer``, adapter key ``li``) on the KV cache's layer ``cache_li``."""
-        b, t = len(step.rows), h.shape[0]
+        t = h.shape[0]
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        segs, row_t, off_t, pos_t = step.segs, step.row_of, step.off_of, step.pos
+        segs, row_t, pos_t = step.segs, step.row_of, step.pos
         x = layer.input_norm(h)
         q = self._proj(x, layer, li, "q_proj", segs).view(t, nh, hd)
         k = self._proj(x, layer, li, "k_proj", segs).view(t, nkv, hd)
@@ -234,20 +242,33 @@ class LlamaForward(Forward):
         ck, cv = self.cache.k[cache_li], self.cache.v[cache_li]
         ck[row_t, :, pos_t] = k
         cv[row_t, :, pos_t] = v
-        if step.decode_only:
-            qb = q.unsqueeze(2)  # [b, heads, 1, hd]: token r is row r
-        else:
-            qb = q.new_zeros(b, nh, step.max_n, hd)
-            qb[row_t, :, off_t] = q
-        o = F.scaled_dot_product_attention(
-            qb, ck[:b, :, : step.max_kv], cv[:b, :, : step.max_kv], attn_mask=step.mask, scale=self.scaling, enable_gqa=True
-        )
-        o = o.squeeze(2) if step.decode_only else o[row_t, :, off_t]
+        o = self._attend(q, ck, cv, step)
         h = h + self._proj(o.reshape(t, nh * hd), layer, li, "o_proj", segs)
         x = layer.post_norm(h)
         gate = self._proj(x, layer, li, "gate_proj", segs)
         up = self._proj(x, layer, li, "up_proj", segs)
         return h + self._proj(F.silu(gate) * up, layer, li, "down_proj", segs)
+
+    def _attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        """Self-attention output [t, heads, hd] of the step's tokens ``q`` [t, heads, hd] against the
+        cache's keys and values: decode rows (tokens ``:n_old``, one per row) in one call, prefill rows
+        in another, padded among themselves."""
+        n_old, b = step.n_old, len(step.rows)
+        attend = F.scaled_dot_product_attention
+        if step.decode_only:
+            return attend(q.unsqueeze(2), ck[:b, :, : step.max_kv], cv[:b, :, : step.max_kv], attn_mask=step.mask,
+                          scale=self.scaling, enable_gqa=True).squeeze(2)  # fmt: skip
+        parts = []
+        if n_old:
+            parts.append(attend(q[:n_old].unsqueeze(2), ck[:n_old, :, : step.max_kv], cv[:n_old, :, : step.max_kv],
+                                attn_mask=step.mask, scale=self.scaling, enable_gqa=True).squeeze(2))  # fmt: skip
+        rows_p, offs_p = step.row_of[n_old:] - n_old, step.off_of[n_old:]
+        qp = q.new_zeros(b - n_old, q.shape[1], step.max_n, q.shape[2])
+        qp[rows_p, :, offs_p] = q[n_old:]
+        op = attend(qp, ck[n_old:b, :, : step.prefill_kv], cv[n_old:b, :, : step.prefill_kv], attn_mask=step.prefill_mask,
+                    scale=self.scaling, enable_gqa=True)  # fmt: skip
+        parts.append(op[rows_p, :, offs_p])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def finish(self, h: torch.Tensor, step: StepBatch) -> tuple[torch.Tensor, int]:
         """Each row's next-token logits (and prompt logits where asked); advances ``seq.past``."""
@@ -260,7 +281,8 @@ class LlamaForward(Forward):
                 rows[r].prompt_logits = F.linear(self._norm(h[starts[r] : starts[r + 1]]), self._lm_head)
         for seq, n in zip(rows, step.lens):
             seq.past += n
-        return logits, len(rows) * step.max_n
+        n_dec = len(rows) if step.decode_only else step.n_old
+        return logits, n_dec + (len(rows) - n_dec) * step.max_n
 
     @staticmethod
     def _proj(x: torch.Tensor, layer: LlamaLayer, li: int, name: str, segs: Segments) -> torch.Tensor:

@@ -131,7 +131,7 @@ class StepReport:
     tokens: int  # new tokens through the projections (prefill + decode)
     finished: int
     seconds: float
-    padded_tokens: int  # rows x padded query length, the attention's padded volume
+    padded_tokens: int  # the attention's padded query volume: one per decoding row + prompts x the longest prompt
 
 
 @dataclasses.dataclass

@@ -114,6 +114,36 @@ def test_greedy_shared_batches_equal_generate_alone(lm, tasks) -> None:  # noqa:
         assert tasks[name][1] != base, name
 
 
+def test_a_step_pads_only_the_prompts_it_admits(lm) -> None:  # noqa: ANN001
+    """Rows that decode are attended with one query each, also in a step that admits a long
+    prompt (its padded volume is rows + prompt, not rows x prompt); one-token prompts admitted
+    alone are one query each too. Every answer stays generate()'s."""
+    engine = Engine(lm, max_rows=8, kv_capacity=8)
+    running = [_seq(engine, "base", p, max_tokens=n) for p, n in zip(PROMPTS, LENGTHS)]
+    for seq in running:
+        engine.submit(seq)
+    engine.step()
+    long = _seq(engine, "base", " ".join(PROMPTS), max_tokens=5)
+    engine.submit(long)
+    report = engine.step()
+    assert report is not None and report.rows == 4 and report.admitted == 1
+    assert report.padded_tokens == 3 + len(long.prompt_ids)
+    engine.run_until_idle()
+    for seq, (prompt, n) in zip(running + [long], [*zip(PROMPTS, LENGTHS), (" ".join(PROMPTS), 5)]):
+        assert seq.generated == _reference(lm.model, lm, prompt, n, do_sample=False), prompt
+    single = [Sequence("base", [i], SamplingParams(max_tokens=4)) for i in (504, 1730, 3125)]
+    for seq in single:
+        engine.submit(seq)
+    report = engine.step()
+    assert report is not None and report.rows == 3 and report.padded_tokens == 3
+    engine.run_until_idle()
+    for seq in single:
+        with torch.no_grad():
+            out = lm.model.generate(input_ids=torch.tensor([seq.prompt_ids]), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                                    max_new_tokens=4, do_sample=False, pad_token_id=lm.eos_token_id)  # fmt: skip
+        assert seq.generated == out[0, 1:].tolist(), seq.prompt_ids
+
+
 def test_sampling_equals_generate_with_seed_whatever_shares_the_batch(lm) -> None:  # noqa: ANN001
     params = dict(max_tokens=10, temperature=0.8, top_k=40, top_p=0.9)
     prompt = PROMPTS[2]
