@@ -159,6 +159,7 @@ class OtherWork:
         self.groups, self.step = groups, step
         self.steps: list[tuple[float, float]] = []  # (from second, CPUs taken)
         self.runnable: list[tuple[float, float]] = []  # (from second, threads wanting a CPU)
+        self.ours: list[dict[str, float]] = []  # CPUs each of this run's process groups took, step by step
         self._ours = {p for pids in groups.values() for p in pids} | {os.getpid()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -172,6 +173,7 @@ class OtherWork:
             now = snapshot(self.groups)
             d = delta(last, now)
             ours = sum(d[g] for g in self.groups) + d["client"]
+            self.ours.append({g: round(d[g] / d["wall"], 3) for g in (*self.groups, "client")})
             self.steps.append((round(last["wall"] - t0, 3), round(max(0.0, (d["machine"] - ours) / d["wall"]), 3)))
             last = now
 
@@ -223,9 +225,12 @@ def closed_loop(port: int, tasks: list[str], clients: int, seconds: float) -> tu
     return sum(done) / seconds, sum(spent) / max(1, sum(done))
 
 
-def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0) -> tuple[list[float], int, list[tuple[float, int]]]:
+def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0,
+              times: dict[str, tuple[float, float]] | None = None) -> tuple[list[float], int, list[tuple[float, int]]]:
     """Poisson arrivals per task (async gRPC); latencies of the answered ones (s), failures, and the
-    arrivals as sent ((seconds since the start, task index), for the simulation to replay)."""
+    arrivals as sent ((seconds since the start, task index), for the simulation to replay).
+    ``times``, if given, gets each answered request's (sent, answered) on ``time.monotonic``, by the
+    request id it was sent with (the ingress records its own timestamps under the same id)."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -244,26 +249,83 @@ def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, s
     pending = threading.Semaphore(0)
     lock = threading.Lock()
     t0 = time.monotonic()
-    for at, task in arrivals:
+    for n, (at, task) in enumerate(arrivals):
         delay = t0 + at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         sent = time.monotonic()
         sent_at.append((sent - t0, index[task]))
+        rid = f"{seed}-{n}"
 
-        def done(result: object, error: object, sent: float = sent) -> None:
+        def done(result: object, error: object, sent: float = sent, rid: str = rid) -> None:
+            now = time.monotonic()
             with lock:
                 if error is None:
-                    latencies.append(time.monotonic() - sent)
+                    latencies.append(now - sent)
+                    if times is not None:
+                        times[rid] = (sent, now)
                 else:
                     failures[0] += 1
             pending.release()
 
-        client.async_infer(task, [_input()], callback=done)
+        client.async_infer(task, [_input()], callback=done, request_id=rid)
     for _ in arrivals:
         pending.acquire(timeout=120)
     client.close()
     return latencies, failures[0], sent_at
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / max / mean of seconds, in ms."""
+    if not xs:
+        return {}
+    a = np.asarray(xs) * 1000
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p90": round(float(np.percentile(a, 90)), 2),
+            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2), "mean": round(float(a.mean()), 2)}
+
+
+def path_stages(client: dict[str, tuple[float, float]], ingress: dict) -> dict:
+    """Where each request's time went along the path, joined by request id (every time on one clock):
+
+    - ``to_ingress``: client sent -> the ingress has the call (the client's send, the gRPC proxy, Ray's
+      call from the proxy to the ingress replica, and that replica's queue until the handler runs);
+    - ``ingress_in``: the ingress's own routing, until the call to the replica is made;
+    - ``replica``: the call to the replica's tritonserver until its answer (the gRPC hop, Triton's
+      queue, the host's batch, the ensemble);
+    - ``from_ingress``: the ingress has the answer -> the client has it (Ray's return to the proxy, the
+      proxy, the client's gRPC callback).
+
+    Each as percentiles, and the tail: the mean of each stage over the slowest 1% (and 10%) of requests.
+    The ingress's event-loop lateness and GC pauses are summarised beside them."""
+    rows = []
+    for rid, received, forwarded, answered, _rep in ingress["requests"]:
+        if rid in client:
+            sent, got = client[rid]
+            rows.append((got - sent, received - sent, forwarded - received, answered - forwarded, got - answered))
+    names = ("total", "to_ingress", "ingress_in", "replica", "from_ingress")
+    out: dict = {"joined": len(rows), "of_client": len(client)}
+    if not rows:
+        return out
+    arr = np.asarray(rows)
+    out["stages_ms"] = {n: _pcts(list(arr[:, i])) for i, n in enumerate(names)}
+    order = np.argsort(arr[:, 0])
+    for share, key in ((0.01, "slowest_1pct_mean_ms"), (0.10, "slowest_10pct_mean_ms")):
+        tail = arr[order[-max(1, int(len(arr) * share)):]]
+        out[key] = {n: round(float(tail[:, i].mean() * 1000), 2) for i, n in enumerate(names)}
+    lag = [x for _, x in ingress["loop_lag_s"]]
+    out["ingress_loop_lag_ms"] = _pcts(lag)
+    gcs = [x for _, x in ingress["gc_pauses_s"]]
+    out["ingress_gc"] = {"pauses": len(gcs), **({"max_ms": round(max(gcs) * 1000, 2), "total_ms": round(sum(gcs) * 1000, 1)} if gcs else {})}
+    return out
+
+
+def ingress_timing(on: bool) -> dict:
+    """Start / stop the ingress's per-stage timestamps (:meth:`fmplex.cluster.ingress.Ingress.timing`)."""
+    from ray import serve  # noqa: PLC0415
+
+    from fmplex.cluster.config import APP_NAME, INGRESS  # noqa: PLC0415
+
+    return serve.get_deployment_handle(INGRESS, APP_NAME).timing.remote(on).result(timeout_s=60)
 
 
 def replica_counts(status: dict, tasks: list[str]) -> dict[str, int]:
@@ -346,9 +408,13 @@ def calibrate(args: argparse.Namespace) -> dict:
             rate = args.utilisation * capacity
             base = Workload(tasks=len(tasks), rate_per_task=rate / len(tasks), duration_s=args.seconds, warmup_s=0)
             # 3. the path's CPU per request: the same open-loop client, another seed
+            # (with the ingress's stage timestamps on, as in the run to predict, so both pay their small cost)
+            pre_times: dict[str, tuple[float, float]] = {}
+            ingress_timing(True)
             a = snapshot(groups)
-            lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1)
+            lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1, times=pre_times)
             d = delta(a, snapshot(groups))
+            stages_pre = path_stages(pre_times, ingress_timing(False))
             n = max(1, len(sent_pre))
             path_cpu = {g: max(0.0, (d[g] - idle.get(g, 0.0) * d["wall"]) / n) for g in ("client", "proxy", "ingress", "ray")}
             # 4. one request in flight through the endpoint: what is not CPU work is network latency
@@ -363,9 +429,12 @@ def calibrate(args: argparse.Namespace) -> dict:
             before = replica_counts(local.placer_status(), tasks)
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
+            run_times: dict[str, tuple[float, float]] = {}
+            ingress_timing(True)
             with OtherWork(groups) as other:
-                latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds)
+                latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds, times=run_times)
             d = delta(a, snapshot(groups))
+            stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
             status = local.placer_status()
     finally:
@@ -415,6 +484,7 @@ def calibrate(args: argparse.Namespace) -> dict:
             "rps_endpoint_32_in_flight": round(capacity, 1),
             "path_run_p99_ms": round(float(np.percentile(lat_pre, 99) * 1000), 1) if lat_pre else None,
         },
+        "path_stages": {"path_run": stages_pre, "run": stages_run},
         "offered_rps": round(rate, 1),
         "utilisation": args.utilisation,
         "seconds": args.seconds,
@@ -424,6 +494,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
+        "run_cpus_by_group_every_half_second": other.ours,
         # context only: threads of other work wanting a CPU at each sample. As a model (each thread an equal
         # claimant) it overshot the p99: servers that sleep between requests get more than an equal share.
         "other_work_runnable_threads_every_half_second": [c for _, c in other.runnable],
