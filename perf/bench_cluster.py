@@ -427,6 +427,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - idle_cpus - others1))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
+            mports = {r: _metrics_port(groups, r) for r in replicas}
+            batches0 = {r: host_batches(m) for r, m in mports.items()}
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
             run_times: dict[str, tuple[float, float]] = {}
@@ -436,6 +438,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             d = delta(a, snapshot(groups))
             stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
+            time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
+            batches1 = {r: host_batches(m) for r, m in mports.items()}
             status = local.placer_status()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -463,9 +467,13 @@ def calibrate(args: argparse.Namespace) -> dict:
     # other work as its mean over the run: what its coming and going adds
     steady = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_cpus=background, background_trace=()), placement=placement, trace=trace)
     dedicated = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None), placement=placement, trace=trace)
+    finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
+    # how much the p99 moves if every measured CPU cost were 5% lower or higher
+    sensitivity = {f"x{f}": finite(simulate("shared", len(replicas), replay, scaled(costs, f), placement=placement, trace=trace).p99_ms)
+                   for f in (0.95, 1.05)}
+    real_rows = [round((batches1[r][1] - batches0[r][1]) / max(1.0, batches1[r][0] - batches0[r][0]), 2) for r in replicas]
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
     p99_err = abs(sim.p99_ms - real_p99) / real_p99
-    finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
     results = {
         "how": "python perf/bench_cluster.py --part calibration",
         "minutes": round((time.monotonic() - started) / 60, 1),
@@ -490,7 +498,11 @@ def calibrate(args: argparse.Namespace) -> dict:
         "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
-        "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms)},
+        "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms),
+                      "stages_ms": sim.stages, "rows_per_batch": sim.rows_per_batch},
+        "real_rows_per_batch": real_rows,
+        "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
+        "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
@@ -504,6 +516,13 @@ def calibrate(args: argparse.Namespace) -> dict:
     for k, v in results.items():
         print(f"{k}: {v}", flush=True)
     return results
+
+
+def scaled(costs, factor: float):  # noqa: ANN001, ANN201 - Costs is imported late
+    """``costs`` with every CPU cost (replica batches, path stages) times ``factor``."""
+    return dataclasses.replace(
+        costs, throughput=tuple((b, t / factor) for b, t in costs.throughput),
+        path_in=tuple((n, x * factor) for n, x in costs.path_in), path_out=tuple((n, x * factor) for n, x in costs.path_out))
 
 
 def main() -> int:
