@@ -130,6 +130,27 @@ def snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
+    """(seconds on a CPU, seconds runnable but waiting for one) so far of each group, summed over every
+    thread of its processes (the kernel's /proc/PID/task/TID/schedstat); and of this process ("client")."""
+    out = {}
+    for name, pids in {**groups, "client": [os.getpid()]}.items():
+        ran = waited = 0.0
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                except OSError:
+                    continue
+                ran, waited = ran + int(fields[0]) / 1e9, waited + int(fields[1]) / 1e9
+        out[name] = (ran, waited)
+    return out
+
+
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
@@ -433,9 +454,11 @@ def calibrate(args: argparse.Namespace) -> dict:
             a = snapshot(groups)
             run_times: dict[str, tuple[float, float]] = {}
             ingress_timing(True)
+            w0 = cpu_waits(groups)
             with OtherWork(groups) as other:
                 latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds, times=run_times)
             d = delta(a, snapshot(groups))
+            w1 = cpu_waits(groups)
             stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
@@ -499,8 +522,13 @@ def calibrate(args: argparse.Namespace) -> dict:
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms),
-                      "stages_ms": sim.stages, "rows_per_batch": sim.rows_per_batch},
+                      "stages_ms": sim.stages, "rows_per_batch": sim.rows_per_batch,
+                      "ms_per_request_waiting_for_cpu": {({str(i): r for i, r in enumerate(replicas)}).get(k, k): round(1000 * v / max(1, len(trace)), 2)
+                                                         for k, v in sim.cpu_wait_s.items()}},
         "real_rows_per_batch": real_rows,
+        # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
+        "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
+                                                            round(1000 * (w1[g][1] - w0[g][1]) / max(1, len(trace)), 2)] for g in w0},
         "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
         "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},

@@ -132,6 +132,8 @@ class Result:
     # in), at the replica (its queue and batch), after it (the path out, and ``overhead_s``)
     stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     rows_per_batch: list[float] = dataclasses.field(default_factory=list)  # per replica
+    # shared CPUs: seconds each server (replica index, or stage name) had work but no CPU to run it on
+    cpu_wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -147,6 +149,7 @@ class _Server:
     busy: bool = False
     served: int = 0
     batches: int = 0
+    cpu_wait: float = 0.0
 
 
 Placing = Literal["rate", "count"]
@@ -277,6 +280,7 @@ def simulate(
         rate = cpu_rate()
         for sid in active:
             servers[sid].left -= (now - clock["last"]) * rate
+            servers[sid].cpu_wait += (now - clock["last"]) * (1.0 - rate)
         clock["last"] = now
 
     def reschedule(now: float) -> None:
@@ -396,6 +400,8 @@ def simulate(
     total = len(latencies) + in_flight
     idx = min(int(0.99 * total), total - 1)
     p99 = latencies[idx] if idx < len(latencies) else math.inf
+    names_of = {**{g: str(g) for g in range(gpus)}, **{sid: name for name, sid in stage_ids.items()}}
+    waits = {names_of[s.sid]: round(s.cpu_wait, 4) for s in servers} if shared_cpu else {}
     stages = {}
     for k, name in enumerate(("before_replica", "at_replica", "after_replica")):
         xs = sorted(x[k] for x in parts)
@@ -403,7 +409,7 @@ def simulate(
     return Result(
         mode, gpus, work.tasks, True, p99 * 1000, latencies[len(latencies) // 2] * 1000, len(latencies),
         [round(s.served / measured, 2) for s in servers[:gpus]], stages,
-        [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]],
+        [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits,
     )
 
 
