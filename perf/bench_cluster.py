@@ -151,17 +151,6 @@ def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def stretches(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]], replicas: list[str]) -> dict[str, float]:
-    """Between two :func:`cpu_waits`: (on a CPU + waiting for one) / on a CPU, for the replicas (their
-    servers and hosts together) and each stage of the path: how much slower than its CPU work a
-    server's work went at that load."""
-    def of(names: list[str]) -> float:
-        ran = sum(b[n][0] - a[n][0] for n in names if n in a)
-        waited = sum(b[n][1] - a[n][1] for n in names if n in a)
-        return round((ran + waited) / ran, 3) if ran > 0 else 1.0
-    return {"replica": of([*replicas, *(r + "/stub" for r in replicas)]), **{g: of([g]) for g in ("client", "proxy", "ingress")}}
-
-
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
@@ -443,10 +432,9 @@ def calibrate(args: argparse.Namespace) -> dict:
             # (with the ingress's stage timestamps on, as in the run to predict, so both pay their small cost)
             pre_times: dict[str, tuple[float, float]] = {}
             ingress_timing(True)
-            a, w_pre = snapshot(groups), cpu_waits(groups)
+            a = snapshot(groups)
             lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1, times=pre_times)
             d = delta(a, snapshot(groups))
-            stretch_pre = stretches(w_pre, cpu_waits(groups), replicas)
             stages_pre = path_stages(pre_times, ingress_timing(False))
             n = max(1, len(sent_pre))
             path_cpu = {g: max(0.0, (d[g] - idle.get(g, 0.0) * d["wall"]) / n) for g in ("client", "proxy", "ingress", "ray")}
@@ -502,9 +490,6 @@ def calibrate(args: argparse.Namespace) -> dict:
     # other work as its mean over the run: what its coming and going adds
     steady = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_cpus=background, background_trace=()), placement=placement, trace=trace)
     dedicated = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None), placement=placement, trace=trace)
-    # each server on its own processor, its work stretched by what the kernel counted in the path run (step 3)
-    stretched = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None, slowdown=tuple(stretch_pre.items())),
-                         placement=placement, trace=trace)
     finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
     # how much the p99 moves if every measured CPU cost were 5% lower or higher
     sensitivity = {f"x{f}": finite(simulate("shared", len(replicas), replay, scaled(costs, f), placement=placement, trace=trace).p99_ms)
@@ -547,9 +532,6 @@ def calibrate(args: argparse.Namespace) -> dict:
         "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
         "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
-        "stretch_measured_in_path_run": stretch_pre,
-        "stretch_measured_in_run": stretches(w0, w1, replicas),
-        "simulated_with_measured_stretch": {"p99_ms": finite(stretched.p99_ms), "p50_ms": finite(stretched.p50_ms), "stages_ms": stretched.stages},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
         "run_cpus_by_group_every_half_second": other.ours,

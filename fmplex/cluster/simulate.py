@@ -63,11 +63,7 @@ class Costs:
     the calibration run), of which work off every request's path takes
     ``background_cpus``, and other work on a shared machine what
     ``background_trace`` says it took: (from second, CPUs) steps. A busy
-    server then runs at min(1, CPUs left / busy servers). ``slowdown``
-    stretches a server's work by a measured factor, as (name, factor):
-    ``replica`` for every replica, else a stage's name (on a shared machine:
-    on-CPU plus run-queue time over on-CPU time, as the kernel counted it
-    for that server's threads at the same load). The defaults are MiniLM, one CPU thread, 11-token
+    server then runs at min(1, CPUs left / busy servers). The defaults are MiniLM, one CPU thread, 11-token
     sentences, as measured in this repository; memory is the backbone's fp32
     weights and a classifier head's artifact.
     """
@@ -84,7 +80,6 @@ class Costs:
     cpus: float | None = None
     background_cpus: float = 0.0
     background_trace: tuple[tuple[float, float], ...] = ()
-    slowdown: tuple[tuple[str, float], ...] = ()
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -244,8 +239,6 @@ def simulate(
         if name not in stage_ids:
             stage_ids[name] = len(servers)
             servers.append(_Server(len(servers), 1.0, set()))
-    slow = dict(costs.slowdown)
-    stretch = [slow.get("replica", 1.0)] * gpus + [slow.get(name, 1.0) for name in stage_ids]
     steps: list[tuple[int, float]] = [(stage_ids[n], s) for n, s in costs.path_in] + [(-1, 0.0)] + [(stage_ids[n], s) for n, s in costs.path_out]
 
     rng = random.Random(work.seed)
@@ -297,8 +290,7 @@ def simulate(
             push(now + max(0.0, servers[sid].left) / cpu_rate(), 0, sid, clock["version"])
 
     def begin(s: _Server, items: list, seconds: float, now: float) -> None:
-        s.busy, s.running, s.left = True, items, seconds * stretch[s.sid]
-        seconds = s.left
+        s.busy, s.running, s.left = True, items, seconds
         if shared_cpu:
             advance(now)
             active.add(s.sid)
