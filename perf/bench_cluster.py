@@ -28,6 +28,12 @@ wall time, and the simulation shares the machine's CPUs between them
 6. the simulation of that run, replayed request by request: the same arrival
    times and tasks, with the tasks where the cluster put them.
 
+In steps 3 and 5 the ingress records when it received, forwarded and got the
+answer of each call (``Ingress.timing``), joined with the client's own send
+and receive times by request id: where a request's time went along the path
+(:func:`path_stages`). Step 5 also reads the kernel's per-thread CPU and
+run-queue times of each process group (:func:`cpu_waits`).
+
 Figure (``--part figure``, a few minutes): ``python -m fmplex.cluster.simulate``
 for R = 4, 16, 64, 256 (see its --help), written to
 ``perf/results/cluster_simulation.json``.
