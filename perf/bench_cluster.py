@@ -546,10 +546,37 @@ def calibrate(args: argparse.Namespace) -> dict:
         "other_work_runnable_threads_every_half_second": [c for _, c in other.runnable],
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": finite(p99_err)},
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),
+        # what the replay was given, to try another model offline (--part replay) without a new run
+        "replay_input": {"workload": dataclasses.asdict(replay), "placement": placement, "measured_seconds": args.seconds,
+                         "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs)},
     }
     for k, v in results.items():
-        print(f"{k}: {v}", flush=True)
+        if k != "replay_input":
+            print(f"{k}: {v}", flush=True)
     return results
+
+
+def replay_run(path: Path) -> dict:
+    """Replay a calibration run from its results file (``replay_input``) in the simulation as it is now:
+    seconds, no cluster; for trying a change of the model against a measured run."""
+    import json  # noqa: PLC0415
+
+    from fmplex.cluster.simulate import Costs, Workload, simulate  # noqa: PLC0415
+
+    got = json.loads(path.read_text())
+    given = got["replay_input"]
+    tuples = lambda x: tuple(tuple(e) for e in x)  # noqa: E731 - JSON gives lists
+    c = given["costs"]
+    costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace")}})
+    work = Workload(**given["workload"])
+    sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
+                   trace=[(t, i) for t, i in given["trace"]])
+    out = {"real": {k: got["real"][k] for k in ("p50_ms", "p99_ms", "replica_load_rps")},
+           "simulated": {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "stages_ms": sim.stages,
+                         "replica_load_rps": [round(x * work.duration_s / given["measured_seconds"], 1) for x in sim.replica_load]},
+           "p99_error": round(abs(sim.p99_ms - got["real"]["p99_ms"]) / got["real"]["p99_ms"], 3)}
+    print(json.dumps(out, indent=1))
+    return out
 
 
 def scaled(costs, factor: float):  # noqa: ANN001, ANN201 - Costs is imported late
@@ -561,8 +588,9 @@ def scaled(costs, factor: float):  # noqa: ANN001, ANN201 - Costs is imported la
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("calibration", "figure", "all"), default="all",
-                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure (about 20 min on 2 busy cores)")
+    ap.add_argument("--part", choices=("calibration", "figure", "all", "replay"), default="all",
+                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure "
+                         "(about 20 min on 2 busy cores); replay: the simulation of the last calibration run again (its results file), no cluster")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop run to predict")
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the endpoint's measured capacity")
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each cost measurement")
@@ -571,6 +599,9 @@ def main() -> int:
     args = ap.parse_args()
     from perf.common import write_results  # noqa: PLC0415
 
+    if args.part == "replay":
+        replay_run(ROOT / "perf" / "results" / "cluster_calibration.json")
+        return 0
     if args.part in ("calibration", "all"):
         write_results("cluster_calibration.json", calibrate(args))
     if args.part in ("figure", "all"):
