@@ -136,12 +136,13 @@ def snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
-def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
-    """(seconds on a CPU, seconds runnable but waiting for one) so far of each group, summed over every
-    thread of its processes (the kernel's /proc/PID/task/TID/schedstat); and of this process ("client")."""
+def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float, int]]:
+    """(seconds on a CPU, seconds runnable but waiting for one, timeslices run) so far of each group, summed
+    over every thread of its processes (the kernel's /proc/PID/task/TID/schedstat); and of this process ("client")."""
     out = {}
     for name, pids in {**groups, "client": [os.getpid()]}.items():
         ran = waited = 0.0
+        slices = 0
         for pid in pids:
             try:
                 tids = os.listdir(f"/proc/{pid}/task")
@@ -152,8 +153,8 @@ def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float]]:
                     fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
                 except OSError:
                     continue
-                ran, waited = ran + int(fields[0]) / 1e9, waited + int(fields[1]) / 1e9
-        out[name] = (ran, waited)
+                ran, waited, slices = ran + int(fields[0]) / 1e9, waited + int(fields[1]) / 1e9, slices + int(fields[2])
+        out[name] = (ran, waited, slices)
     return out
 
 
@@ -535,6 +536,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
         "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
                                                             round(1000 * (w1[g][1] - w0[g][1]) / max(1, len(trace)), 2)] for g in w0},
+        "run_timeslices_per_request": {g: round((w1[g][2] - w0[g][2]) / max(1, len(trace)), 1) for g in w0},
         "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
         "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
