@@ -28,6 +28,12 @@ wall time, and the simulation shares the machine's CPUs between them
 6. the simulation of that run, replayed request by request: the same arrival
    times and tasks, with the tasks where the cluster put them.
 
+In steps 3 and 5 the ingress records when it received, forwarded and got the
+answer of each call (``Ingress.timing``), joined with the client's own send
+and receive times by request id: where a request's time went along the path
+(:func:`path_stages`). Step 5 also reads the kernel's per-thread CPU and
+run-queue times of each process group (:func:`cpu_waits`).
+
 Figure (``--part figure``, a few minutes): ``python -m fmplex.cluster.simulate``
 for R = 4, 16, 64, 256 (see its --help), written to
 ``perf/results/cluster_simulation.json``.
@@ -130,6 +136,28 @@ def snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float, int]]:
+    """(seconds on a CPU, seconds runnable but waiting for one, timeslices run) so far of each group, summed
+    over every thread of its processes (the kernel's /proc/PID/task/TID/schedstat); and of this process ("client")."""
+    out = {}
+    for name, pids in {**groups, "client": [os.getpid()]}.items():
+        ran = waited = 0.0
+        slices = 0
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                except OSError:
+                    continue
+                ran, waited, slices = ran + int(fields[0]) / 1e9, waited + int(fields[1]) / 1e9, slices + int(fields[2])
+        out[name] = (ran, waited, slices)
+    return out
+
+
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
@@ -159,6 +187,7 @@ class OtherWork:
         self.groups, self.step = groups, step
         self.steps: list[tuple[float, float]] = []  # (from second, CPUs taken)
         self.runnable: list[tuple[float, float]] = []  # (from second, threads wanting a CPU)
+        self.ours: list[dict[str, float]] = []  # CPUs each of this run's process groups took, step by step
         self._ours = {p for pids in groups.values() for p in pids} | {os.getpid()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -172,6 +201,7 @@ class OtherWork:
             now = snapshot(self.groups)
             d = delta(last, now)
             ours = sum(d[g] for g in self.groups) + d["client"]
+            self.ours.append({g: round(d[g] / d["wall"], 3) for g in (*self.groups, "client")})
             self.steps.append((round(last["wall"] - t0, 3), round(max(0.0, (d["machine"] - ours) / d["wall"]), 3)))
             last = now
 
@@ -223,9 +253,12 @@ def closed_loop(port: int, tasks: list[str], clients: int, seconds: float) -> tu
     return sum(done) / seconds, sum(spent) / max(1, sum(done))
 
 
-def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0) -> tuple[list[float], int, list[tuple[float, int]]]:
+def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, seed: int = 0,
+              times: dict[str, tuple[float, float]] | None = None) -> tuple[list[float], int, list[tuple[float, int]]]:
     """Poisson arrivals per task (async gRPC); latencies of the answered ones (s), failures, and the
-    arrivals as sent ((seconds since the start, task index), for the simulation to replay)."""
+    arrivals as sent ((seconds since the start, task index), for the simulation to replay).
+    ``times``, if given, gets each answered request's (sent, answered) on ``time.monotonic``, by the
+    request id it was sent with (the ingress records its own timestamps under the same id)."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -244,26 +277,83 @@ def open_loop(port: int, tasks: list[str], rates: list[float], seconds: float, s
     pending = threading.Semaphore(0)
     lock = threading.Lock()
     t0 = time.monotonic()
-    for at, task in arrivals:
+    for n, (at, task) in enumerate(arrivals):
         delay = t0 + at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         sent = time.monotonic()
         sent_at.append((sent - t0, index[task]))
+        rid = f"{seed}-{n}"
 
-        def done(result: object, error: object, sent: float = sent) -> None:
+        def done(result: object, error: object, sent: float = sent, rid: str = rid) -> None:
+            now = time.monotonic()
             with lock:
                 if error is None:
-                    latencies.append(time.monotonic() - sent)
+                    latencies.append(now - sent)
+                    if times is not None:
+                        times[rid] = (sent, now)
                 else:
                     failures[0] += 1
             pending.release()
 
-        client.async_infer(task, [_input()], callback=done)
+        client.async_infer(task, [_input()], callback=done, request_id=rid)
     for _ in arrivals:
         pending.acquire(timeout=120)
     client.close()
     return latencies, failures[0], sent_at
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / max / mean of seconds, in ms."""
+    if not xs:
+        return {}
+    a = np.asarray(xs) * 1000
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p90": round(float(np.percentile(a, 90)), 2),
+            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2), "mean": round(float(a.mean()), 2)}
+
+
+def path_stages(client: dict[str, tuple[float, float]], ingress: dict) -> dict:
+    """Where each request's time went along the path, joined by request id (every time on one clock):
+
+    - ``to_ingress``: client sent -> the ingress has the call (the client's send, the gRPC proxy, Ray's
+      call from the proxy to the ingress replica, and that replica's queue until the handler runs);
+    - ``ingress_in``: the ingress's own routing, until the call to the replica is made;
+    - ``replica``: the call to the replica's tritonserver until its answer (the gRPC hop, Triton's
+      queue, the host's batch, the ensemble);
+    - ``from_ingress``: the ingress has the answer -> the client has it (Ray's return to the proxy, the
+      proxy, the client's gRPC callback).
+
+    Each as percentiles, and the tail: the mean of each stage over the slowest 1% (and 10%) of requests.
+    The ingress's event-loop lateness and GC pauses are summarised beside them."""
+    rows = []
+    for rid, received, forwarded, answered, _rep in ingress["requests"]:
+        if rid in client:
+            sent, got = client[rid]
+            rows.append((got - sent, received - sent, forwarded - received, answered - forwarded, got - answered))
+    names = ("total", "to_ingress", "ingress_in", "replica", "from_ingress")
+    out: dict = {"joined": len(rows), "of_client": len(client)}
+    if not rows:
+        return out
+    arr = np.asarray(rows)
+    out["stages_ms"] = {n: _pcts(list(arr[:, i])) for i, n in enumerate(names)}
+    order = np.argsort(arr[:, 0])
+    for share, key in ((0.01, "slowest_1pct_mean_ms"), (0.10, "slowest_10pct_mean_ms")):
+        tail = arr[order[-max(1, int(len(arr) * share)):]]
+        out[key] = {n: round(float(tail[:, i].mean() * 1000), 2) for i, n in enumerate(names)}
+    lag = [x for _, x in ingress["loop_lag_s"]]
+    out["ingress_loop_lag_ms"] = _pcts(lag)
+    gcs = [x for _, x in ingress["gc_pauses_s"]]
+    out["ingress_gc"] = {"pauses": len(gcs), **({"max_ms": round(max(gcs) * 1000, 2), "total_ms": round(sum(gcs) * 1000, 1)} if gcs else {})}
+    return out
+
+
+def ingress_timing(on: bool) -> dict:
+    """Start / stop the ingress's per-stage timestamps (:meth:`fmplex.cluster.ingress.Ingress.timing`)."""
+    from ray import serve  # noqa: PLC0415
+
+    from fmplex.cluster.config import APP_NAME, INGRESS  # noqa: PLC0415
+
+    return serve.get_deployment_handle(INGRESS, APP_NAME).timing.remote(on).result(timeout_s=60)
 
 
 def replica_counts(status: dict, tasks: list[str]) -> dict[str, int]:
@@ -346,9 +436,13 @@ def calibrate(args: argparse.Namespace) -> dict:
             rate = args.utilisation * capacity
             base = Workload(tasks=len(tasks), rate_per_task=rate / len(tasks), duration_s=args.seconds, warmup_s=0)
             # 3. the path's CPU per request: the same open-loop client, another seed
+            # (with the ingress's stage timestamps on, as in the run to predict, so both pay their small cost)
+            pre_times: dict[str, tuple[float, float]] = {}
+            ingress_timing(True)
             a = snapshot(groups)
-            lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1)
+            lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1, times=pre_times)
             d = delta(a, snapshot(groups))
+            stages_pre = path_stages(pre_times, ingress_timing(False))
             n = max(1, len(sent_pre))
             path_cpu = {g: max(0.0, (d[g] - idle.get(g, 0.0) * d["wall"]) / n) for g in ("client", "proxy", "ingress", "ray")}
             # 4. one request in flight through the endpoint: what is not CPU work is network latency
@@ -361,12 +455,21 @@ def calibrate(args: argparse.Namespace) -> dict:
             overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - idle_cpus - others1))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
+            mports = {r: _metrics_port(groups, r) for r in replicas}
+            batches0 = {r: host_batches(m) for r, m in mports.items()}
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
+            run_times: dict[str, tuple[float, float]] = {}
+            ingress_timing(True)
+            w0 = cpu_waits(groups)
             with OtherWork(groups) as other:
-                latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds)
+                latencies, failures, trace = open_loop(port, tasks, base.rates(), args.seconds, times=run_times)
             d = delta(a, snapshot(groups))
+            w1 = cpu_waits(groups)
+            stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
+            time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
+            batches1 = {r: host_batches(m) for r, m in mports.items()}
             status = local.placer_status()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -394,9 +497,13 @@ def calibrate(args: argparse.Namespace) -> dict:
     # other work as its mean over the run: what its coming and going adds
     steady = simulate("shared", len(replicas), replay, dataclasses.replace(costs, background_cpus=background, background_trace=()), placement=placement, trace=trace)
     dedicated = simulate("shared", len(replicas), replay, dataclasses.replace(costs, cpus=None), placement=placement, trace=trace)
+    finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
+    # how much the p99 moves if every measured CPU cost were 5% lower or higher
+    sensitivity = {f"x{f}": finite(simulate("shared", len(replicas), replay, scaled(costs, f), placement=placement, trace=trace).p99_ms)
+                   for f in (0.95, 1.05)}
+    real_rows = [round((batches1[r][1] - batches0[r][1]) / max(1.0, batches1[r][0] - batches0[r][0]), 2) for r in replicas]
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
     p99_err = abs(sim.p99_ms - real_p99) / real_p99
-    finite = lambda x: round(x, 3) if np.isfinite(x) else None  # noqa: E731 - JSON has no infinity
     results = {
         "how": "python perf/bench_cluster.py --part calibration",
         "minutes": round((time.monotonic() - started) / 60, 1),
@@ -415,30 +522,77 @@ def calibrate(args: argparse.Namespace) -> dict:
             "rps_endpoint_32_in_flight": round(capacity, 1),
             "path_run_p99_ms": round(float(np.percentile(lat_pre, 99) * 1000), 1) if lat_pre else None,
         },
+        "path_stages": {"path_run": stages_pre, "run": stages_run},
         "offered_rps": round(rate, 1),
         "utilisation": args.utilisation,
         "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
-        "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms)},
+        "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms),
+                      "stages_ms": sim.stages, "rows_per_batch": sim.rows_per_batch,
+                      "ms_per_request_waiting_for_cpu": {({str(i): r for i, r in enumerate(replicas)}).get(k, k): round(1000 * v / max(1, len(trace)), 2)
+                                                         for k, v in sim.cpu_wait_s.items()}},
+        "real_rows_per_batch": real_rows,
+        # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
+        "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
+                                                            round(1000 * (w1[g][1] - w0[g][1]) / max(1, len(trace)), 2)] for g in w0},
+        "run_timeslices_per_request": {g: round((w1[g][2] - w0[g][2]) / max(1, len(trace)), 1) for g in w0},
+        "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
+        "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
         "other_work_cpus_every_half_second": [c for _, c in other.steps],
+        "run_cpus_by_group_every_half_second": other.ours,
         # context only: threads of other work wanting a CPU at each sample. As a model (each thread an equal
         # claimant) it overshot the p99: servers that sleep between requests get more than an equal share.
         "other_work_runnable_threads_every_half_second": [c for _, c in other.runnable],
         "relative_error": {"replica_load": [round(e, 3) for e in load_err], "p99": finite(p99_err)},
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),
+        # what the replay was given, to try another model offline (--part replay) without a new run
+        "replay_input": {"workload": dataclasses.asdict(replay), "placement": placement, "measured_seconds": args.seconds,
+                         "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs)},
     }
     for k, v in results.items():
-        print(f"{k}: {v}", flush=True)
+        if k != "replay_input":
+            print(f"{k}: {v}", flush=True)
     return results
+
+
+def replay_run(path: Path) -> dict:
+    """Replay a calibration run from its results file (``replay_input``) in the simulation as it is now:
+    seconds, no cluster; for trying a change of the model against a measured run."""
+    import json  # noqa: PLC0415
+
+    from fmplex.cluster.simulate import Costs, Workload, simulate  # noqa: PLC0415
+
+    got = json.loads(path.read_text())
+    given = got["replay_input"]
+    tuples = lambda x: tuple(tuple(e) for e in x)  # noqa: E731 - JSON gives lists
+    c = given["costs"]
+    costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace")}})
+    work = Workload(**given["workload"])
+    sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
+                   trace=[(t, i) for t, i in given["trace"]])
+    out = {"real": {k: got["real"][k] for k in ("p50_ms", "p99_ms", "replica_load_rps")},
+           "simulated": {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "stages_ms": sim.stages,
+                         "replica_load_rps": [round(x * work.duration_s / given["measured_seconds"], 1) for x in sim.replica_load]},
+           "p99_error": round(abs(sim.p99_ms - got["real"]["p99_ms"]) / got["real"]["p99_ms"], 3)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def scaled(costs, factor: float):  # noqa: ANN001, ANN201 - Costs is imported late
+    """``costs`` with every CPU cost (replica batches, path stages) times ``factor``."""
+    return dataclasses.replace(
+        costs, throughput=tuple((b, t / factor) for b, t in costs.throughput),
+        path_in=tuple((n, x * factor) for n, x in costs.path_in), path_out=tuple((n, x * factor) for n, x in costs.path_out))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("calibration", "figure", "all"), default="all",
-                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure (about 20 min on 2 busy cores)")
+    ap.add_argument("--part", choices=("calibration", "figure", "all", "replay"), default="all",
+                    help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure "
+                         "(about 20 min on 2 busy cores); replay: the simulation of the last calibration run again (its results file), no cluster")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop run to predict")
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the endpoint's measured capacity")
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each cost measurement")
@@ -447,6 +601,9 @@ def main() -> int:
     args = ap.parse_args()
     from perf.common import write_results  # noqa: PLC0415
 
+    if args.part == "replay":
+        replay_run(ROOT / "perf" / "results" / "cluster_calibration.json")
+        return 0
     if args.part in ("calibration", "all"):
         write_results("cluster_calibration.json", calibrate(args))
     if args.part in ("figure", "all"):

@@ -8,6 +8,8 @@ gone, else answers UNAVAILABLE / 503.
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import logging
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ class Ingress:
         self._loop_task: asyncio.Task[None] | None = None
         self.retries = 0
         self.unavailable = 0
+        self._timing: _Timing | None = None  # per-stage timestamps, only while a benchmark asks for them
 
     # --- table and load reports ----------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -138,8 +141,12 @@ class Ingress:
                     await self._refresh()
         raise _Forward(f"no replica of backbone '{backbone}' is available for '{name}'")
 
-    async def _call(self, name: str, fn: Any) -> Any:
-        """Run ``fn(record)`` on a replica for ``name``, retrying once on another one."""
+    async def _call(self, name: str, fn: Any, rid: str = "") -> Any:
+        """Run ``fn(record)`` on a replica for ``name``, retrying once on another one.
+
+        ``rid``: the client's request id, kept with the stage timestamps while timing is on."""
+        timing = self._timing
+        received = time.monotonic() if timing is not None else 0.0
         avoid: set[str] = set()
         last: Exception | None = None
         found = self._resolve(name)
@@ -155,7 +162,12 @@ class Ingress:
             self._used.add(task)
             self.meter.started(task, rec.replica, time.monotonic())
             try:
-                return await fn(rec)
+                if timing is None:
+                    return await fn(rec)
+                sent = time.monotonic()
+                out = await fn(rec)
+                timing.requests.append((rid, received, sent, time.monotonic(), rec.replica))
+                return out
             except _Forward as exc:
                 last = exc
                 avoid.add(rec.replica)
@@ -254,7 +266,7 @@ class Ingress:
                 return empty
 
         try:
-            return await self._call(name, forward)
+            return await self._call(name, forward, getattr(request, "id", "") if method == "ModelInfer" else "")
         except KeyError:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"Request for unknown model: '{name}' is not found")
@@ -303,3 +315,54 @@ class Ingress:
     async def counters(self) -> dict[str, int]:
         """Calls retried on another replica, and calls answered UNAVAILABLE (for status and tests)."""
         return {"retries": self.retries, "unavailable": self.unavailable}
+
+    async def timing(self, on: bool) -> dict[str, Any]:
+        """Start (``on``) or stop recording where each call's time goes in this process; what was recorded.
+
+        For the calibration benchmark: per call (request id, received, forwarded, answered, replica) on
+        ``time.monotonic`` (one clock for every process of the machine, so a client can set its own
+        timestamps beside them); this event loop's lateness (a timer every ``_Timing.PERIOD_S``); and
+        this process's garbage-collector pauses. Off (the default), a call costs one attribute read.
+        """
+        old, self._timing = self._timing, None
+        out: dict[str, Any] = {"requests": [], "loop_lag_s": [], "gc_pauses_s": []}
+        if old is not None:
+            old.stop()
+            out = {"requests": list(old.requests), "loop_lag_s": list(old.lag), "gc_pauses_s": list(old.gc_pauses)}
+        if on:
+            self._timing = _Timing(asyncio.get_running_loop())
+        return out
+
+
+class _Timing:
+    """What :meth:`Ingress.timing` records (bounded: the newest entries are kept)."""
+
+    PERIOD_S = 0.005
+    KEEP = 200_000
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.requests: collections.deque[tuple[str, float, float, float, str]] = collections.deque(maxlen=self.KEEP)
+        self.lag: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.KEEP)  # (when, seconds late)
+        self.gc_pauses: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.KEEP)  # (when, seconds)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+        self._probe = loop.create_task(self._lag_probe())
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.monotonic()
+        else:
+            now = time.monotonic()
+            self.gc_pauses.append((now, now - self._gc_start))
+
+    async def _lag_probe(self) -> None:
+        while True:
+            due = time.monotonic() + self.PERIOD_S
+            await asyncio.sleep(self.PERIOD_S)
+            now = time.monotonic()
+            self.lag.append((now, now - due))
+
+    def stop(self) -> None:
+        self._probe.cancel()
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)

@@ -128,6 +128,12 @@ class Result:
     p50_ms: float
     completed: int
     replica_load: list[float]  # requests served per second, per server
+    # where the measured requests' time went (ms, p50 and p99 of each): before the replica (the path
+    # in), at the replica (its queue and batch), after it (the path out, and ``overhead_s``)
+    stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    rows_per_batch: list[float] = dataclasses.field(default_factory=list)  # per replica
+    # shared CPUs: seconds each server (replica index, or stage name) had work but no CPU to run it on
+    cpu_wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -142,6 +148,8 @@ class _Server:
     left: float = 0.0
     busy: bool = False
     served: int = 0
+    batches: int = 0
+    cpu_wait: float = 0.0
 
 
 Placing = Literal["rate", "count"]
@@ -256,6 +264,7 @@ def simulate(
         for k, (at, _cpus) in enumerate(costs.background_trace):
             push(at, 3, k, -1)
     latencies: list[float] = []
+    parts: list[tuple[float, float, float]] = []  # per measured request: before, at and after the replica
     in_flight = 0
 
     # --- processors: dedicated (each server its own), or shared CPUs (processor sharing) ---
@@ -271,6 +280,7 @@ def simulate(
         rate = cpu_rate()
         for sid in active:
             servers[sid].left -= (now - clock["last"]) * rate
+            servers[sid].cpu_wait += (now - clock["last"]) * (1.0 - rate)
         clock["last"] = now
 
     def reschedule(now: float) -> None:
@@ -306,17 +316,19 @@ def simulate(
         begin(s, batch, costs.batch_seconds(len(batch), s.share), now)
 
     def forward(req: list, now: float) -> None:
-        """Send a request (arrived, task, step) on to its next step, or finish it."""
+        """Send a request (arrived, task, step, reached the replica, left it) on to its next step, or finish it."""
         nonlocal in_flight
         req[2] += 1
         if req[2] == len(steps):
             in_flight -= 1
             if req[0] >= work.warmup_s:
                 latencies.append(now - req[0] + costs.overhead_s)
+                parts.append((req[3] - req[0], req[4] - req[3], now - req[4] + costs.overhead_s))
             return
         sid = steps[req[2]][0]
         if sid < 0:  # the replica: the holder of its task with the least work waiting
             sid = min(holders[req[1]], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
+            req[3] = now  # (the replica's ``done`` sets req[4])
         servers[sid].queue.append(req)
         start(servers[sid], now)
 
@@ -325,6 +337,9 @@ def simulate(
         items, s.running = s.running, []
         if s.sid < gpus:
             s.served += len(items)
+            s.batches += 1
+            for req in items:
+                req[4] = now
         for req in items:
             forward(req, now)
         start(s, now)
@@ -350,14 +365,14 @@ def simulate(
             reschedule(now)
         elif kind == 1:  # arrival
             in_flight += 1
-            forward([now, str(a), -1], now)
+            forward([now, str(a), -1, now, now], now)
             if trace is None:
                 push(now + rng.expovariate(rate_of[str(a)]), 1, a, -1)
         else:  # placement tick: hot tasks gain replicas, cooled ones lose them
             replicas = servers[:gpus]
             inflight: dict[str, float] = {}
             for s in replicas:
-                for _a, t, _st in s.queue:
+                for _a, t, *_rest in s.queue:
                     inflight[t] = inflight.get(t, 0.0) + 1
             states_now = [
                 ReplicaState(f"r{s.sid:04d}", "fm", costs.device_bytes - costs.backbone_bytes, costs.slots,
@@ -385,9 +400,16 @@ def simulate(
     total = len(latencies) + in_flight
     idx = min(int(0.99 * total), total - 1)
     p99 = latencies[idx] if idx < len(latencies) else math.inf
+    names_of = {**{g: str(g) for g in range(gpus)}, **{sid: name for name, sid in stage_ids.items()}}
+    waits = {names_of[s.sid]: round(s.cpu_wait, 4) for s in servers} if shared_cpu else {}
+    stages = {}
+    for k, name in enumerate(("before_replica", "at_replica", "after_replica")):
+        xs = sorted(x[k] for x in parts)
+        stages[name] = {"p50": round(xs[len(xs) // 2] * 1000, 2), "p99": round(xs[min(int(0.99 * len(xs)), len(xs) - 1)] * 1000, 2)}
     return Result(
         mode, gpus, work.tasks, True, p99 * 1000, latencies[len(latencies) // 2] * 1000, len(latencies),
-        [round(s.served / measured, 2) for s in servers[:gpus]],
+        [round(s.served / measured, 2) for s in servers[:gpus]], stages,
+        [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits,
     )
 
 

@@ -116,3 +116,26 @@ def test_other_work_takes_the_cpus_it_took_then() -> None:
     # then half a CPU (the other 6.25 ms at a quarter CPU each)
     r = simulate("shared", 2, w, dataclasses.replace(costs, background_cpus=0.5), placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
     assert r.p99_ms == pytest.approx(5.0 + 25.0)
+
+
+def test_a_run_says_where_its_time_went_and_how_it_batched() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), path_in=(("client", 0.002),), path_out=(("client", 0.003),), overhead_s=0.001)
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (1.0, 1)])
+    assert r.stages["before_replica"] == {"p50": 2.0, "p99": 2.0}
+    assert r.stages["at_replica"] == {"p50": 10.0, "p99": 10.0}
+    assert r.stages["after_replica"] == {"p50": 4.0, "p99": 4.0}  # the way out and the overhead
+    assert r.rows_per_batch == [1.0, 1.0] and r.cpu_wait_s == {}  # dedicated processors: nobody waits for one
+    # three at once on replica 0: the first runs alone (10 ms), the other two queue and then run as one batch
+    costs = Costs(throughput=((1, 100.0), (2, 100.0), (16, 320.0)))  # batch 2: 20 ms
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (0.0, 0)])
+    assert r.rows_per_batch == [1.5, 0.0]
+    assert r.stages["at_replica"]["p99"] == pytest.approx(30.0) and r.stages["before_replica"]["p99"] == 0.0
+
+
+def test_on_shared_cpus_each_server_counts_its_wait_for_a_cpu() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=1.0)  # two replicas busy at once on one CPU
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.cpu_wait_s == {"0": pytest.approx(0.010), "1": pytest.approx(0.010)}  # 10 ms of work in 20 ms each
+
