@@ -8,7 +8,6 @@ host and the multimodal LM stage -- publish these under the same
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 __all__ = ["ENGINE_COUNTERS", "EngineMetrics"]
@@ -24,17 +23,15 @@ ENGINE_COUNTERS = (
 
 
 class EngineMetrics:
-    """Publishes an engine's counters at most once per metrics interval (each update is an IPC message)."""
+    """Publishes an engine's counters; called when the host's metrics flush (``Host.publish``), so at
+    most once per metrics interval (each update is an IPC message) and once more after the last step.
+    A timer of its own would miss that last flush: an idle host wakes for one flush and then sleeps."""
 
     def __init__(self, metrics: Any, engine: Any) -> None:
         self.metrics = metrics
         self.engine = engine
-        self._next = 0.0
 
     def publish(self) -> None:
-        if time.monotonic() < self._next:
-            return
-        self._next = time.monotonic() + self.metrics.interval
         st = self.engine.stats
         for key, doc in ENGINE_COUNTERS:
             self.metrics.bump(f"fmplex_gen_{key}_total", float(getattr(st, key)), doc)

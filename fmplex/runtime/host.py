@@ -108,7 +108,8 @@ class Host:
         if not self.ledger.close(timeout=max(1.0, deadline - time.monotonic())):
             pb_utils.Logger.log_warn(f"fmplex {self.name}: responses still unsent at shutdown")
         try:  # publish the last counts: a scaled-down instance takes its series with it
-            self.metrics.maybe_flush(self.stats, self.cache, force=True)
+            if self.metrics.maybe_flush(self.stats, self.cache, force=True):
+                self.publish()
         except Exception:  # noqa: BLE001 - metrics are best effort
             traceback.print_exc()
 
@@ -154,7 +155,8 @@ class Host:
         return {}
 
     def publish(self) -> None:
-        """Family-specific metrics, published with the shared ones."""
+        """Family-specific metrics, published with the shared ones (each time they flush, at most once
+        per metrics interval; the flush comes after every change, also once the host is idle)."""
 
     # --- answers ---------------------------------------------------------------
     def answer_ok(self, answer: Answer, tensors: list[Any]) -> None:
@@ -240,7 +242,7 @@ class Host:
 
     def _publish_metrics(self) -> None:
         try:
-            self.metrics.maybe_flush(self.stats, self.cache)
-            self.publish()
+            if self.metrics.maybe_flush(self.stats, self.cache):
+                self.publish()  # at the same moments: an idle host's last flush carries the family's last counts too
         except Exception:  # noqa: BLE001 - metrics are best effort
             traceback.print_exc()

@@ -116,21 +116,22 @@ class HostMetrics:
             self._batch["seconds"] += report.seconds
             self._batch_sizes[report.rows] = self._batch_sizes.get(report.rows, 0) + 1
 
-    def maybe_flush(self, stats: Stats | None = None, cache: Any = None, force: bool = False) -> None:
-        """Publish if due (or ``force``): ``stats()`` gives per-task queue counters."""
+    def maybe_flush(self, stats: Stats | None = None, cache: Any = None, force: bool = False) -> bool:
+        """Publish if due (or ``force``): ``stats()`` gives per-task queue counters. Whether it
+        published: a host publishes its own metrics at the same moments (``Host.publish``)."""
         if not self._flush_lock.acquire(blocking=force):  # another worker is publishing
-            return
+            return False
         if force:
             self._next_flush = 0.0
         try:
-            self._flush(stats, cache)
+            return self._flush(stats, cache)
         finally:
             self._flush_lock.release()
 
-    def _flush(self, stats: Stats | None, cache: Any) -> None:
+    def _flush(self, stats: Stats | None, cache: Any) -> bool:
         now = time.monotonic()
         if now < self._next_flush:
-            return
+            return False
         self._next_flush = now + self.interval
         self._dirty = False
         snapshot = stats() if stats is not None else {}
@@ -157,6 +158,7 @@ class HostMetrics:
                 self.bump(f"fmplex_batch_{key}_total", value, f"host batches: {key}")
             for rows, n in sizes.items():
                 self.bump("fmplex_batch_size_total", float(n), "batches by rows per batch", rows=str(rows))
+        return True
 
     def _flush_cache(self, cache: Any) -> None:
         resident = cache.resident()
