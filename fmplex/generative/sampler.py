@@ -5,6 +5,8 @@ temperature / top-k / top-p warpers in ``generate``'s order and draws with a
 per-sequence ``torch.Generator`` seeded with the request's seed, so a sampled
 answer depends on its seed only -- not on which other sequences share its steps
 -- and equals ``generate(do_sample=True)`` after ``torch.manual_seed(seed)``.
+A temperature so close to 0 that logits / temperature overflows to infinity
+(``generate`` raises there) gives the argmax, the limit of those distributions.
 """
 
 from __future__ import annotations
@@ -56,4 +58,6 @@ def choose(seq: Sequence, logits: torch.Tensor) -> int:
     for w in seq.sampler.warpers:
         scores = w(None, scores)
     probs = F.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # logits / temperature overflowed: a temperature that near 0 is greedy
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, num_samples=1, generator=seq.sampler.generator)[0, 0])

@@ -246,6 +246,8 @@ class LMStage:
         if temperature <= 0:
             return int(torch.argmax(logits, dim=-1))
         probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # logits / temperature overflowed: as the engine's sampler, greedy
+            return int(torch.argmax(logits, dim=-1))
         return int(torch.multinomial(probs.reshape(1, -1), num_samples=1, generator=generator)[0, 0])
 
     def generate(

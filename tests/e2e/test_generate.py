@@ -365,6 +365,7 @@ def _valid_params(params: dict[str, Any]) -> bool:
     via=st.sampled_from(["http", "grpc"]),
 )  # fmt: skip
 @example(task="chat", prompt=b"\x04", params={}, via="grpc")  # found by `make fuzz`: valid UTF-8 that tokenizes to nothing
+@example(task="chat", prompt=PROMPTS[0], params={"temperature": 6.3e-115}, via="http")  # found by `make fuzz`: logits / T overflowed (500)
 def test_fuzz_generative_inputs_answer_generate_or_refuse_clearly(
     lm_server: LMServer, task: str, prompt: str | bytes, params: dict[str, Any], via: str
 ) -> None:

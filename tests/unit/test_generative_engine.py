@@ -254,3 +254,17 @@ def test_cancel_deadline_queue_limit_and_context(lm) -> None:  # noqa: ANN001
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(stop=("",)), dict(top_k=-2)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_a_temperature_near_zero_samples_the_argmax_instead_of_failing() -> None:
+    """logits / 6.3e-115 overflows to infinity (``generate`` raises on the NaN probabilities it
+    makes; found by ``make fuzz``): the engine's sampler and the multimodal stage's both give the
+    argmax, the limit of softmax(logits / T) as T -> 0. A small but safe temperature still samples."""
+    from fmplex.generative.sampler import choose  # noqa: PLC0415
+    from fmplex.multimodal.stages import LMStage  # noqa: PLC0415
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert choose(Sequence("t", [1], SamplingParams(temperature=6.3e-115, seed=1)), logits) == 1
+    assert LMStage.choose(logits, 6.3e-115, torch.Generator().manual_seed(1)) == 1
+    picks = {choose(Sequence("t", [1], SamplingParams(temperature=100.0, seed=s)), logits) for s in range(40)}
+    assert len(picks) > 1  # sampling is still sampling
