@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from perf.common import machine_header, write_results  # noqa: E402
+from perf.common import machine_header, tiny_stages, write_results  # noqa: E402
 
 CASES: list[tuple[int, list[tuple[int, int]]]] = [  # (decoding rows, [(images, prompt bytes) admitted])
     (8, []),
@@ -82,14 +81,8 @@ def main() -> None:
     from fmplex.generative.forward import LlamaForward
     from fmplex.multimodal import models
     from fmplex.multimodal.lm_engine import ByteText, lm_sequence
-    from fmplex.multimodal.stages import EncodeStage, LMStage
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"encode": Path(tmp) / "encode", "lm": Path(tmp) / "lm"}
-        models.write_stages("llava-tiny", dirs)
-        enc = EncodeStage(models.read_stage(dirs["encode"], "encode"))
-        lm = LMStage(models.read_stage(dirs["lm"], "lm"))
+    enc, lm = tiny_stages("llava-tiny")
     gen = torch.Generator().manual_seed(0)
     forwards = {"split": LlamaForward, "padded": padded_forward_class()}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from perf.common import machine_header, write_results  # noqa: E402
+from perf.common import machine_header, tiny_stages, write_results  # noqa: E402
 
 IMAGES = (0, 1, 3)
 DECODE_STEPS = 16
@@ -81,17 +80,10 @@ def main() -> None:
     import torch
 
     from fmplex.generative.engine import SamplingParams
-    from fmplex.multimodal import models
     from fmplex.multimodal.lm_engine import lm_sequence
     from fmplex.multimodal.mllama_forward import MllamaForward
-    from fmplex.multimodal.stages import EncodeStage, LMStage
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"encode": Path(tmp) / "encode", "lm": Path(tmp) / "lm"}
-        models.write_stages("mllama-tiny", dirs)
-        enc = EncodeStage(models.read_stage(dirs["encode"], "encode"))
-        lm = LMStage(models.read_stage(dirs["lm"], "lm"))
+    enc, lm = tiny_stages("mllama-tiny")
     gen = torch.Generator().manual_seed(0)
     feats = {k: enc.encode(torch.randn(k, 3, 32, 32, generator=gen)) if k else None for k in IMAGES}
 

@@ -94,3 +94,20 @@ def machine_header(**extra: Any) -> dict[str, Any]:
 
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()], **extra}  # fmt: skip
+
+
+def tiny_stages(backbone: str) -> tuple[Any, Any]:
+    """The encode and lm stages of a tiny multimodal backbone, written to a scratch directory and
+    loaded as the stage hosts load them (one torch thread): ``(EncodeStage, LMStage)``."""
+    import tempfile  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from fmplex.multimodal import models  # noqa: PLC0415
+    from fmplex.multimodal.stages import EncodeStage, LMStage  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"encode": Path(tmp) / "encode", "lm": Path(tmp) / "lm"}
+        models.write_stages(backbone, dirs)
+        return EncodeStage(models.read_stage(dirs["encode"], "encode")), LMStage(models.read_stage(dirs["lm"], "lm"))

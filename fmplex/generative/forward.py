@@ -89,7 +89,8 @@ class StepBatch:
     max_n: int  # the longest row's new tokens (the prefill rows' padded query length)
     max_kv: int  # the longest decode row's keys after this step
     decode_only: bool  # one token per row: token r is row r
-    mask: torch.Tensor  # self-attention of the one-query rows (all if decode_only, else :n_old): [rows, 1, 1, max_kv], True = may attend
+    n_dec: int  # rows[:n_dec] are attended with one query each (all if decode_only, else the n_old decoding ones)
+    mask: torch.Tensor  # their self-attention: [n_dec, 1, 1, max_kv], True = may attend
     segs: Segments
     prefill_kv: int = 0  # the longest prefill row's keys after this step
     prefill_mask: torch.Tensor | None = None  # [b - n_old, 1, max_n, prefill_kv] (None: no prefill rows)
@@ -213,7 +214,7 @@ class LlamaForward(Forward):
         return StepBatch(
             rows=rows, n_old=n_old, ids=torch.tensor(ids, dtype=torch.long), pos=torch.tensor(pos, dtype=torch.long),
             row_of=row_t, off_of=torch.tensor(off_of, dtype=torch.long), lens=lens, starts=starts, max_n=max_n,
-            max_kv=max_kv, decode_only=decode_only, mask=mask, segs=segs, prefill_kv=prefill_kv, prefill_mask=prefill_mask,
+            max_kv=max_kv, decode_only=decode_only, n_dec=n_dec, mask=mask, segs=segs, prefill_kv=prefill_kv, prefill_mask=prefill_mask,
         )  # fmt: skip
 
     def embed(self, step: StepBatch) -> torch.Tensor:
@@ -251,23 +252,21 @@ class LlamaForward(Forward):
 
     def _attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, step: StepBatch) -> torch.Tensor:
         """Self-attention output [t, heads, hd] of the step's tokens ``q`` [t, heads, hd] against the
-        cache's keys and values: decode rows (tokens ``:n_old``, one per row) in one call, prefill rows
-        in another, padded among themselves."""
-        n_old, b = step.n_old, len(step.rows)
+        cache's keys and values: the one-query rows (tokens ``:n_dec``) in one call, prefill rows in
+        another, padded among themselves."""
+        n_dec, b, kv = step.n_dec, len(step.rows), step.max_kv
         attend = F.scaled_dot_product_attention
-        if step.decode_only:
-            return attend(q.unsqueeze(2), ck[:b, :, : step.max_kv], cv[:b, :, : step.max_kv], attn_mask=step.mask,
-                          scale=self.scaling, enable_gqa=True).squeeze(2)  # fmt: skip
         parts = []
-        if n_old:
-            parts.append(attend(q[:n_old].unsqueeze(2), ck[:n_old, :, : step.max_kv], cv[:n_old, :, : step.max_kv],
-                                attn_mask=step.mask, scale=self.scaling, enable_gqa=True).squeeze(2))  # fmt: skip
-        rows_p, offs_p = step.row_of[n_old:] - n_old, step.off_of[n_old:]
-        qp = q.new_zeros(b - n_old, q.shape[1], step.max_n, q.shape[2])
-        qp[rows_p, :, offs_p] = q[n_old:]
-        op = attend(qp, ck[n_old:b, :, : step.prefill_kv], cv[n_old:b, :, : step.prefill_kv], attn_mask=step.prefill_mask,
-                    scale=self.scaling, enable_gqa=True)  # fmt: skip
-        parts.append(op[rows_p, :, offs_p])
+        if n_dec:
+            parts.append(attend(q[:n_dec].unsqueeze(2), ck[:n_dec, :, :kv], cv[:n_dec, :, :kv], attn_mask=step.mask,
+                                scale=self.scaling, enable_gqa=True).squeeze(2))  # fmt: skip
+        if n_dec < b:
+            rows_p, offs_p = step.row_of[n_dec:] - n_dec, step.off_of[n_dec:]
+            qp = q.new_zeros(b - n_dec, q.shape[1], step.max_n, q.shape[2])
+            qp[rows_p, :, offs_p] = q[n_dec:]
+            op = attend(qp, ck[n_dec:b, :, : step.prefill_kv], cv[n_dec:b, :, : step.prefill_kv], attn_mask=step.prefill_mask,
+                        scale=self.scaling, enable_gqa=True)  # fmt: skip
+            parts.append(op[rows_p, :, offs_p])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def finish(self, h: torch.Tensor, step: StepBatch) -> tuple[torch.Tensor, int]:
@@ -281,8 +280,7 @@ class LlamaForward(Forward):
                 rows[r].prompt_logits = F.linear(self._norm(h[starts[r] : starts[r + 1]]), self._lm_head)
         for seq, n in zip(rows, step.lens):
             seq.past += n
-        n_dec = len(rows) if step.decode_only else step.n_old
-        return logits, n_dec + (len(rows) - n_dec) * step.max_n
+        return logits, step.n_dec + (len(rows) - step.n_dec) * step.max_n
 
     @staticmethod
     def _proj(x: torch.Tensor, layer: LlamaLayer, li: int, name: str, segs: Segments) -> torch.Tensor:

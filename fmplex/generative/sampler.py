@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .sequence import SamplingParams, Sequence
 
-__all__ = ["choose"]
+__all__ = ["choose", "draw"]
 
 
 @dataclasses.dataclass
@@ -57,7 +57,12 @@ def choose(seq: Sequence, logits: torch.Tensor) -> int:
     scores = logits[None].float()
     for w in seq.sampler.warpers:
         scores = w(None, scores)
-    probs = F.softmax(scores, dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # logits / temperature overflowed: a temperature that near 0 is greedy
+    return draw(F.softmax(scores, dim=-1), logits, seq.sampler.generator)
+
+
+def draw(probs: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+    """A token drawn from ``probs`` (softmax of the warped ``logits``), or the argmax of ``logits`` where
+    the warping overflowed (a temperature that near 0 is greedy in the limit; ``multinomial`` would raise)."""
+    if not bool(torch.isfinite(probs).all()):
         return int(torch.argmax(logits))
-    return int(torch.multinomial(probs, num_samples=1, generator=seq.sampler.generator)[0, 0])
+    return int(torch.multinomial(probs.reshape(1, -1), num_samples=1, generator=generator)[0, 0])

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from fmplex.generative.sampler import draw
+
 from .models import EOS_ID, IMAGE_ID, ByteTokenizer, StageFiles
 
 
@@ -245,10 +247,7 @@ class LMStage:
         transformers' generate does (temperature only: no top-k/top-p)."""
         if temperature <= 0:
             return int(torch.argmax(logits, dim=-1))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # logits / temperature overflowed: as the engine's sampler, greedy
-            return int(torch.argmax(logits, dim=-1))
-        return int(torch.multinomial(probs.reshape(1, -1), num_samples=1, generator=generator)[0, 0])
+        return draw(torch.softmax(logits.float() / temperature, dim=-1), logits, generator)
 
     def generate(
         self,
