@@ -158,6 +158,14 @@ def cpu_waits(groups: dict[str, list[int]]) -> dict[str, tuple[float, float, int
     return out
 
 
+def wait_per_slice(a: dict[str, tuple[float, float, int]], b: dict[str, tuple[float, float, int]]) -> float:
+    """Seconds a timeslice of this run's threads waited, on average, runnable but without a CPU, from ``a`` to ``b``
+    (:func:`cpu_waits`): with the CPUs nearly idle, the time a thread takes to get one once woken."""
+    waited = sum(b[g][1] - a[g][1] for g in a)
+    slices = sum(b[g][2] - a[g][2] for g in a)
+    return waited / max(1, slices)
+
+
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in a}
 
@@ -214,20 +222,21 @@ class OtherWork:
         self._thread.join()
 
 
-def host_batches(metrics_port: int) -> tuple[float, float]:
-    """(batches, rows) a replica's host has run so far (its Prometheus metrics)."""
+def host_batches(metrics_port: int) -> tuple[float, float, float]:
+    """(batches, rows, wall seconds in batches) a replica's host has run so far (its Prometheus metrics)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    total = {"fmplex_batch_batches_total": 0.0, "fmplex_batch_rows_total": 0.0}
+    total = {"fmplex_batch_batches_total": 0.0, "fmplex_batch_rows_total": 0.0, "fmplex_batch_seconds_total": 0.0}
     for line in text.splitlines():
         name = line.split("{")[0].split(" ")[0]
         if name in total:
             total[name] += float(line.rsplit(" ", 1)[1])
-    return total["fmplex_batch_batches_total"], total["fmplex_batch_rows_total"]
+    return total["fmplex_batch_batches_total"], total["fmplex_batch_rows_total"], total["fmplex_batch_seconds_total"]
 
 
 # --- load -------------------------------------------------------------------------
-def closed_loop(port: int, tasks: list[str], clients: int, seconds: float) -> tuple[float, float]:
-    """(requests/s, mean latency s) with ``clients`` in flight, round-robin over ``tasks``."""
+def closed_loop(port: int, tasks: list[str], clients: int, seconds: float, each: list[float] | None = None) -> tuple[float, float]:
+    """(requests/s, mean latency s) with ``clients`` in flight, round-robin over ``tasks``; ``each``, if
+    given, gets every request's latency (s)."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     done = [0] * clients
@@ -241,6 +250,8 @@ def closed_loop(port: int, tasks: list[str], clients: int, seconds: float) -> tu
             t0 = time.monotonic()
             c.infer(tasks[i % len(tasks)], [_input()])
             spent[k] += time.monotonic() - t0
+            if each is not None:
+                each.append(time.monotonic() - t0)
             done[k] += 1
             i += 1
         c.close()
@@ -325,11 +336,12 @@ def path_stages(client: dict[str, tuple[float, float]], ingress: dict) -> dict:
 
     Each as percentiles, and the tail: the mean of each stage over the slowest 1% (and 10%) of requests.
     The ingress's event-loop lateness and GC pauses are summarised beside them."""
-    rows = []
-    for rid, received, forwarded, answered, _rep in ingress["requests"]:
+    rows, each = [], []
+    for rid, received, forwarded, answered, rep in ingress["requests"]:
         if rid in client:
             sent, got = client[rid]
             rows.append((got - sent, received - sent, forwarded - received, answered - forwarded, got - answered))
+            each.append((sent, got - sent, answered - forwarded, rep))
     names = ("total", "to_ingress", "ingress_in", "replica", "from_ingress")
     out: dict = {"joined": len(rows), "of_client": len(client)}
     if not rows:
@@ -344,6 +356,10 @@ def path_stages(client: dict[str, tuple[float, float]], ingress: dict) -> dict:
     out["ingress_loop_lag_ms"] = _pcts(lag)
     gcs = [x for _, x in ingress["gc_pauses_s"]]
     out["ingress_gc"] = {"pauses": len(gcs), **({"max_ms": round(max(gcs) * 1000, 2), "total_ms": round(sum(gcs) * 1000, 1)} if gcs else {})}
+    # when the slowest 1% were sent (s since the first request): one stall, or spread over the run
+    t0 = min(e[0] for e in each)
+    slow = sorted(each, key=lambda e: e[1])[-max(1, len(each) // 100):]
+    out["slowest_1pct_sent_at_s"] = sorted(round(t - t0, 2) for t, *_ in slow)
     return out
 
 
@@ -388,6 +404,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     from fmplex.cluster.config import ClusterSpec  # noqa: PLC0415
     from fmplex.cluster.simulate import Costs, Workload, simulate  # noqa: PLC0415
     from fmplex.cluster.testbed import TAG_VAR, add_tasks, local_cluster  # noqa: PLC0415
+    from fmplex.runtime.settings import worker_count  # noqa: PLC0415
 
     tag = f"bench-cluster-{uuid.uuid4().hex[:8]}"
     os.environ[TAG_VAR] = tag  # every process the run starts carries it: that is how its CPU is found
@@ -411,14 +428,16 @@ def calibrate(args: argparse.Namespace) -> dict:
             mport = _metrics_port(groups, hname)
             # 1. idle
             time.sleep(1.0)
-            a = snapshot(groups)
+            a, wi = snapshot(groups), cpu_waits(groups)
             time.sleep(args.idle_seconds)
             idle = {k: v / args.idle_seconds for k, v in delta(a, snapshot(groups)).items() if k != "wall"}
+            wake_idle = wait_per_slice(wi, cpu_waits(groups))
             # 2. one replica, k in flight: CPU per batch against rows per batch
             fit_x, fit_y, curve = [], [], {}
+            alone: list[float] = []  # each request's latency with one in flight: how a replica's service time varies
             for k in IN_FLIGHT:
                 b0, a = host_batches(mport), snapshot(groups)
-                rps, _ = closed_loop(holder["grpc_port"], tasks[:1], k, args.cost_seconds)
+                rps, _ = closed_loop(holder["grpc_port"], tasks[:1], k, args.cost_seconds, each=alone if k == 1 else None)
                 time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
                 d, b1 = delta(a, snapshot(groups)), host_batches(mport)
                 batches, rows = b1[0] - b0[0], b1[1] - b0[1]
@@ -426,11 +445,18 @@ def calibrate(args: argparse.Namespace) -> dict:
                 stub = d[hname + "/stub"] - idle.get(hname + "/stub", 0.0) * d["wall"]
                 cpu = server + stub
                 curve[k] = {"rps": round(rps, 1), "rows_per_batch": round(rows / batches, 2), "cpu_ms_per_batch": round(1000 * cpu / batches, 2),
+                            "wall_ms_per_batch": round(1000 * (b1[2] - b0[2]) / batches, 2),
                             "of_which_host_stub": round(1000 * stub / batches, 2)}
                 fit_x.append(rows / batches)
                 fit_y.append(cpu / batches)
             per_row, per_batch = np.polyfit(fit_x, fit_y, 1)
             per_batch, per_row = max(0.0, float(per_batch)), max(1e-6, float(per_row))
+            # the host runs ``workers`` batches at once; with all of them busy (4 or more in flight), the CPUs
+            # its batches take together: one process's batches share its interpreter lock
+            workers = worker_count("auto", "cpu")
+            replica_cpus = float(np.median([workers * curve[k]["cpu_ms_per_batch"] / curve[k]["wall_ms_per_batch"] for k in IN_FLIGHT if k >= 2 * workers]))
+            mean_alone = float(np.mean(alone))
+            spread = tuple(round(float(q) / mean_alone, 4) for q in np.quantile(alone, np.linspace(0.005, 0.995, 100)))
             # the endpoint's capacity sets the offered rate
             capacity, _ = closed_loop(port, tasks, 32, args.cost_seconds)
             rate = args.utilisation * capacity
@@ -439,16 +465,16 @@ def calibrate(args: argparse.Namespace) -> dict:
             # (with the ingress's stage timestamps on, as in the run to predict, so both pay their small cost)
             pre_times: dict[str, tuple[float, float]] = {}
             ingress_timing(True)
-            a = snapshot(groups)
+            a, w_pre = snapshot(groups), cpu_waits(groups)
             lat_pre, _, sent_pre = open_loop(port, tasks, base.rates(), args.cost_seconds * 2, seed=1, times=pre_times)
-            d = delta(a, snapshot(groups))
+            d, w_pre = delta(a, snapshot(groups)), {g: tuple(y - x for x, y in zip(w_pre[g], w)) for g, w in cpu_waits(groups).items()}
             stages_pre = path_stages(pre_times, ingress_timing(False))
             n = max(1, len(sent_pre))
             path_cpu = {g: max(0.0, (d[g] - idle.get(g, 0.0) * d["wall"]) / n) for g in ("client", "proxy", "ingress", "ray")}
             # 4. one request in flight through the endpoint: what is not CPU work is network latency
-            a = snapshot(groups)
+            a, w4 = snapshot(groups), cpu_waits(groups)
             _, lat1 = closed_loop(port, tasks[:1], 1, args.cost_seconds)
-            d = delta(a, snapshot(groups))
+            d, wake_one = delta(a, snapshot(groups)), wait_per_slice(w4, cpu_waits(groups))
             others1 = max(0.0, (d["machine"] - sum(d[g] for g in groups) - d["client"]) / d["wall"])
             idle_cpus = sum(idle.get(g, 0.0) for g in groups)
             cpu1 = path_cpu["client"] + path_cpu["proxy"] + path_cpu["ingress"] + per_batch + per_row
@@ -471,6 +497,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
             batches1 = {r: host_batches(m) for r, m in mports.items()}
             status = local.placer_status()
+            # the same arrivals once more: how far the real p99 moves between two plays of one trace
+            again, failures_again, _ = open_loop(port, tasks, base.rates(), args.seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours = sum(d[g] for g in groups) + d["client"]
@@ -480,6 +508,9 @@ def calibrate(args: argparse.Namespace) -> dict:
     background = others + side
     real_load = [(after[r] - before[r]) / args.seconds for r in replicas]
     real_p99 = float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
+    # the p99 the simulation is held to: of both plays of the same arrivals together, as one play's moves by 5-20%
+    both = latencies + again
+    real_p99_both = float(np.percentile(both, 99) * 1000) if both else float("inf")
     placement = [replicas.index(next(r["replica"] for r in status["replicas"] if t in r["tasks"])) for t in tasks]
     half = {g: v / 2 for g, v in path_cpu.items()}
     path_in = (("client", half["client"]), ("proxy", half["proxy"]), ("ingress", half["ingress"]))
@@ -488,10 +519,14 @@ def calibrate(args: argparse.Namespace) -> dict:
     costs = Costs(
         throughput=tuple((b, b / (per_batch + per_row * b)) for b in range(1, 17)),
         overhead_s=overhead, path_in=path_in, path_out=path_out, cpus=cpus, background_cpus=side, background_trace=tuple(other.steps),
+        workers=workers, replica_cpus=replica_cpus, service_spread=spread,
     )
     # the same requests at the same times, plus the time the client needs after the last one to collect the answers
     replay = dataclasses.replace(base, duration_s=args.seconds + 30)
-    sim = simulate("shared", len(replicas), replay, costs, placement=placement, trace=trace)
+    models = cpu_models(costs, bursts_of(w_pre, replicas), wake_one)
+    by_model = {name: simulate("shared", len(replicas), replay, c, placement=placement, trace=trace) for name, c in models.items()}
+    costs = models[CPU_MODEL]
+    sim = by_model[CPU_MODEL]
     sim_load = [x * replay.duration_s / args.seconds for x in sim.replica_load]
     # what the old model (each server its own processor; no client, no sharing) would say of the same run
     # other work as its mean over the run: what its coming and going adds
@@ -502,8 +537,11 @@ def calibrate(args: argparse.Namespace) -> dict:
     sensitivity = {f"x{f}": finite(simulate("shared", len(replicas), replay, scaled(costs, f), placement=placement, trace=trace).p99_ms)
                    for f in (0.95, 1.05)}
     real_rows = [round((batches1[r][1] - batches0[r][1]) / max(1.0, batches1[r][0] - batches0[r][0]), 2) for r in replicas]
+    # how long the hosts' batches took on the wall clock, and the share of the run each replica spent in them
+    real_batch_ms = [round(1000 * (batches1[r][2] - batches0[r][2]) / max(1.0, batches1[r][0] - batches0[r][0]), 2) for r in replicas]
+    real_busy = [round((batches1[r][2] - batches0[r][2]) / args.seconds, 3) for r in replicas]
     load_err = [abs(s - r) / r if r else float("inf") for s, r in zip(sim_load, real_load)]
-    p99_err = abs(sim.p99_ms - real_p99) / real_p99
+    p99_err = abs(sim.p99_ms - real_p99_both) / real_p99_both
     results = {
         "how": "python perf/bench_cluster.py --part calibration",
         "minutes": round((time.monotonic() - started) / 60, 1),
@@ -516,8 +554,14 @@ def calibrate(args: argparse.Namespace) -> dict:
             "replica_by_in_flight": curve,
             "replica_cpu_ms_per_batch_fixed": round(per_batch * 1000, 2),
             "replica_cpu_ms_per_row": round(per_row * 1000, 2),
+            "replica_workers": workers,
+            "replica_cpus_of_its_batches_together": round(replica_cpus, 3),
+            "replica_latency_alone_ms": {"mean": round(1000 * mean_alone, 2), "p50": round(1000 * float(np.median(alone)), 2),
+                                         "p99": round(1000 * float(np.percentile(alone, 99)), 2), "max": round(1000 * max(alone), 2)},
             "path_cpu_ms_per_request": {g: round(v * 1000, 2) for g, v in path_cpu.items()},
             "latency_1_in_flight_ms": round(lat1 * 1000, 1),
+            "wait_per_timeslice_ms_idle": round(wake_idle * 1000, 4),
+            "wait_per_timeslice_ms_1_in_flight": round(wake_one * 1000, 4),
             "network_latency_ms": round(overhead * 1000, 1),
             "rps_endpoint_32_in_flight": round(capacity, 1),
             "path_run_p99_ms": round(float(np.percentile(lat_pre, 99) * 1000), 1) if lat_pre else None,
@@ -528,16 +572,28 @@ def calibrate(args: argparse.Namespace) -> dict:
         "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
+        "real_p99_ms_of_both_plays": round(real_p99_both, 1),
+        "real_same_arrivals_again": {"p99_ms": round(float(np.percentile(again, 99) * 1000), 1) if again else None,
+                                     "p50_ms": round(float(np.percentile(again, 50) * 1000), 1) if again else None,
+                                     "answered": len(again), "failures": failures_again},
         "simulated": {"replica_load_rps": [round(x, 1) for x in sim_load], "p99_ms": finite(sim.p99_ms), "p50_ms": finite(sim.p50_ms),
                       "stages_ms": sim.stages, "rows_per_batch": sim.rows_per_batch,
                       "ms_per_request_waiting_for_cpu": {({str(i): r for i, r in enumerate(replicas)}).get(k, k): round(1000 * v / max(1, len(trace)), 2)
                                                          for k, v in sim.cpu_wait_s.items()}},
         "real_rows_per_batch": real_rows,
+        "real_wall_ms_per_batch": real_batch_ms,
+        "real_share_of_run_in_batches": real_busy,
         # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
         "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
                                                             round(1000 * (w1[g][1] - w0[g][1]) / max(1, len(trace)), 2)] for g in w0},
         "run_timeslices_per_request": {g: round((w1[g][2] - w0[g][2]) / max(1, len(trace)), 1) for g in w0},
+        # the same of the path run (step 3), measured before the run to predict: (ms on a CPU, ms waiting, timeslices) per request
+        "path_run_per_request_on_cpu_waiting_slices": {g: [round(1000 * w[0] / n, 2), round(1000 * w[1] / n, 2), round(w[2] / n, 1)] for g, w in w_pre.items()},
         "cpus_busy_during_run": round(d["machine"] / d["wall"], 2),
+        "cpu_model": CPU_MODEL,
+        "simulated_by_cpu_model": {name: {"p50_ms": finite(r.p50_ms), "p99_ms": finite(r.p99_ms), "p99_error": finite(abs(r.p99_ms - real_p99_both) / real_p99_both),
+                                          "stages_ms": r.stages, "rows_per_batch": r.rows_per_batch, "batch_ms": r.batch_ms}
+                                   for name, r in by_model.items()},
         "simulated_p99_with_every_cpu_cost_scaled": sensitivity,
         "simulated_with_other_work_at_its_mean": {"p99_ms": finite(steady.p99_ms), "p50_ms": finite(steady.p50_ms)},
         "simulated_without_cpu_sharing": {"p99_ms": finite(dedicated.p99_ms), "p50_ms": finite(dedicated.p50_ms)},
@@ -550,7 +606,8 @@ def calibrate(args: argparse.Namespace) -> dict:
         "within_15_percent": bool(max(load_err) <= 0.15 and np.isfinite(p99_err) and p99_err <= 0.15),
         # what the replay was given, to try another model offline (--part replay) without a new run
         "replay_input": {"workload": dataclasses.asdict(replay), "placement": placement, "measured_seconds": args.seconds,
-                         "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs)},
+                         "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs),
+                         "costs_by_model": {name: dataclasses.asdict(c) for name, c in models.items()}},
     }
     for k, v in results.items():
         if k != "replay_input":
@@ -558,26 +615,63 @@ def calibrate(args: argparse.Namespace) -> dict:
     return results
 
 
-def replay_run(path: Path) -> dict:
-    """Replay a calibration run from its results file (``replay_input``) in the simulation as it is now:
-    seconds, no cluster; for trying a change of the model against a measured run."""
+CPU_MODEL = "sharing, workers"  # the model the results' ``simulated`` is of; every one is reported beside it
+
+
+def cpu_models(costs, bursts: tuple[tuple[str, float], ...], wake_s: float) -> dict:  # noqa: ANN001 - Costs is imported late
+    """The CPU models the calibration compares, each as the run's costs (see fmplex.cluster.cpus):
+
+    - ``sharing``: processor sharing of the CPUs; a replica runs one batch at a time, of its mean cost;
+      the proxy and the ingress serve one request at a time;
+    - ``sharing, workers``: the host's workers run batches side by side, within the CPUs they took
+      together when all were busy (one process's interpreter lock); each batch's cost varies as one
+      request's latency alone did; the proxy and the ingress interleave requests, as event loops do;
+    - ``bursts``: as ``sharing, workers``, but every server's work as the kernel runs it: short bursts
+      of its measured mean length, each woken after the measured wait for a CPU and then queued for one.
+    """
+    one = dataclasses.replace(costs, workers=1, replica_cpus=1.0, service_spread=(), interleave_stages=False)
+    loops = dataclasses.replace(costs, interleave_stages=True)
+    return {
+        "sharing": one,
+        "sharing, workers": loops,
+        "bursts": dataclasses.replace(loops, bursts=bursts, wake_s=wake_s),
+    }
+
+
+def bursts_of(waits: dict[str, tuple[float, float, int]], replicas: list[str]) -> tuple[tuple[str, float], ...]:
+    """Each server's mean burst (seconds on a CPU per timeslice) over a stretch of :func:`cpu_waits`:
+    a replica is its tritonserver and its host's stub together; other work, Ray's own processes."""
+    def mean(groups: list[str]) -> float:
+        return sum(waits[g][0] for g in groups) / max(1, sum(waits[g][2] for g in groups))
+    stubs = [g for r in replicas for g in (r, r + "/stub") if g in waits]
+    return (("replica", mean(stubs)), *((g, mean([g])) for g in ("proxy", "ingress", "client")), ("background", mean(["ray"])))
+
+
+def replay_run(paths: list[Path]) -> dict:
+    """Replay calibration runs from their results files (``replay_input``) in the simulation as it is now,
+    with every CPU model the run measured: seconds, no cluster; for trying a change of the model against
+    measured runs. Prints each run's real p99 (and the same arrivals played again) against each model's."""
     import json  # noqa: PLC0415
 
     from fmplex.cluster.simulate import Costs, Workload, simulate  # noqa: PLC0415
 
-    got = json.loads(path.read_text())
-    given = got["replay_input"]
     tuples = lambda x: tuple(tuple(e) for e in x)  # noqa: E731 - JSON gives lists
-    c = given["costs"]
-    costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace")}})
-    work = Workload(**given["workload"])
-    sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
-                   trace=[(t, i) for t, i in given["trace"]])
-    out = {"real": {k: got["real"][k] for k in ("p50_ms", "p99_ms", "replica_load_rps")},
-           "simulated": {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "stages_ms": sim.stages,
-                         "replica_load_rps": [round(x * work.duration_s / given["measured_seconds"], 1) for x in sim.replica_load]},
-           "p99_error": round(abs(sim.p99_ms - got["real"]["p99_ms"]) / got["real"]["p99_ms"], 3)}
-    print(json.dumps(out, indent=1))
+    out: dict = {}
+    for path in paths:
+        got = json.loads(path.read_text())
+        given = got["replay_input"]
+        work = Workload(**given["workload"])
+        real = got.get("real_p99_ms_of_both_plays") or got["real"]["p99_ms"]  # both plays of the arrivals, where run twice
+        row = {"real_p99_ms": real, "plays_p99_ms": [got["real"]["p99_ms"], got.get("real_same_arrivals_again", {}).get("p99_ms")]}
+        for name, c in given.get("costs_by_model", {"as run": given["costs"]}).items():
+            costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace", "bursts") if k in c},
+                             "service_spread": tuple(c.get("service_spread", ()))})
+            sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
+                           trace=[(t, i) for t, i in given["trace"]])
+            row[name] = {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "p99_error": round(sim.p99_ms / real - 1, 3)}
+        out[path.name] = row
+        print(f"{path.name}: real p99 {real} ms (plays {row['plays_p99_ms']}); "
+              + "; ".join(f"{k} {v['p99_ms']} ({v['p99_error']:+.0%})" for k, v in row.items() if isinstance(v, dict)), flush=True)
     return out
 
 
@@ -598,11 +692,12 @@ def main() -> int:
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each cost measurement")
     ap.add_argument("--idle-seconds", type=float, default=4.0, help="length of the idle measurement")
     ap.add_argument("--gpus", type=int, nargs="+", default=[4, 16, 64, 256], help="figure: cluster sizes R")
+    ap.add_argument("--files", nargs="*", default=[], help="replay: the calibration results files to replay (default: the last run's)")
     args = ap.parse_args()
     from perf.common import write_results  # noqa: PLC0415
 
     if args.part == "replay":
-        replay_run(ROOT / "perf" / "results" / "cluster_calibration.json")
+        replay_run([Path(f) for f in args.files] or [ROOT / "perf" / "results" / "cluster_calibration.json"])
         return 0
     if args.part in ("calibration", "all"):
         write_results("cluster_calibration.json", calibrate(args))

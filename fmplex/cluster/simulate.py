@@ -40,6 +40,7 @@ import sys
 from collections import deque
 from typing import Literal
 
+from .cpus import Bursts, Dedicated, Job, Processors, Sharing
 from .placement import Placement, PlacementError, PlacementPolicy, Release, ReplicaState, TaskInfo
 
 Mode = Literal["shared", "per_task"]
@@ -62,10 +63,24 @@ class Costs:
     (processor sharing, at most one CPU per server: the single machine of
     the calibration run), of which work off every request's path takes
     ``background_cpus``, and other work on a shared machine what
-    ``background_trace`` says it took: (from second, CPUs) steps. A busy
-    server then runs at min(1, CPUs left / busy servers). The defaults are MiniLM, one CPU thread, 11-token
-    sentences, as measured in this repository; memory is the backbone's fp32
-    weights and a classifier head's artifact.
+    ``background_trace`` says it took: (from second, CPUs) steps. How they
+    share them is a model of :mod:`fmplex.cluster.cpus`: processor sharing
+    (a busy server runs at min(1, CPUs left / busy servers)), or, with
+    ``bursts`` ((server, mean seconds per burst); "replica" for every
+    replica, "background" for work off the path), short bursts in one run
+    queue, each joining it ``wake_s`` after it is ready, sliced at
+    ``quantum_s``.
+
+    A replica runs ``workers`` batches at once (a host's worker threads),
+    which together take at most ``replica_cpus`` CPUs (one Python process's
+    interpreter lock) under processor sharing. ``service_spread`` (factors
+    of mean 1) varies each batch's work by a draw from it: a measured spread
+    of service times. ``interleave_stages`` lets a path stage serve requests
+    side by side (an event loop) instead of one at a time.
+
+    The defaults are MiniLM, one CPU thread, 11-token sentences, as measured
+    in this repository; memory is the backbone's fp32 weights and a
+    classifier head's artifact.
     """
 
     throughput: tuple[tuple[int, float], ...] = ((1, 100.0), (16, 320.0))
@@ -80,6 +95,13 @@ class Costs:
     cpus: float | None = None
     background_cpus: float = 0.0
     background_trace: tuple[tuple[float, float], ...] = ()
+    bursts: tuple[tuple[str, float], ...] = ()
+    service_spread: tuple[float, ...] = ()
+    workers: int = 1
+    replica_cpus: float = 1.0
+    wake_s: float = 0.0
+    interleave_stages: bool = False
+    quantum_s: float = 0.003
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -132,23 +154,23 @@ class Result:
     # in), at the replica (its queue and batch), after it (the path out, and ``overhead_s``)
     stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     rows_per_batch: list[float] = dataclasses.field(default_factory=list)  # per replica
+    batch_ms: list[float] = dataclasses.field(default_factory=list)  # per replica: a batch's mean wall time
     # shared CPUs: seconds each server (replica index, or stage name) had work but no CPU to run it on
     cpu_wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class _Server:
-    """A replica (batches) or a path stage (one request at a time); ``left``: work left of what it runs now."""
+    """A replica (batches) or a path stage (one request at a time)."""
 
     sid: int
     share: float
     tasks: set[str]
     queue: deque[list] = dataclasses.field(default_factory=deque)
-    running: list = dataclasses.field(default_factory=list)
-    left: float = 0.0
-    busy: bool = False
+    running: int = 0  # jobs of this server on a processor now
     served: int = 0
     batches: int = 0
+    batch_seconds: float = 0.0  # wall time of the batches it finished
     cpu_wait: float = 0.0
 
 
@@ -239,10 +261,12 @@ def simulate(
         if name not in stage_ids:
             stage_ids[name] = len(servers)
             servers.append(_Server(len(servers), 1.0, set()))
+    stage_names = {sid: name for name, sid in stage_ids.items()}
     steps: list[tuple[int, float]] = [(stage_ids[n], s) for n, s in costs.path_in] + [(-1, 0.0)] + [(stage_ids[n], s) for n, s in costs.path_out]
 
     rng = random.Random(work.seed)
-    # events: (time, order, kind, a, b); kind 0: a server's work done (a: server, b: version),
+    spread_rng = random.Random(work.seed + 1)
+    # events: (time, order, kind, a, b); kind 0: the processors' own (a: their token, b: version),
     # 1: arrival (a: task), 2: placement tick, 3: other work's CPUs change (a: step)
     events: list[tuple[float, int, int, str | int, int]] = []
     order = 0
@@ -267,44 +291,36 @@ def simulate(
     parts: list[tuple[float, float, float]] = []  # per measured request: before, at and after the replica
     in_flight = 0
 
-    # --- processors: dedicated (each server its own), or shared CPUs (processor sharing) ---
-    shared_cpu = costs.cpus is not None
-    capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus)  # CPUs left to the servers now
-    active: set[int] = set()
-    clock = {"last": 0.0, "version": 0}
-
-    def cpu_rate() -> float:
-        return min(1.0, capacity / len(active)) if active else 0.0
-
-    def advance(now: float) -> None:
-        rate = cpu_rate()
-        for sid in active:
-            servers[sid].left -= (now - clock["last"]) * rate
-            servers[sid].cpu_wait += (now - clock["last"]) * (1.0 - rate)
-        clock["last"] = now
-
-    def reschedule(now: float) -> None:
-        clock["version"] += 1
-        if active:
-            sid = min(active, key=lambda i: (servers[i].left, i))
-            push(now + max(0.0, servers[sid].left) / cpu_rate(), 0, sid, clock["version"])
+    # --- processors: a job (a replica's batch, a request's pass through a stage) runs on one of the models
+    # of :mod:`fmplex.cluster.cpus`: a processor per server, processor sharing, or bursts in one run queue
+    burst_of = dict(costs.bursts)
+    push_cpu = lambda at, token, version: push(at, 0, token, version)  # noqa: E731
+    cpu: Processors
+    if costs.cpus is None and costs.workers == 1:
+        cpu = Dedicated(push_cpu)
+    elif costs.bursts and costs.cpus is not None:
+        cpu = Bursts(push_cpu, costs.cpus, costs.background_cpus, burst_of.get("background", 1e-4), costs.quantum_s, work.seed, costs.wake_s)
+    else:
+        cpu = Sharing(push_cpu, costs.cpus, costs.background_cpus)
+    next_job = [0]
 
     def begin(s: _Server, items: list, seconds: float, now: float) -> None:
-        s.busy, s.running, s.left = True, items, seconds
-        if shared_cpu:
-            advance(now)
-            active.add(s.sid)
-            reschedule(now)
-        else:
-            push(now + seconds, 0, s.sid, 0)
+        s.running += 1
+        next_job[0] += 1
+        replica = s.sid < gpus
+        burst = burst_of.get("replica" if replica else stage_names[s.sid], 0.0)
+        cpu.begin(next_job[0], Job(s, items, seconds, burst, cap=costs.replica_cpus if replica else 1.0, began=now), now)
 
     def start(s: _Server, now: float) -> None:
-        if s.busy or not s.queue:
+        if s.sid >= gpus:  # a path stage: one request at a time, in order (or each at once, interleaved)
+            while s.queue and (costs.interleave_stages or not s.running):
+                req = s.queue.popleft()
+                begin(s, [req], steps[req[2]][1], now)
             return
-        if s.sid >= gpus:  # a path stage: one request at a time, in order
-            req = s.queue.popleft()
-            begin(s, [req], steps[req[2]][1], now)
-            return
+        while s.running < costs.workers and s.queue:  # each free worker takes a batch of what waits
+            take_batch(s, now)
+
+    def take_batch(s: _Server, now: float) -> None:
         if mode == "shared":  # inter-task batching
             batch = [s.queue.popleft() for _ in range(min(costs.max_batch, len(s.queue)))]
         else:  # the oldest request's task, and only that task's requests
@@ -313,7 +329,10 @@ def simulate(
             for item in s.queue:
                 (batch if item[1] == task0 and len(batch) < costs.max_batch else rest).append(item)
             s.queue = rest
-        begin(s, batch, costs.batch_seconds(len(batch), s.share), now)
+        work_s = costs.batch_seconds(len(batch), s.share)
+        if costs.service_spread:  # a batch's work varies as measured: times a draw from the spread
+            work_s *= costs.service_spread[int(spread_rng.random() * len(costs.service_spread))]
+        begin(s, batch, work_s, now)
 
     def forward(req: list, now: float) -> None:
         """Send a request (arrived, task, step, reached the replica, left it) on to its next step, or finish it."""
@@ -327,17 +346,19 @@ def simulate(
             return
         sid = steps[req[2]][0]
         if sid < 0:  # the replica: the holder of its task with the least work waiting
-            sid = min(holders[req[1]], key=lambda i: (len(servers[i].queue) + servers[i].busy, i))
+            sid = min(holders[req[1]], key=lambda i: (len(servers[i].queue) + servers[i].running, i))
             req[3] = now  # (the replica's ``done`` sets req[4])
         servers[sid].queue.append(req)
         start(servers[sid], now)
 
-    def done(s: _Server, now: float) -> None:
-        s.busy = False
-        items, s.running = s.running, []
+    def done(job: Job, now: float) -> None:
+        s, items = job.server, job.items
+        s.running -= 1
+        s.cpu_wait += job.waited
         if s.sid < gpus:
             s.served += len(items)
             s.batches += 1
+            s.batch_seconds += now - job.began
             for req in items:
                 req[4] = now
         for req in items:
@@ -349,20 +370,11 @@ def simulate(
         now, _eid, kind, a, b = heapq.heappop(events)
         if now > work.duration_s:
             break
-        if kind == 0:
-            if not shared_cpu:
-                done(servers[int(a)], now)
-                continue
-            if b != clock["version"]:
-                continue  # superseded: the sharing changed since
-            advance(now)
-            active.discard(int(a))
-            done(servers[int(a)], now)
-            reschedule(now)
+        if kind == 0:  # the processors' own event: a slice or a job ends, other work's burst arrives
+            for _jid, job in cpu.event(int(a), b, now):
+                done(job, now)
         elif kind == 3:
-            advance(now)
-            capacity = max(1e-6, (costs.cpus or 0.0) - costs.background_cpus - costs.background_trace[int(a)][1])
-            reschedule(now)
+            cpu.background(costs.background_trace[int(a)][1], now)
         elif kind == 1:  # arrival
             in_flight += 1
             forward([now, str(a), -1, now, now], now)
@@ -400,8 +412,8 @@ def simulate(
     total = len(latencies) + in_flight
     idx = min(int(0.99 * total), total - 1)
     p99 = latencies[idx] if idx < len(latencies) else math.inf
-    names_of = {**{g: str(g) for g in range(gpus)}, **{sid: name for name, sid in stage_ids.items()}}
-    waits = {names_of[s.sid]: round(s.cpu_wait, 4) for s in servers} if shared_cpu else {}
+    names_of = {**{g: str(g) for g in range(gpus)}, **stage_names}
+    waits = {names_of[s.sid]: round(s.cpu_wait, 4) for s in servers} if costs.cpus is not None else {}
     stages = {}
     for k, name in enumerate(("before_replica", "at_replica", "after_replica")):
         xs = sorted(x[k] for x in parts)
@@ -409,7 +421,8 @@ def simulate(
     return Result(
         mode, gpus, work.tasks, True, p99 * 1000, latencies[len(latencies) // 2] * 1000, len(latencies),
         [round(s.served / measured, 2) for s in servers[:gpus]], stages,
-        [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits,
+        [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]],
+        [round(1000 * s.batch_seconds / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits,
     )
 
 

@@ -139,3 +139,56 @@ def test_on_shared_cpus_each_server_counts_its_wait_for_a_cpu() -> None:
     r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
     assert r.cpu_wait_s == {"0": pytest.approx(0.010), "1": pytest.approx(0.010)}  # 10 ms of work in 20 ms each
 
+
+
+def test_a_replicas_workers_run_batches_side_by_side_within_its_cap() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), workers=2, replica_cpus=2.0)  # batch 1: 10 ms of work
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    two = [(0.0, 0), (0.0, 0)]  # two requests for replica 0, one after the other at the same instant
+    # the first worker takes the first alone, the second worker the second, side by side, a processor each
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=two)
+    assert r.rows_per_batch == [1.0, 0.0] and r.p99_ms == pytest.approx(10.0)
+    # batches of one Python process share its interpreter lock (the default cap, one CPU): each takes twice as long
+    capped = dataclasses.replace(costs, replica_cpus=1.0)
+    r = simulate("shared", 2, w, capped, placement=[0, 1], trace=two)
+    assert r.p50_ms == pytest.approx(20.0) and r.rows_per_batch == [1.0, 0.0]
+    # on 2 shared CPUs, what a capped replica leaves goes to the other: replica 0's two batches run at half a
+    # CPU each (20 ms), replica 1's batch at a whole one (10 ms), though three jobs share two CPUs
+    shared = dataclasses.replace(capped, cpus=2.0)
+    r = simulate("shared", 2, w, shared, placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (0.0, 1)])
+    assert r.p50_ms == pytest.approx(20.0) and sorted(r.cpu_wait_s.values())[0] == pytest.approx(0.0)
+
+
+def test_a_measured_spread_of_service_times_stretches_batches_by_its_draws() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), service_spread=(2.0,))  # every batch twice its mean
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    assert simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0)]).p99_ms == pytest.approx(20.0)
+    mixed = dataclasses.replace(costs, service_spread=(0.5, 1.5))
+    r = simulate("shared", 2, w, mixed, placement=[0, 1], trace=[(t / 10, 0) for t in range(20)])
+    assert {round(x) for x in (r.p50_ms, r.p99_ms)} <= {5, 15} and r.p99_ms == pytest.approx(15.0)
+
+
+def test_work_as_bursts_in_one_run_queue() -> None:
+    base = Costs(throughput=((1, 100.0), (16, 320.0)), cpus=1.0, bursts=(("replica", 0.0005),))  # 10 ms of work
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # alone, the bursts add up to the work exactly
+    assert simulate("shared", 2, w, base, placement=[0, 1], trace=[(0.0, 0)]).p99_ms == pytest.approx(10.0)
+    # two replicas on one CPU: bursts of 0.5 ms take turns, so both end near 20 ms, as with processor sharing
+    r = simulate("shared", 2, w, base, placement=[0, 1], trace=[(0.0, 0), (0.0, 1)])
+    assert r.p50_ms == pytest.approx(20.0, abs=1.0) and r.p99_ms == pytest.approx(20.0, abs=0.01)
+    # each burst joins the queue 0.1 ms after it is ready: about 20 bursts of 0.5 ms, so about 2 ms more
+    woken = simulate("shared", 2, w, dataclasses.replace(base, wake_s=0.0001), placement=[0, 1], trace=[(0.0, 0)])
+    assert 11.0 <= woken.p99_ms <= 13.5 and woken.cpu_wait_s["0"] == pytest.approx((woken.p99_ms - 10.0) / 1000)
+    # other work's bursts take the CPUs they are said to: half of the one CPU, so the 10 ms take about 20
+    busy = simulate("shared", 2, dataclasses.replace(w, seed=3), dataclasses.replace(base, background_cpus=0.5, bursts=(("replica", 0.0005), ("background", 0.0005))),
+                    placement=[0, 1], trace=[(1.0, 0)])
+    assert 14.0 <= busy.p99_ms <= 30.0
+
+
+def test_an_interleaving_stage_serves_requests_side_by_side() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), path_in=(("proxy", 0.004),))
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    both = [(0.0, 0), (0.0, 1)]
+    assert simulate("shared", 2, w, costs, placement=[0, 1], trace=both).p99_ms == pytest.approx(18.0)  # 4 + 4, then 10
+    side = simulate("shared", 2, w, dataclasses.replace(costs, interleave_stages=True), placement=[0, 1], trace=both)
+    assert side.p99_ms == pytest.approx(14.0)  # a processor each (none shared): both pass in 4 ms
