@@ -51,7 +51,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from fmplex.cluster import local
-from fmplex.cluster.config import ClusterSpec
+from fmplex.cluster.config import APP_NAME, INGRESS, ClusterSpec
 from fmplex.cluster.testbed import TAG_VAR, LocalCluster, add_tasks, local_cluster, wait_none_left
 from fmplex.control import serving
 from fmplex.control.server import free_ports
@@ -534,6 +534,10 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
     threads.append(threading.Thread(target=stream_loop, daemon=True))
     for t in threads:
         t.start()
+    from ray import serve  # noqa: PLC0415 - as fmplex.cluster.local does: Ray only where it is used
+
+    ingress = serve.get_deployment_handle(INGRESS, APP_NAME)
+    before = ingress.counters.remote().result(timeout_s=30)
     try:
         time.sleep(2)
         killed_at = time.monotonic()
@@ -554,6 +558,8 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
     assert not any(t.is_alive() for t in threads), "a client hung"
     env.timings.update({f"node kill: {k}": v for k, v in counts.items()})
     env.timings.update({f"node kill: stream requests {k}": v for k, v in on_stream.items()})
+    after = ingress.counters.remote().result(timeout_s=30)
+    env.timings["node kill: retried on another replica (ingress, unary and stream)"] = after["retries"] - before["retries"]
     assert lost == [] and counts["lost"] == 0, lost
     assert all(last_ok.get(t, 0) > killed_at for t in names), f"not all tasks answered within {RECOVERY_BOUND_S}s"
     # the victim's tasks (all tasks, in fact) answered again on the same stream, opened before the kill
