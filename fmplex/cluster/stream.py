@@ -18,6 +18,10 @@ Triton sends them, and never end the client's stream:
 - a request whose replica's stream breaks before any response is retried
   once on another replica (inference is idempotent); after a response, or
   on the second failure, it is answered UNAVAILABLE.
+
+An error response names its model: ``tritonclient`` hands a stream's error to
+the callback without the request's id, so a client with several requests in
+flight tells them apart by model.
 """
 
 from __future__ import annotations
@@ -200,16 +204,22 @@ class StreamRelay:
     # --- responses ----------------------------------------------------------------------
     async def _pump(self, up: _Upstream) -> None:
         """Relay one upstream's responses; when it breaks, retry or fail what it still owed."""
+        why, broken = "its stream ended", False
         try:
             async for resp in up.call:
                 self._relay(resp)
         except grpc.aio.AioRpcError as exc:
-            await self._lost(up, f"{exc.code().name}: {exc.details()}")
+            why, broken = f"{exc.code().name}: {exc.details()}", True
         finally:
+            # at once, before any await: a request routed to this replica from now on opens a
+            # new stream (and is retried if that fails too), instead of waiting on a dead one
+            up.close()
             if self.upstreams.get(up.rec.replica) is up:
                 del self.upstreams[up.rec.replica]
+        # a broken stream owes all it did not finish; one that ended, what it never answered
+        await self._lost(up, [(o, p) for o, p in self.pending.items() if p.upstream is up and (broken or p.answered == 0)], why)
         for ours in [o for o, p in self.pending.items() if p.upstream is up]:
-            self._finish(ours)  # the stream ended cleanly: Triton answered all it will
+            self._finish(ours)  # answered, and the stream ended cleanly: Triton sent all it will
 
     def _relay(self, resp: pb.ModelStreamInferResponse) -> None:
         ours = resp.infer_response.id
@@ -232,12 +242,14 @@ class StreamRelay:
             return  # the empty final response the relay asked for, not the client
         self.out.put_nowait(resp)
 
-    async def _lost(self, up: _Upstream, why: str) -> None:
-        owed = [(ours, p) for ours, p in self.pending.items() if p.upstream is up]
+    async def _lost(self, up: _Upstream, owed: list[tuple[str, _Pending]], why: str) -> None:
         if not owed:
             return
-        await self.ingress.placer.suspect.remote(up.rec.replica)
-        await self.ingress._refresh()
+        try:
+            await self.ingress.placer.suspect.remote(up.rec.replica)
+            await self.ingress._refresh()
+        except Exception as exc:  # noqa: BLE001 - a lost placer: retry from the cached table, never leave them owed
+            log.warning("stream relay: could not report replica %s: %r", up.rec.replica, exc)
         for ours, p in owed:
             self._finish(ours)
             if p.answered == 0 and not p.retried:
@@ -245,7 +257,7 @@ class StreamRelay:
                 await self._dispatch(p.request, {p.replica}, retried=True)
             else:
                 self.ingress.unavailable += 1
-                self._error(p.request, f"UNAVAILABLE: replica {p.replica} was lost mid-stream ({why}) after {p.answered} response(s)")
+                self._error(p.request, f"UNAVAILABLE: '{p.request.model_name}' lost replica {p.replica} mid-stream ({why}) after {p.answered} response(s)")
 
 
 def _not_held(message: str) -> bool:

@@ -20,7 +20,8 @@ The tests run in order on it:
 4. scaling 2 -> 3 replicas (declarative config) keeps the old replicas' tritonserver processes;
 5. a worker node is killed under load: every task is answered again within
    RECOVERY_BOUND_S, and no request is lost (each one gets a correct answer or
-   a counted UNAVAILABLE error).
+   a counted UNAVAILABLE error), over unary HTTP and gRPC and on one gRPC
+   stream that stays open through the kill.
 
 Every Ray process, tritonserver and Python stub of the cluster is gone at the end,
 the killed node's included (checked in the fixture's teardown).
@@ -50,7 +51,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from fmplex.cluster import local
-from fmplex.cluster.config import ClusterSpec
+from fmplex.cluster.config import APP_NAME, INGRESS, ClusterSpec
 from fmplex.cluster.testbed import TAG_VAR, LocalCluster, add_tasks, local_cluster, wait_none_left
 from fmplex.control import serving
 from fmplex.control.server import free_ports
@@ -67,6 +68,7 @@ LM_TASK = "chat"  # the generative task on the SmolLM2 replica
 PROMPT = "The capital of France is"
 MAX_TOKENS = 8
 HOT_LOAD = 5.0  # requests in flight per holding replica: above it a task gets another replica
+STREAM_DEPTH = 3  # requests in flight on the one gRPC stream kept open while a node dies
 
 
 @dataclasses.dataclass
@@ -483,11 +485,59 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
         finally:
             client.close()
 
+    stream_ok: dict[str, float] = {}
+    on_stream = {"ok": 0, "unavailable": 0}
+
+    def count(task: str | None, outcome: str, why: str = "") -> None:
+        with lock:
+            counts[outcome] += 1
+            if outcome == "lost":
+                lost.append(f"{task} on the stream: {why}")
+            else:
+                on_stream[outcome] += 1
+            if outcome == "ok" and task is not None:
+                stream_ok[task] = time.monotonic()
+
+    def stream_loop() -> None:
+        """One gRPC stream through the kill: STREAM_DEPTH requests in flight, each for a task not in flight
+        (tritonclient gives a stream's error response no request id; the relay's errors name the model)."""
+        stream, waiting, n = _Stream(f"127.0.0.1:{env.grpc_port}"), {}, 0  # waiting: request id -> task
+        try:
+            while not stop.is_set() or waiting:
+                while not stop.is_set() and len(waiting) < STREAM_DEPTH:
+                    task = next(t for t in names[n % len(names) :] + names if t not in waiting.values())
+                    waiting[f"s{n}"], n = task, n + 1
+                    stream.send(task, f"s{n - 1}", {"TEXT": np.array([SENTENCE.encode()], dtype=object)}, final=False)
+                try:
+                    result, error = stream.next(timeout=60)
+                except queue.Empty:
+                    for task in waiting.values():
+                        count(task, "lost", "no answer in 60 s")
+                    return
+                if error is None:
+                    task = waiting.pop(result.get_response().id, None)
+                    good = task is not None and np.allclose(result.as_numpy(env.tasks[task]), env.expected[task], atol=ATOL)
+                    count(task, "ok" if good else "lost", f"wrong or unexpected answer {result.get_response().id}")
+                else:
+                    task = next((t for t in waiting.values() if str(error).split("'")[1:2] == [t]), None)
+                    waiting = {r: t for r, t in waiting.items() if t != task}
+                    count(task, "unavailable" if task and "UNAVAILABLE" in str(error) else "lost", str(error))
+        except InferenceServerException as exc:  # the stream itself broke: what it owed is lost
+            for task in [*waiting.values()] or [None]:
+                count(task, "lost", str(exc))
+        finally:
+            stream.close()
+
     names = sorted(env.tasks)
     threads = [threading.Thread(target=loop, args=(p, names[i::2]), daemon=True) for i, p in enumerate(("http", "grpc"))]
     threads += [threading.Thread(target=loop, args=(p, names[1 - i :: 2]), daemon=True) for i, p in enumerate(("http", "grpc"))]
+    threads.append(threading.Thread(target=stream_loop, daemon=True))
     for t in threads:
         t.start()
+    from ray import serve  # noqa: PLC0415 - as fmplex.cluster.local does: Ray only where it is used
+
+    ingress = serve.get_deployment_handle(INGRESS, APP_NAME)
+    before = ingress.counters.remote().result(timeout_s=30)
     try:
         time.sleep(2)
         killed_at = time.monotonic()
@@ -495,11 +545,11 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
         deadline = killed_at + RECOVERY_BOUND_S
         while time.monotonic() < deadline:
             with lock:
-                if all(last_ok.get(t, 0) > killed_at for t in names):
+                if all(last_ok.get(t, 0) > killed_at and stream_ok.get(t, 0) > killed_at for t in names):
                     break
             time.sleep(0.2)
-        recovered = max(last_ok.get(t, 0) for t in names) - killed_at
-        env.timings["node kill: all tasks answered again after"] = recovered
+        env.timings["node kill: all tasks answered again after"] = max(last_ok.get(t, 0) for t in names) - killed_at
+        env.timings["node kill: on the stream, all tasks answered again after"] = max(stream_ok.get(t, 0) for t in names) - killed_at
         time.sleep(1)
     finally:
         stop.set()
@@ -507,8 +557,13 @@ def test_killing_a_node_loses_no_request_and_every_task_answers_again(env: Env) 
             t.join(120)
     assert not any(t.is_alive() for t in threads), "a client hung"
     env.timings.update({f"node kill: {k}": v for k, v in counts.items()})
-    assert lost == [] and counts["lost"] == 0
+    env.timings.update({f"node kill: stream requests {k}": v for k, v in on_stream.items()})
+    after = ingress.counters.remote().result(timeout_s=30)
+    env.timings["node kill: retried on another replica (ingress, unary and stream)"] = after["retries"] - before["retries"]
+    assert lost == [] and counts["lost"] == 0, lost
     assert all(last_ok.get(t, 0) > killed_at for t in names), f"not all tasks answered within {RECOVERY_BOUND_S}s"
+    # the victim's tasks (all tasks, in fact) answered again on the same stream, opened before the kill
+    assert all(stream_ok.get(t, 0) > killed_at for t in names), f"not all tasks answered on the stream within {RECOVERY_BOUND_S}s"
     assert counts["unavailable"] <= 4 * len(threads), counts  # retried once; UNAVAILABLE only while re-placing
     # the dead replica's tritonserver went with its node (no orphan answering for a vanished replica)
     deadline = time.monotonic() + 15

@@ -3,7 +3,8 @@
 The end-to-end test streams through a real cluster; here each replica's
 ``ModelStreamInfer`` is a script, so that what a real run rarely shows is
 checked: ids and final flags as the client sent them, requests of one stream
-split over replicas, a replica lost before and after its first response, and
+split over replicas, a replica lost before and after its first response or
+while a request is being routed to it, a stream that ends owing answers, and
 errors that come back on the stream instead of ending it.
 """
 
@@ -38,10 +39,10 @@ def _response(req: pb.ModelInferRequest, text: str, final: bool) -> pb.ModelStre
 
 class _Call:
     """A scripted upstream stream: per request, ``pieces`` responses and an empty final one;
-    ``break_after`` responses in all, then UNAVAILABLE (a lost replica)."""
+    ``break_after`` responses in all, then UNAVAILABLE (a lost replica), or with ``ends`` a clean end."""
 
-    def __init__(self, requests: AsyncIterator[pb.ModelInferRequest], pieces: int, break_after: int | None, seen: list[Any]) -> None:
-        self.requests, self.pieces, self.break_after, self.seen = requests, pieces, break_after, seen
+    def __init__(self, requests: AsyncIterator[pb.ModelInferRequest], pieces: int, break_after: int | None, seen: list[Any], ends: bool) -> None:
+        self.requests, self.pieces, self.break_after, self.seen, self.ends = requests, pieces, break_after, seen, ends
 
     async def _run(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
         sent = 0
@@ -55,6 +56,8 @@ class _Call:
                 continue
             for i in range(self.pieces + 1):
                 if self.break_after is not None and sent >= self.break_after:
+                    if self.ends:
+                        return
                     raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "Socket closed")
                 yield _response(req, f"p{i}" if i < self.pieces else "", i == self.pieces)
                 sent += 1
@@ -68,21 +71,22 @@ class _Call:
 
 
 class _Stub:
-    def __init__(self, pieces: int, break_after: int | None) -> None:
-        self.pieces, self.break_after, self.seen = pieces, break_after, []
+    def __init__(self, pieces: int, break_after: int | None, ends: bool = False) -> None:
+        self.pieces, self.break_after, self.seen, self.ends = pieces, break_after, [], ends
 
     def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest]) -> _Call:  # noqa: N802
-        return _Call(requests, self.pieces, self.break_after, self.seen)
+        return _Call(requests, self.pieces, self.break_after, self.seen, self.ends)
 
 
 class _Placer:
-    def __init__(self) -> None:
+    def __init__(self, suspect_s: float) -> None:
         self.suspected: list[str] = []
         outer = self
 
         class _Suspect:
             async def remote(self, replica: str) -> None:
                 outer.suspected.append(replica)
+                await asyncio.sleep(suspect_s)  # the placer checks the replica: the relay reads on meanwhile
 
         self.suspect = _Suspect()
 
@@ -90,9 +94,9 @@ class _Placer:
 class _Ingress:
     """What the relay uses of the ingress: resolve, pick (least-loaded first, avoiding some), stubs, counters."""
 
-    def __init__(self, stubs: dict[str, _Stub], routes: dict[str, list[str]]) -> None:
+    def __init__(self, stubs: dict[str, _Stub], routes: dict[str, list[str]], suspect_s: float = 0.0) -> None:
         self.stubs, self.routes = stubs, routes
-        self.placer = _Placer()
+        self.placer = _Placer(suspect_s)
         self.inflight_task: dict[str, int] = {}
         self.inflight_replica: dict[str, int] = {}
         self._used: set[str] = set()
@@ -123,11 +127,12 @@ def _request(model: str, rid: str, want_final: bool = False) -> pb.ModelInferReq
     return req
 
 
-def _run(ingress: _Ingress, requests: list[pb.ModelInferRequest]) -> list[pb.ModelStreamInferResponse]:
+def _run(ingress: _Ingress, requests: list[pb.ModelInferRequest], gap_s: float = 0.0) -> list[pb.ModelStreamInferResponse]:
     async def main() -> list[pb.ModelStreamInferResponse]:
         async def client() -> AsyncIterator[pb.ModelInferRequest]:
             for r in requests:
                 yield r
+                await asyncio.sleep(gap_s)
 
         return [r async for r in StreamRelay(ingress, client()).run()]  # type: ignore[arg-type]
 
@@ -171,12 +176,29 @@ def test_a_replica_lost_before_the_first_response_is_retried_once_elsewhere() ->
     assert ing.retries == 1 and ing.placer.suspected == ["dead"] and len(good.seen) == 1
 
 
+def test_a_request_routed_to_a_replica_as_its_stream_breaks_is_retried_not_dropped() -> None:
+    # "y" comes while the relay reports "dead" (the table still routes chat there first): it must not
+    # join the broken stream, whose requests are settled once the report is done
+    dead, good = _Stub(1, 0), _Stub(1, None)
+    ing = _Ingress({"dead": dead, "good": good}, {"chat": ["dead", "good"]}, suspect_s=0.05)
+    out = _run(ing, [_request("chat.stream", "x"), _request("chat.stream", "y")], gap_s=0.01)
+    assert _texts(out, "x") == ["p0"] and _texts(out, "y") == ["p0"] and not any(r.error_message for r in out)
+    assert ing.retries == 2 and len(dead.seen) == 2 and len(good.seen) == 2
+
+
+def test_a_stream_that_ends_without_answering_is_not_taken_for_an_answer() -> None:
+    ing = _Ingress({"gone": _Stub(1, 0, ends=True), "good": _Stub(1, None)}, {"chat": ["gone", "good"]})
+    out = _run(ing, [_request("chat.stream", "x")])
+    assert _texts(out, "x") == ["p0"] and ing.retries == 1
+
+
 def test_a_replica_lost_mid_stream_answers_unavailable_and_nothing_hangs() -> None:
     ing = _Ingress({"a": _Stub(3, 1)}, {"chat": ["a"]})
     out = _run(ing, [_request("chat.stream", "x")])
     assert _texts(out, "x") == ["p0"]  # what was sent stays sent
     errors = [r.error_message for r in out if r.error_message]
     assert len(errors) == 1 and errors[0].startswith("UNAVAILABLE") and "after 1 response" in errors[0]
+    assert "'chat.stream'" in errors[0]  # the model: tritonclient gives a stream's error no request id
     assert ing.unavailable == 1
 
 
