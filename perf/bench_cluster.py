@@ -647,31 +647,57 @@ def bursts_of(waits: dict[str, tuple[float, float, int]], replicas: list[str]) -
     return (("replica", mean(stubs)), *((g, mean([g])) for g in ("proxy", "ingress", "client")), ("background", mean(["ray"])))
 
 
-def replay_run(paths: list[Path]) -> dict:
-    """Replay calibration runs from their results files (``replay_input``) in the simulation as it is now,
-    with every CPU model the run measured: seconds, no cluster; for trying a change of the model against
-    measured runs. Prints each run's real p99 (and the same arrivals played again) against each model's."""
-    import json  # noqa: PLC0415
-
-    from fmplex.cluster.simulate import Costs, Workload, simulate  # noqa: PLC0415
+def models_of(got: dict) -> dict:
+    """Every CPU model's costs for a calibration results file, rebuilt from what the run measured (files
+    written before a model existed get it from their measurements too: the workers' CPUs from the batch
+    curve, bursts from the path run's timeslices)."""
+    from fmplex.cluster.simulate import Costs  # noqa: PLC0415
 
     tuples = lambda x: tuple(tuple(e) for e in x)  # noqa: E731 - JSON gives lists
-    out: dict = {}
+    c = got["replay_input"]["costs"]
+    costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace", "bursts") if k in c},
+                     "service_spread": tuple(c.get("service_spread", ()))})
+    costs = dataclasses.replace(costs, bursts=(), wake_s=0.0, interleave_stages=False)
+    measured = got["measured_costs"]
+    if "replica_cpus_of_its_batches_together" not in measured:
+        workers = 2  # what the hosts ran on this 2-core machine before the runs recorded it
+        curve = [v for k, v in measured["replica_by_in_flight"].items() if int(k) >= 2 * workers]
+        costs = dataclasses.replace(costs, workers=workers, replica_cpus=float(np.median([workers * v["cpu_ms_per_batch"] / v["wall_ms_per_batch"] for v in curve])))
+    per = got["path_run_per_request_on_cpu_waiting_slices"]  # ms on a CPU, ms waiting, slices: bursts_of wants the ratio only
+    replicas = [g for g in per if "/" not in g and g not in ("ray", "proxy", "ingress", "client")]
+    wake = measured.get("wait_per_timeslice_ms_1_in_flight", 0.0) / 1000
+    return cpu_models(costs, bursts_of({g: (v[0] / 1000, v[1] / 1000, v[2]) for g, v in per.items()}, replicas), wake)
+
+
+def replay_run(paths: list[Path]) -> dict:
+    """Replay calibration runs from their results files (``replay_input``; ``.json`` or ``.json.gz``) in
+    the simulation as it is now, with every CPU model: seconds, no cluster; for trying a change of the
+    model against measured runs. Prints each run's real p99 (both plays of its arrivals, where it has
+    them) against each model's, and the median absolute error of each model over the runs."""
+    import gzip  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from fmplex.cluster.simulate import Workload, simulate  # noqa: PLC0415
+
+    out: dict = {"runs": {}}
     for path in paths:
-        got = json.loads(path.read_text())
+        got = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
         given = got["replay_input"]
         work = Workload(**given["workload"])
         real = got.get("real_p99_ms_of_both_plays") or got["real"]["p99_ms"]  # both plays of the arrivals, where run twice
-        row = {"real_p99_ms": real, "plays_p99_ms": [got["real"]["p99_ms"], got.get("real_same_arrivals_again", {}).get("p99_ms")]}
-        for name, c in given.get("costs_by_model", {"as run": given["costs"]}).items():
-            costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace", "bursts") if k in c},
-                             "service_spread": tuple(c.get("service_spread", ()))})
+        row = {"offered_rps": got["offered_rps"], "cpus_busy": got.get("cpus_busy_during_run"), "real_p99_ms": real,
+               "plays_p99_ms": [got["real"]["p99_ms"], got.get("real_same_arrivals_again", {}).get("p99_ms")]}
+        for name, costs in models_of(got).items():
             sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
                            trace=[(t, i) for t, i in given["trace"]])
             row[name] = {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "p99_error": round(sim.p99_ms / real - 1, 3)}
-        out[path.name] = row
-        print(f"{path.name}: real p99 {real} ms (plays {row['plays_p99_ms']}); "
+        out["runs"][path.name] = row
+        print(f"{path.name}: {row['offered_rps']} req/s, {row['cpus_busy']} CPUs busy, real p99 {real} ms (plays {row['plays_p99_ms']}); "
               + "; ".join(f"{k} {v['p99_ms']} ({v['p99_error']:+.0%})" for k, v in row.items() if isinstance(v, dict)), flush=True)
+    names = [k for k, v in next(iter(out["runs"].values())).items() if isinstance(v, dict)] if out["runs"] else []
+    out["median_abs_p99_error"] = {n: round(float(np.median([abs(r[n]["p99_error"]) for r in out["runs"].values()])), 3) for n in names}
+    out["runs_within_15_percent"] = {n: sum(abs(r[n]["p99_error"]) <= 0.15 for r in out["runs"].values()) for n in names}
+    print(f"median |p99 error| over {len(paths)} runs: {out['median_abs_p99_error']}; within 15%: {out['runs_within_15_percent']}")
     return out
 
 
@@ -693,11 +719,14 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=4.0, help="length of the idle measurement")
     ap.add_argument("--gpus", type=int, nargs="+", default=[4, 16, 64, 256], help="figure: cluster sizes R")
     ap.add_argument("--files", nargs="*", default=[], help="replay: the calibration results files to replay (default: the last run's)")
+    ap.add_argument("--out", default=None, help="replay: also write the replays under perf/results/ with this name")
     args = ap.parse_args()
     from perf.common import write_results  # noqa: PLC0415
 
     if args.part == "replay":
-        replay_run([Path(f) for f in args.files] or [ROOT / "perf" / "results" / "cluster_calibration.json"])
+        got = replay_run([Path(f) for f in args.files] or [ROOT / "perf" / "results" / "cluster_calibration.json"])
+        if args.out:
+            write_results(args.out, got)
         return 0
     if args.part in ("calibration", "all"):
         write_results("cluster_calibration.json", calibrate(args))

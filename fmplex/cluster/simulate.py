@@ -157,6 +157,7 @@ class Result:
     batch_ms: list[float] = dataclasses.field(default_factory=list)  # per replica: a batch's mean wall time
     # shared CPUs: seconds each server (replica index, or stage name) had work but no CPU to run it on
     cpu_wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    slowest_at: list[float] = dataclasses.field(default_factory=list)  # when the slowest 1% arrived (s)
 
 
 @dataclasses.dataclass
@@ -288,6 +289,7 @@ def simulate(
         for k, (at, _cpus) in enumerate(costs.background_trace):
             push(at, 3, k, -1)
     latencies: list[float] = []
+    arrived: list[float] = []  # when each measured request arrived, in the order of ``latencies``
     parts: list[tuple[float, float, float]] = []  # per measured request: before, at and after the replica
     in_flight = 0
 
@@ -342,6 +344,7 @@ def simulate(
             in_flight -= 1
             if req[0] >= work.warmup_s:
                 latencies.append(now - req[0] + costs.overhead_s)
+                arrived.append(req[0])
                 parts.append((req[3] - req[0], req[4] - req[3], now - req[4] + costs.overhead_s))
             return
         sid = steps[req[2]][0]
@@ -404,6 +407,7 @@ def simulate(
                     holders[act.task].remove(sid_act)
             push(now + 1.0, 2, "", -1)
 
+    slowest_at = sorted(round(arrived[i], 2) for i in sorted(range(len(latencies)), key=latencies.__getitem__)[-max(1, len(latencies) // 100):])
     latencies.sort()
     measured = max(work.duration_s - work.warmup_s, 1e-9)
     if not latencies:
@@ -422,7 +426,7 @@ def simulate(
         mode, gpus, work.tasks, True, p99 * 1000, latencies[len(latencies) // 2] * 1000, len(latencies),
         [round(s.served / measured, 2) for s in servers[:gpus]], stages,
         [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]],
-        [round(1000 * s.batch_seconds / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits,
+        [round(1000 * s.batch_seconds / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits, slowest_at,
     )
 
 

@@ -130,6 +130,9 @@ def test_a_run_says_where_its_time_went_and_how_it_batched() -> None:
     costs = Costs(throughput=((1, 100.0), (2, 100.0), (16, 320.0)))  # batch 2: 20 ms
     r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (0.0, 0)])
     assert r.rows_per_batch == [1.5, 0.0]
+    # and when the slowest requests arrived: here the two that queued behind a batch a second later
+    late = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (1.0, 0), (1.0, 0), (1.0, 0)])
+    assert late.slowest_at == [1.0] and late.batch_ms[0] == pytest.approx((10.0 + 10.0 + 20.0) / 3, abs=0.01)
     assert r.stages["at_replica"]["p99"] == pytest.approx(30.0) and r.stages["before_replica"]["p99"] == 0.0
 
 
