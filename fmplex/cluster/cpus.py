@@ -7,19 +7,19 @@ when it is done. Three models, behind one small interface:
 - :class:`Dedicated`: every server owns a processor (the cluster-scale
   figure: a GPU per replica).
 - :class:`Sharing`: processor sharing of a few CPUs (or of unlimited ones),
-  at most one CPU per job and at most a cap per server: a replica whose host
-  runs two batches at once in one Python process runs them at one CPU between
-  them, as measured (each batch takes twice its CPU time). Infinitely fine
-  slices: a job waits only while more jobs than CPUs run.
+  at most one CPU per job and at most a cap per server: a host that runs two
+  batches at once in one Python process gives them only the CPUs its
+  interpreter lock lets them take together (1.0-1.6 measured on 2 cores).
+  Infinitely fine slices: a job waits only while more jobs than CPUs run.
 - :class:`Bursts`: the CPUs as the kernel runs them, one run queue of short
   bursts. A job is a chain of bursts of its server's measured mean length
   (a thread runs, blocks on a lock, a socket or the GIL, and wakes again);
   every burst waits in the queue for a CPU, first come first served, and a
   burst longer than ``quantum_s`` goes back to the queue's tail. Other work
   on the machine is a stream of bursts too. On the calibration machine a
-  request is hundreds of bursts of 0.1-0.3 ms, and each waits about as long
-  as a burst of an M/M/c queue at the CPUs' load: processor sharing, which
-  makes a job wait only while more jobs than CPUs run, showed 3-6x too
+  request is about 300 bursts of 0.07-0.3 ms, and each waits for a CPU
+  1.3-1.9x as long as in an M/M/2 queue at the CPUs' load; processor sharing,
+  which makes a job wait only while more jobs than CPUs run, showed 3-6x too
   little waiting (docs/scaling-out.md).
 
 Pure and deterministic for a seed, like the rest of the simulation.
