@@ -360,6 +360,10 @@ def path_stages(client: dict[str, tuple[float, float]], ingress: dict) -> dict:
     t0 = min(e[0] for e in each)
     slow = sorted(each, key=lambda e: e[1])[-max(1, len(each) // 100):]
     out["slowest_1pct_sent_at_s"] = sorted(round(t - t0, 2) for t, *_ in slow)
+    by_rep: dict[str, list[float]] = {}
+    for _t, _total, at, rep in each:
+        by_rep.setdefault(str(rep), []).append(at)
+    out["replica_stage_mean_ms_by_replica"] = {r: round(1000 * float(np.mean(v)), 2) for r, v in by_rep.items()}
     return out
 
 
@@ -385,6 +389,25 @@ def replica_counts(status: dict, tasks: list[str]) -> dict[str, int]:
                 stats = c.get_inference_statistics(t)
                 total += sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
         out[r["replica"]] = total
+        c.close()
+    return out
+
+
+def replica_triton_time(status: dict, tasks: list[str]) -> dict[str, tuple[int, float]]:
+    """(requests, seconds) each replica's own tritonserver has counted for these tasks' vFMs so far:
+    Triton's cumulative request duration (``success`` statistics), from its receiving a request to its answer."""
+    import tritonclient.http as httpclient  # noqa: PLC0415
+
+    out = {}
+    for r in status["replicas"]:
+        c = httpclient.InferenceServerClient(f"{r['address']}:{r['http_port']}")
+        n, ns = 0, 0
+        for t in r["tasks"]:
+            if t in tasks:
+                for m in c.get_inference_statistics(t)["model_stats"]:
+                    n += int(m["inference_stats"]["success"]["count"])
+                    ns += int(m["inference_stats"]["success"]["ns"])
+        out[r["replica"]] = (n, ns / 1e9)
         c.close()
     return out
 
@@ -481,6 +504,7 @@ def calibrate(args: argparse.Namespace) -> dict:
             overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - idle_cpus - others1))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
+            triton0 = replica_triton_time(local.placer_status(), tasks)
             mports = {r: _metrics_port(groups, r) for r in replicas}
             batches0 = {r: host_batches(m) for r, m in mports.items()}
             load_at_run = os.getloadavg()[0]
@@ -494,6 +518,7 @@ def calibrate(args: argparse.Namespace) -> dict:
             w1 = cpu_waits(groups)
             stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
+            triton1 = replica_triton_time(local.placer_status(), tasks)
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
             batches1 = {r: host_batches(m) for r, m in mports.items()}
             status = local.placer_status()
@@ -582,6 +607,10 @@ def calibrate(args: argparse.Namespace) -> dict:
                                                          for k, v in sim.cpu_wait_s.items()}},
         "real_rows_per_batch": real_rows,
         "real_wall_ms_per_batch": real_batch_ms,
+        # per replica: the mean time a request spent inside its tritonserver (Triton's own statistics), against
+        # the mean of the replica stage the ingress saw (its call to the answer): what the gRPC hop adds
+        "real_ms_per_request_inside_triton": [round(1000 * (triton1[r][1] - triton0[r][1]) / max(1, triton1[r][0] - triton0[r][0]), 2) for r in replicas],
+        "real_replica_stage_mean_ms": [stages_run.get("replica_stage_mean_ms_by_replica", {}).get(r) for r in replicas],
         "real_share_of_run_in_batches": real_busy,
         # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
         "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
