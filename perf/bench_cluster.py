@@ -376,26 +376,9 @@ def ingress_timing(on: bool) -> dict:
     return serve.get_deployment_handle(INGRESS, APP_NAME).timing.remote(on).result(timeout_s=60)
 
 
-def replica_counts(status: dict, tasks: list[str]) -> dict[str, int]:
-    """Successful inferences each replica's own tritonserver has counted for these tasks."""
-    import tritonclient.http as httpclient  # noqa: PLC0415
-
-    out = {}
-    for r in status["replicas"]:
-        c = httpclient.InferenceServerClient(f"{r['address']}:{r['http_port']}")
-        total = 0
-        for t in r["tasks"]:
-            if t in tasks:
-                stats = c.get_inference_statistics(t)
-                total += sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
-        out[r["replica"]] = total
-        c.close()
-    return out
-
-
-def replica_triton_time(status: dict, tasks: list[str]) -> dict[str, tuple[int, float]]:
-    """(requests, seconds) each replica's own tritonserver has counted for these tasks' vFMs so far:
-    Triton's cumulative request duration (``success`` statistics), from its receiving a request to its answer."""
+def replica_counts(status: dict, tasks: list[str]) -> dict[str, tuple[int, float]]:
+    """(successful inferences, seconds) each replica's own tritonserver has counted for these tasks' vFMs
+    so far: Triton's ``success`` statistics, whose duration runs from receiving a request to its answer."""
     import tritonclient.http as httpclient  # noqa: PLC0415
 
     out = {}
@@ -504,7 +487,6 @@ def calibrate(args: argparse.Namespace) -> dict:
             overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - idle_cpus - others1))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
-            triton0 = replica_triton_time(local.placer_status(), tasks)
             mports = {r: _metrics_port(groups, r) for r in replicas}
             batches0 = {r: host_batches(m) for r, m in mports.items()}
             load_at_run = os.getloadavg()[0]
@@ -518,7 +500,6 @@ def calibrate(args: argparse.Namespace) -> dict:
             w1 = cpu_waits(groups)
             stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
-            triton1 = replica_triton_time(local.placer_status(), tasks)
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
             batches1 = {r: host_batches(m) for r, m in mports.items()}
             status = local.placer_status()
@@ -531,7 +512,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     # CPUs this run's processes take off any request's path: their idle work, and Ray's own per-request bookkeeping
     side = sum(idle.get(g, 0.0) for g in groups) + path_cpu["ray"] * rate
     background = others + side
-    real_load = [(after[r] - before[r]) / args.seconds for r in replicas]
+    real_load = [(after[r][0] - before[r][0]) / args.seconds for r in replicas]
     real_p99 = float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
     # the p99 the simulation is held to: of both plays of the same arrivals together, as one play's moves by 5-20%
     both = latencies + again
@@ -609,7 +590,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         "real_wall_ms_per_batch": real_batch_ms,
         # per replica: the mean time a request spent inside its tritonserver (Triton's own statistics), against
         # the mean of the replica stage the ingress saw (its call to the answer): what the gRPC hop adds
-        "real_ms_per_request_inside_triton": [round(1000 * (triton1[r][1] - triton0[r][1]) / max(1, triton1[r][0] - triton0[r][0]), 2) for r in replicas],
+        "real_ms_per_request_inside_triton": [round(1000 * (after[r][1] - before[r][1]) / max(1, after[r][0] - before[r][0]), 2) for r in replicas],
         "real_replica_stage_mean_ms": [stages_run.get("replica_stage_mean_ms_by_replica", {}).get(r) for r in replicas],
         "real_share_of_run_in_batches": real_busy,
         # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
