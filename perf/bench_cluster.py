@@ -24,15 +24,21 @@ wall time, and the simulation shares the machine's CPUs between them
    tasks, at a share of the endpoint's capacity (32 in flight), through the
    one gRPC endpoint: each replica's served load (its own Triton statistics)
    and the client's p99. The CPUs that other work took during it (the
-   machine's busy time minus this run's processes) are measured, not fitted;
+   machine's busy time minus this run's processes) are measured, not fitted.
+   The same arrivals are played ``--plays`` times (one play's p99 moves
+   from another's), and the p99 is of every play together;
 6. the simulation of that run, replayed request by request: the same arrival
-   times and tasks, with the tasks where the cluster put them.
+   times and tasks, with the tasks where the cluster put them; once with
+   the costs of steps 1-4 (a prediction), and once with the CPU each group
+   of processes took in the plays (the model apart from those measurements).
 
 In steps 3 and 5 the ingress records when it received, forwarded and got the
 answer of each call (``Ingress.timing``), joined with the client's own send
 and receive times by request id: where a request's time went along the path
 (:func:`path_stages`). Step 5 also reads the kernel's per-thread CPU and
-run-queue times of each process group (:func:`cpu_waits`).
+run-queue times of each process group (:func:`cpu_waits`), and where a
+request's time went inside each replica (:func:`inside_replica`: Triton's
+queue for the host, the host's queue, its batch, the response's send).
 
 Figure (``--part figure``, a few minutes): ``python -m fmplex.cluster.simulate``
 for R = 4, 16, 64, 256 (see its --help), written to
@@ -222,15 +228,60 @@ class OtherWork:
         self._thread.join()
 
 
-def host_batches(metrics_port: int) -> tuple[float, float, float]:
-    """(batches, rows, wall seconds in batches) a replica's host has run so far (its Prometheus metrics)."""
+def host_totals(metrics_port: int) -> dict[str, float]:
+    """Every ``fmplex_host_*`` and ``fmplex_batch_*`` counter of a replica's host so far, summed over its labels."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    total = {"fmplex_batch_batches_total": 0.0, "fmplex_batch_rows_total": 0.0, "fmplex_batch_seconds_total": 0.0}
+    total: dict[str, float] = {}
     for line in text.splitlines():
         name = line.split("{")[0].split(" ")[0]
-        if name in total:
-            total[name] += float(line.rsplit(" ", 1)[1])
-    return total["fmplex_batch_batches_total"], total["fmplex_batch_rows_total"], total["fmplex_batch_seconds_total"]
+        if name.startswith(("fmplex_host_", "fmplex_batch_")) and name.endswith("_total"):
+            total[name] = total.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def host_batches(metrics_port: int) -> tuple[float, float, float]:
+    """(batches, rows, wall seconds in batches) a replica's host has run so far (its Prometheus metrics)."""
+    t = host_totals(metrics_port)
+    return t.get("fmplex_batch_batches_total", 0.0), t.get("fmplex_batch_rows_total", 0.0), t.get("fmplex_batch_seconds_total", 0.0)
+
+
+def host_model_stats(status: dict, tasks: list[str]) -> dict[str, dict[str, tuple[int, float]]]:
+    """Per replica, Triton's own statistics of its host model (every model there but the vFMs): for
+    ``queue`` (waiting for ``execute``), ``compute_infer`` (the ``execute`` call) and ``success`` (the
+    request's whole stay), (count, seconds) so far."""
+    import tritonclient.http as httpclient  # noqa: PLC0415
+
+    out = {}
+    for r in status["replicas"]:
+        c = httpclient.InferenceServerClient(f"{r['address']}:{r['http_port']}")
+        got = {k: [0, 0.0] for k in ("queue", "compute_infer", "success")}
+        for m in c.get_inference_statistics("")["model_stats"]:
+            if m["name"] not in tasks and m["name"] not in r["tasks"]:
+                for k in got:
+                    got[k][0] += int(m["inference_stats"][k]["count"])
+                    got[k][1] += int(m["inference_stats"][k]["ns"]) / 1e9
+        out[r["replica"]] = {k: (n, sec) for k, (n, sec) in got.items()}
+        c.close()
+    return out
+
+
+def inside_replica(before: dict, after: dict, t0: dict, t1: dict) -> dict[str, float]:
+    """Where a replica's requests spent their time, mean ms per request over a stretch, from Triton's
+    statistics of the host model (``before``/``after``: :func:`host_model_stats` of it) and the host's
+    own counters (``t0``/``t1``: :func:`host_totals`)."""
+    def per(k: str) -> float:
+        n = after[k][0] - before[k][0]
+        return round(1000 * (after[k][1] - before[k][1]) / n, 2) if n else 0.0
+
+    def mean(seconds: str, count: str) -> float:
+        n = t1.get(count, 0.0) - t0.get(count, 0.0)
+        return round(1000 * (t1.get(seconds, 0.0) - t0.get(seconds, 0.0)) / n, 2) if n else 0.0
+
+    return {"triton_queue_for_execute": per("queue"), "execute_call": per("compute_infer"),
+            "host_queue": mean("fmplex_host_queue_seconds_total", "fmplex_host_queued_requests_total"),
+            "batch": mean("fmplex_batch_seconds_total", "fmplex_batch_batches_total"),
+            "send": mean("fmplex_host_response_send_seconds_total", "fmplex_host_response_sends_total"),
+            "host_model_success": per("success")}
 
 
 # --- load -------------------------------------------------------------------------
@@ -395,6 +446,11 @@ def replica_counts(status: dict, tasks: list[str]) -> dict[str, tuple[int, float
     return out
 
 
+def real_p99_of(latencies: list[float]) -> float:
+    """The p99 of latencies in seconds, in ms (infinite for none)."""
+    return float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
+
+
 def _metrics_port(groups: dict[str, list[int]], replica: str) -> int:
     for pid in groups[replica]:
         got = _proc(pid)
@@ -487,8 +543,10 @@ def calibrate(args: argparse.Namespace) -> dict:
             overhead = max(0.0, lat1 - cpu1 / min(1.0, cpus - idle_cpus - others1))
             # 5. the run to predict
             before = replica_counts(local.placer_status(), tasks)
+            hosts0 = host_model_stats(local.placer_status(), tasks)
             mports = {r: _metrics_port(groups, r) for r in replicas}
             batches0 = {r: host_batches(m) for r, m in mports.items()}
+            totals0 = {r: host_totals(m) for r, m in mports.items()}
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
             run_times: dict[str, tuple[float, float]] = {}
@@ -502,9 +560,20 @@ def calibrate(args: argparse.Namespace) -> dict:
             after = replica_counts(local.placer_status(), tasks)
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
             batches1 = {r: host_batches(m) for r, m in mports.items()}
+            totals1 = {r: host_totals(m) for r, m in mports.items()}
+            hosts1 = host_model_stats(local.placer_status(), tasks)
             status = local.placer_status()
-            # the same arrivals once more: how far the real p99 moves between two plays of one trace
-            again, failures_again, _ = open_loop(port, tasks, base.rates(), args.seconds)
+            # the same arrivals again, --plays times in all: how far one play's p99 moves from another's, and
+            # what CPU each group took in every play (the replay with the run's own costs uses their mean)
+            again, failures_again, plays_p99 = [], 0, [real_p99_of(latencies)]
+            plays_on_cpu = [{g: w1[g][0] - w0[g][0] for g in w0}]
+            for _ in range(args.plays - 1):
+                wa = cpu_waits(groups)
+                lat_k, failed, _ = open_loop(port, tasks, base.rates(), args.seconds)
+                wb = cpu_waits(groups)
+                again, failures_again = again + lat_k, failures_again + failed
+                plays_p99.append(real_p99_of(lat_k))
+                plays_on_cpu.append({g: wb[g][0] - wa[g][0] for g in wa})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours = sum(d[g] for g in groups) + d["client"]
@@ -513,10 +582,10 @@ def calibrate(args: argparse.Namespace) -> dict:
     side = sum(idle.get(g, 0.0) for g in groups) + path_cpu["ray"] * rate
     background = others + side
     real_load = [(after[r][0] - before[r][0]) / args.seconds for r in replicas]
-    real_p99 = float(np.percentile(latencies, 99) * 1000) if latencies else float("inf")
-    # the p99 the simulation is held to: of both plays of the same arrivals together, as one play's moves by 5-20%
-    both = latencies + again
-    real_p99_both = float(np.percentile(both, 99) * 1000) if both else float("inf")
+    real_p99 = real_p99_of(latencies)
+    # the p99 the simulation is held to: of every play of the same arrivals together, as one play's moves
+    # from another's by 4-60%
+    real_p99_both = real_p99_of(latencies + again)
     placement = [replicas.index(next(r["replica"] for r in status["replicas"] if t in r["tasks"])) for t in tasks]
     half = {g: v / 2 for g, v in path_cpu.items()}
     path_in = (("client", half["client"]), ("proxy", half["proxy"]), ("ingress", half["ingress"]))
@@ -578,7 +647,10 @@ def calibrate(args: argparse.Namespace) -> dict:
         "seconds": args.seconds,
         "real": {"replica_load_rps": [round(x, 1) for x in real_load], "p99_ms": round(real_p99, 1), "p50_ms": round(float(np.percentile(latencies, 50) * 1000), 1),
                  "answered": len(latencies), "failures": failures},
-        "real_p99_ms_of_both_plays": round(real_p99_both, 1),
+        "real_p99_ms_of_every_play": round(real_p99_both, 1),
+        "real_p99_ms_by_play": [round(x, 1) for x in plays_p99],
+        # per request of a play, each group's ms on a CPU: the mean over the plays
+        "plays_ms_per_request_on_cpu": {g: round(1000 * float(np.mean([p[g] for p in plays_on_cpu])) / max(1, len(trace)), 3) for g in plays_on_cpu[0]},
         "real_same_arrivals_again": {"p99_ms": round(float(np.percentile(again, 99) * 1000), 1) if again else None,
                                      "p50_ms": round(float(np.percentile(again, 50) * 1000), 1) if again else None,
                                      "answered": len(again), "failures": failures_again},
@@ -593,6 +665,10 @@ def calibrate(args: argparse.Namespace) -> dict:
         "real_ms_per_request_inside_triton": [round(1000 * (after[r][1] - before[r][1]) / max(1, after[r][0] - before[r][0]), 2) for r in replicas],
         "real_replica_stage_mean_ms": [stages_run.get("replica_stage_mean_ms_by_replica", {}).get(r) for r in replicas],
         "real_share_of_run_in_batches": real_busy,
+        # per replica, where a request's time inside it went (mean ms): Triton's queue for the host's execute(),
+        # that call, the host's own queue, a batch (per batch), the response's decision to its send's return,
+        # and the host model's whole stay as Triton counts it
+        "real_inside_replica_ms": {r: inside_replica(hosts0[r], hosts1[r], totals0[r], totals1[r]) for r in replicas},
         # per request of the run, each group's threads: ms on a CPU, and ms runnable but waiting for one
         "run_ms_per_request_on_cpu_and_waiting_for_cpu": {g: [round(1000 * (w1[g][0] - w0[g][0]) / max(1, len(trace)), 2),
                                                             round(1000 * (w1[g][1] - w0[g][1]) / max(1, len(trace)), 2)] for g in w0},
@@ -619,6 +695,12 @@ def calibrate(args: argparse.Namespace) -> dict:
                          "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs),
                          "costs_by_model": {name: dataclasses.asdict(c) for name, c in models.items()}},
     }
+    # the same replay with the run's own CPU costs: the model apart from how well steps 2-3 measured them
+    results["simulated_with_the_runs_own_cpu_costs"] = {
+        name: {"p99_ms": finite(r.p99_ms), "p50_ms": finite(r.p50_ms), "p99_error": finite(r.p99_ms / real_p99_both - 1),
+               "replica_cpu_ms_per_batch_1": round(1000 / c.seqs_per_s(1), 2), "path_in_ms": {n: round(x * 1000, 2) for n, x in c.path_in},
+               "background_cpus": round(c.background_cpus, 3)}
+        for name, (c, r) in run_cost_replays(results).items()}
     for k, v in results.items():
         if k != "replay_input":
             print(f"{k}: {v}", flush=True)
@@ -646,6 +728,28 @@ def cpu_models(costs, bursts: tuple[tuple[str, float], ...], wake_s: float) -> d
         "sharing, workers": loops,
         "bursts": dataclasses.replace(loops, bursts=bursts, wake_s=wake_s),
     }
+
+
+def with_run_costs(costs, replay, on_cpu_s: dict[str, float], replicas: list[str], background_cpus: float, rounds: int = 3):  # noqa: ANN001, ANN201 - Costs is imported late
+    """``costs`` with the run's own CPU costs: each stage (client, proxy, ingress) and the replicas
+    together scaled so that the simulation gives them the CPU seconds their processes took in the run
+    (``on_cpu_s``, the kernel's count less their idle work), and Ray's own work what it took then.
+
+    That is a replay of the run's service demands, as a trace-driven validation uses them: it tests
+    the model of queueing, batching and CPU sharing apart from how well steps 2-3 measured the costs
+    beforehand. In the runs those moved: the run took up to ~16% more CPU per request than they said.
+    ``replay(costs)`` simulates the run; the rows per batch move with the costs, hence a few rounds."""
+    groups = [g for r in replicas for g in (r, r + "/stub")]
+    costs = dataclasses.replace(costs, background_cpus=background_cpus)
+    for _ in range(rounds):
+        work = replay(costs).work_s
+        sim_replicas = sum(work.get(str(i), 0.0) for i in range(len(replicas)))
+        f_rep = sum(on_cpu_s.get(g, 0.0) for g in groups) / sim_replicas if sim_replicas else 1.0
+        f_stage = {n: on_cpu_s[n] / work[n] if work.get(n) and n in on_cpu_s else 1.0 for n, _ in costs.path_in + costs.path_out}
+        costs = dataclasses.replace(
+            costs, throughput=tuple((b, t / f_rep) for b, t in costs.throughput),
+            path_in=tuple((n, x * f_stage[n]) for n, x in costs.path_in), path_out=tuple((n, x * f_stage[n]) for n, x in costs.path_out))
+    return costs
 
 
 def bursts_of(waits: dict[str, tuple[float, float, int]], replicas: list[str]) -> tuple[tuple[str, float], ...]:
@@ -679,10 +783,34 @@ def models_of(got: dict) -> dict:
     return cpu_models(costs, bursts_of({g: (v[0] / 1000, v[1] / 1000, v[2]) for g, v in per.items()}, replicas), wake)
 
 
+def run_cost_replays(got: dict) -> dict:
+    """Each CPU model's replay of a calibration run (a results dict) with the run's own CPU costs
+    (:func:`with_run_costs`): name -> (its costs, its Result)."""
+    from fmplex.cluster.simulate import Workload, simulate  # noqa: PLC0415
+
+    given = got["replay_input"]
+    work, seconds, n = Workload(**given["workload"]), given["measured_seconds"], len(given["trace"])
+    trace = [(t, i) for t, i in given["trace"]]
+    idle = got["idle_cpus_by_group"]
+    # ms per request on a CPU during the run, less each group's idle work: seconds over the run
+    per_request = got.get("plays_ms_per_request_on_cpu") or {g: v[0] for g, v in got["run_ms_per_request_on_cpu_and_waiting_for_cpu"].items()}
+    on_cpu_s = {g: max(0.0, v * n / 1000 - idle.get(g, 0.0) * seconds) for g, v in per_request.items()}
+    replicas = [g for g in on_cpu_s if "/" not in g and g not in ("ray", "proxy", "ingress", "client")]
+    # Ray's own work as it was in the run, in place of its idle and per-request figures from steps 1 and 3
+    ray_before = idle.get("ray", 0.0) + got["measured_costs"]["path_cpu_ms_per_request"].get("ray", 0.0) / 1000 * got["offered_rps"]
+    background = got["side_work_cpus"] - ray_before + (on_cpu_s.get("ray", 0.0) / seconds + idle.get("ray", 0.0))
+    out = {}
+    for name, costs in models_of(got).items():
+        replay = lambda c: simulate("shared", len(replicas), work, c, placement=given["placement"], trace=trace)  # noqa: E731
+        mine = with_run_costs(costs, replay, on_cpu_s, replicas, background)
+        out[name] = (mine, replay(mine))
+    return out
+
+
 def replay_run(paths: list[Path]) -> dict:
     """Replay calibration runs from their results files (``replay_input``; ``.json`` or ``.json.gz``) in
     the simulation as it is now, with every CPU model: seconds, no cluster; for trying a change of the
-    model against measured runs. Prints each run's real p99 (both plays of its arrivals, where it has
+    model against measured runs. Prints each run's real p99 (of every play of its arrivals, where it has
     them) against each model's, and the median absolute error of each model over the runs."""
     import gzip  # noqa: PLC0415
     import json  # noqa: PLC0415
@@ -694,19 +822,24 @@ def replay_run(paths: list[Path]) -> dict:
         got = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
         given = got["replay_input"]
         work = Workload(**given["workload"])
-        real = got.get("real_p99_ms_of_both_plays") or got["real"]["p99_ms"]  # both plays of the arrivals, where run twice
-        row = {"offered_rps": got["offered_rps"], "cpus_busy": got.get("cpus_busy_during_run"), "real_p99_ms": real,
-               "plays_p99_ms": [got["real"]["p99_ms"], got.get("real_same_arrivals_again", {}).get("p99_ms")]}
+        # every play of the arrivals together, where it was played more than once
+        real = got.get("real_p99_ms_of_every_play") or got.get("real_p99_ms_of_both_plays") or got["real"]["p99_ms"]
+        plays = got.get("real_p99_ms_by_play") or [got["real"]["p99_ms"], got.get("real_same_arrivals_again", {}).get("p99_ms")]
+        row = {"offered_rps": got["offered_rps"], "cpus_busy": got.get("cpus_busy_during_run"), "real_p99_ms": real, "plays_p99_ms": plays}
         for name, costs in models_of(got).items():
             sim = simulate("shared", len(got["real"]["replica_load_rps"]), work, costs, placement=given["placement"],
                            trace=[(t, i) for t, i in given["trace"]])
             row[name] = {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "p99_error": round(sim.p99_ms / real - 1, 3)}
+        if "run_ms_per_request_on_cpu_and_waiting_for_cpu" in got:  # the run's own CPU costs, where it recorded them
+            for name, (_costs, sim) in run_cost_replays(got).items():
+                row[f"{name}, run's costs"] = {"p50_ms": round(sim.p50_ms, 1), "p99_ms": round(sim.p99_ms, 1), "p99_error": round(sim.p99_ms / real - 1, 3)}
         out["runs"][path.name] = row
         print(f"{path.name}: {row['offered_rps']} req/s, {row['cpus_busy']} CPUs busy, real p99 {real} ms (plays {row['plays_p99_ms']}); "
               + "; ".join(f"{k} {v['p99_ms']} ({v['p99_error']:+.0%})" for k, v in row.items() if isinstance(v, dict)), flush=True)
-    names = [k for k, v in next(iter(out["runs"].values())).items() if isinstance(v, dict)] if out["runs"] else []
-    out["median_abs_p99_error"] = {n: round(float(np.median([abs(r[n]["p99_error"]) for r in out["runs"].values()])), 3) for n in names}
-    out["runs_within_15_percent"] = {n: sum(abs(r[n]["p99_error"]) <= 0.15 for r in out["runs"].values()) for n in names}
+    names = sorted({k for r in out["runs"].values() for k, v in r.items() if isinstance(v, dict)})
+    out["median_abs_p99_error"] = {n: round(float(np.median([abs(r[n]["p99_error"]) for r in out["runs"].values() if n in r])), 3) for n in names}
+    out["runs_within_15_percent"] = {n: f"{sum(abs(r[n]['p99_error']) <= 0.15 for r in out['runs'].values() if n in r)} of {sum(n in r for r in out['runs'].values())}"
+                                     for n in names}
     print(f"median |p99 error| over {len(paths)} runs: {out['median_abs_p99_error']}; within 15%: {out['runs_within_15_percent']}")
     return out
 
@@ -724,6 +857,7 @@ def main() -> int:
                     help="calibration: the real three-node run and its replay (3-4 min); figure: the simulated R = 4..256 figure "
                          "(about 20 min on 2 busy cores); replay: the simulation of the last calibration run again (its results file), no cluster")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop run to predict")
+    ap.add_argument("--plays", type=int, default=3, help="how many times the run's arrivals are played (its p99 is of them all)")
     ap.add_argument("--utilisation", type=float, default=0.5, help="offered load as a share of the endpoint's measured capacity")
     ap.add_argument("--cost-seconds", type=float, default=6.0, help="length of each cost measurement")
     ap.add_argument("--idle-seconds", type=float, default=4.0, help="length of the idle measurement")

@@ -158,6 +158,9 @@ class Result:
     # shared CPUs: seconds each server (replica index, or stage name) had work but no CPU to run it on
     cpu_wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
     slowest_at: list[float] = dataclasses.field(default_factory=list)  # when the slowest 1% arrived (s)
+    # seconds of work each server (replica index, or stage name) was given: what a replay of a real run's
+    # own CPU costs scales against the CPU time its processes took
+    work_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -173,6 +176,7 @@ class _Server:
     batches: int = 0
     batch_seconds: float = 0.0  # wall time of the batches it finished
     cpu_wait: float = 0.0
+    work: float = 0.0  # seconds of work it was given
 
 
 Placing = Literal["rate", "count"]
@@ -308,6 +312,7 @@ def simulate(
 
     def begin(s: _Server, items: list, seconds: float, now: float) -> None:
         s.running += 1
+        s.work += seconds
         next_job[0] += 1
         replica = s.sid < gpus
         burst = burst_of.get("replica" if replica else stage_names[s.sid], 0.0)
@@ -427,6 +432,7 @@ def simulate(
         [round(s.served / measured, 2) for s in servers[:gpus]], stages,
         [round(s.served / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]],
         [round(1000 * s.batch_seconds / s.batches, 2) if s.batches else 0.0 for s in servers[:gpus]], waits, slowest_at,
+        {names_of[s.sid]: round(s.work, 4) for s in servers},
     )
 
 

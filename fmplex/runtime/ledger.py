@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 SEND_FAILED = "send_failed"
@@ -52,7 +53,11 @@ class ResponseLedger:
         self.on_count = on_count or (lambda: None)
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
-        self._queue: queue.SimpleQueue[tuple[Answer, Any, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Answer, Any, int, float] | None] = queue.SimpleQueue()
+        # sends so far and the seconds from each response's decision to its send's return (the sender
+        # thread's queue, then the IPC round trip to the server): a replica's time after its batch
+        self.sends = 0
+        self.send_seconds = 0.0
         self._closed = not threaded
         self._thread: threading.Thread | None = None
         if threaded:
@@ -70,7 +75,7 @@ class ResponseLedger:
             self._count(answer.task, outcome)
             inline = self._closed
             if not inline:
-                self._queue.put((answer, response, self.final_flag))
+                self._queue.put((answer, response, self.final_flag, time.monotonic()))
         if inline:
             self._send(answer, response, self.final_flag)
         self.on_count()
@@ -84,7 +89,7 @@ class ResponseLedger:
                 return False
             inline = self._closed
             if not inline:
-                self._queue.put((answer, response, 0))
+                self._queue.put((answer, response, 0, time.monotonic()))
         if inline:
             self._send(answer, response, 0)
         return True
@@ -116,7 +121,10 @@ class ResponseLedger:
             item = self._queue.get()
             if item is None:
                 return
-            self._send(*item)
+            answer, response, flags, decided = item
+            self._send(answer, response, flags)
+            self.sends += 1  # only this thread writes them; readers see a total at most one send old
+            self.send_seconds += time.monotonic() - decided
 
     def _send(self, answer: Answer, response: Any, flags: int) -> None:
         try:

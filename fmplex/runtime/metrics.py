@@ -56,6 +56,7 @@ class HostMetrics:
         self._received: dict[str, int] = {}
         self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
         self._batch_sizes: dict[int, int] = {}
+        self._queued = {"requests": 0.0, "seconds": 0.0}  # requests taken into batches, and their waits
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last value set
@@ -116,6 +117,12 @@ class HostMetrics:
             self._batch["seconds"] += report.seconds
             self._batch_sizes[report.rows] = self._batch_sizes.get(report.rows, 0) + 1
 
+    def queued(self, requests: int, seconds: float) -> None:
+        """``requests`` left the host's queue for a batch, after ``seconds`` of waiting together."""
+        with self._lock:
+            self._queued["requests"] += requests
+            self._queued["seconds"] += seconds
+
     def maybe_flush(self, stats: Stats | None = None, cache: Any = None, force: bool = False) -> bool:
         """Publish if due (or ``force``): ``stats()`` gives per-task queue counters. Whether it
         published: a host publishes its own metrics at the same moments (``Host.publish``)."""
@@ -148,11 +155,18 @@ class HostMetrics:
             batch = dict(self._batch)
             sizes = dict(self._batch_sizes)
             received = dict(self._received)
+            queued = dict(self._queued)
         outcomes = self.ledger.counts() if self.ledger is not None else {}
         for task, n in received.items():
             self.bump(RECEIVED, float(n), "requests that reached the host, per task ('-': slot unresolved)", task=task)
         for (task, outcome), n in outcomes.items():
             self.bump(RESPONSES, float(n), "final responses sent by the host, per task and outcome (exactly one per request)", task=task, outcome=outcome)
+        if queued["requests"]:
+            self.bump("fmplex_host_queued_requests_total", queued["requests"], "requests taken from the host's queue into a batch")
+            self.bump("fmplex_host_queue_seconds_total", queued["seconds"], "time those requests waited in the host's queue (accepted to their batch's start)")
+        if self.ledger is not None and self.ledger.sends:
+            self.bump("fmplex_host_response_sends_total", float(self.ledger.sends), "responses the sender thread sent")
+            self.bump("fmplex_host_response_send_seconds_total", self.ledger.send_seconds, "time from deciding each of them to its send's return")
         if batch["batches"]:
             for key, value in batch.items():
                 self.bump(f"fmplex_batch_{key}_total", value, f"host batches: {key}")

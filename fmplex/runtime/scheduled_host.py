@@ -10,6 +10,7 @@ here once; a subclass supplies ``run_batch``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
@@ -63,6 +64,8 @@ class ScheduledHost(Host):
             for p in expired:
                 self.fail(p.payload.answer, f"deadline exceeded: queued {1e3 * (now - p.arrival):.1f} ms", pb_utils.TritonError.UNAVAILABLE, "expired")
             return
+        started = time.monotonic()
+        self.metrics.queued(len(work[1]), sum(started - p.arrival for p in work[1]))
         self.run_batch(work[1])
 
     def run_batch(self, batch: list[Pending]) -> None:

@@ -126,6 +126,8 @@ def test_a_run_says_where_its_time_went_and_how_it_batched() -> None:
     assert r.stages["at_replica"] == {"p50": 10.0, "p99": 10.0}
     assert r.stages["after_replica"] == {"p50": 4.0, "p99": 4.0}  # the way out and the overhead
     assert r.rows_per_batch == [1.0, 1.0] and r.cpu_wait_s == {}  # dedicated processors: nobody waits for one
+    # the work each server was given: a 10 ms batch per replica, and the client's 2 + 3 ms per request
+    assert r.work_s == {"0": pytest.approx(0.010), "1": pytest.approx(0.010), "client": pytest.approx(0.010)}
     # three at once on replica 0: the first runs alone (10 ms), the other two queue and then run as one batch
     costs = Costs(throughput=((1, 100.0), (2, 100.0), (16, 320.0)))  # batch 2: 20 ms
     r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.0, 0), (0.0, 0)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,12 @@ def test_a_worker_does_not_wait_for_the_send() -> None:
     for i, a in enumerate(answers):  # every send blocks: final() must return anyway
         assert ledger.final(a, i, "ok")
     assert log == [] and ledger.counts() == {("t", "ok"): 5}
+    time.sleep(0.05)
     release.set()
     assert ledger.close()
     assert [r for r, _ in log] == [0, 1, 2, 3, 4]  # in the order decided
+    # each response's time from its decision to its send's return counts the 50 ms they were held
+    assert ledger.sends == 5 and 5 * 0.05 <= ledger.send_seconds < 5 * 5.0
 
 
 def test_stream_pieces_precede_the_final_response() -> None:
