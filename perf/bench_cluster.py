@@ -281,7 +281,10 @@ def inside_replica(before: dict, after: dict, t0: dict, t1: dict) -> dict[str, f
             "host_queue": mean("fmplex_host_queue_seconds_total", "fmplex_host_queued_requests_total"),
             "batch": mean("fmplex_batch_seconds_total", "fmplex_batch_batches_total"),
             "send": mean("fmplex_host_response_send_seconds_total", "fmplex_host_response_sends_total"),
-            "host_model_success": per("success")}
+            "host_model_success": per("success"),
+            # the host process's garbage collections over the stretch (they stop all its threads): how many, total ms
+            "gc_collections": round(t1.get("fmplex_host_gc_collections_total", 0.0) - t0.get("fmplex_host_gc_collections_total", 0.0)),
+            "gc_ms": round(1000 * (t1.get("fmplex_host_gc_seconds_total", 0.0) - t0.get("fmplex_host_gc_seconds_total", 0.0)), 2)}
 
 
 # --- load -------------------------------------------------------------------------
@@ -707,7 +710,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     return results
 
 
-CPU_MODEL = "sharing, workers"  # the model the results' ``simulated`` is of; every one is reported beside it
+CPU_MODEL = "bursts"  # the model the results' ``simulated`` is of (the lowest error over 21 runs); every one is reported beside it
 
 
 def cpu_models(costs, bursts: tuple[tuple[str, float], ...], wake_s: float) -> dict:  # noqa: ANN001 - Costs is imported late
@@ -840,7 +843,16 @@ def replay_run(paths: list[Path]) -> dict:
     out["median_abs_p99_error"] = {n: round(float(np.median([abs(r[n]["p99_error"]) for r in out["runs"].values() if n in r])), 3) for n in names}
     out["runs_within_15_percent"] = {n: f"{sum(abs(r[n]['p99_error']) <= 0.15 for r in out['runs'].values() if n in r)} of {sum(n in r for r in out['runs'].values())}"
                                      for n in names}
+    # the real p99's own repeatability: how far one play of a run's arrivals lands from another, and how
+    # often each model's p99 falls between the run's lowest and highest play
+    played = {k: [p for p in r["plays_p99_ms"] if p] for k, r in out["runs"].items()}
+    played = {k: p for k, p in played.items() if len(p) > 1}
+    out["plays_highest_over_lowest"] = {k: round(max(p) / min(p), 2) for k, p in played.items()}
+    out["runs_between_the_plays"] = {n: f"{sum(min(p) <= out['runs'][k][n]['p99_ms'] <= max(p) for k, p in played.items() if n in out['runs'][k])} of {len(played)}"
+                                     for n in names}
     print(f"median |p99 error| over {len(paths)} runs: {out['median_abs_p99_error']}; within 15%: {out['runs_within_15_percent']}")
+    print(f"highest / lowest play's p99, per run played more than once: {out['plays_highest_over_lowest']}; "
+          f"simulated p99 between them: {out['runs_between_the_plays']}")
     return out
 
 

@@ -22,6 +22,7 @@ error if it was refused, expired, failed, or the host is shutting down.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -85,6 +86,8 @@ class Host:
         self.settings = read_settings(self.config, self.Settings, repository=str(self.model_dir.resolve().parent))
         self.ledger = ResponseLedger(FINAL, on_send_error=self._log_send_error)
         self.metrics = HostMetrics(self.name, instance=str(args.get("model_instance_name", "")), ledger=self.ledger)
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
         self._cv = threading.Condition()
         self._running = True
         self._seen_generation = -1
@@ -105,6 +108,8 @@ class Host:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for answer in self.drain():
             self.fail(answer, f"{self.kind} is shutting down", pb_utils.TritonError.UNAVAILABLE, "shutdown")
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if not self.ledger.close(timeout=max(1.0, deadline - time.monotonic())):
             pb_utils.Logger.log_warn(f"fmplex {self.name}: responses still unsent at shutdown")
         try:  # publish the last counts: a scaled-down instance takes its series with it
@@ -112,6 +117,13 @@ class Host:
                 self.publish()
         except Exception:  # noqa: BLE001 - metrics are best effort
             traceback.print_exc()
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Time each garbage collection: it stops every thread of the host, workers and sender alike."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.metrics.gc_pause(time.perf_counter() - self._gc_started)
 
     # --- hooks for a host ------------------------------------------------------
     def setup(self, args: dict[str, Any]) -> int:

@@ -57,6 +57,10 @@ class HostMetrics:
         self._batch = {"batches": 0.0, "rows": 0.0, "padded_tokens": 0.0, "seconds": 0.0}
         self._batch_sizes: dict[int, int] = {}
         self._queued = {"requests": 0.0, "seconds": 0.0}  # requests taken into batches, and their waits
+        # the process's garbage collections and their pauses: written by gc's callback, which runs with every
+        # other thread stopped and may interrupt a holder of ``_lock``, so plain attributes and no lock
+        self.gc_collections = 0.0
+        self.gc_seconds = 0.0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # last value set
@@ -117,6 +121,12 @@ class HostMetrics:
             self._batch["seconds"] += report.seconds
             self._batch_sizes[report.rows] = self._batch_sizes.get(report.rows, 0) + 1
 
+    def gc_pause(self, seconds: float) -> None:
+        """A garbage collection stopped the process for ``seconds`` (called from ``gc.callbacks``)."""
+        self.gc_collections += 1
+        self.gc_seconds += seconds
+        self._dirty = True
+
     def queued(self, requests: int, seconds: float) -> None:
         """``requests`` left the host's queue for a batch, after ``seconds`` of waiting together."""
         with self._lock:
@@ -164,6 +174,9 @@ class HostMetrics:
         if queued["requests"]:
             self.bump("fmplex_host_queued_requests_total", queued["requests"], "requests taken from the host's queue into a batch")
             self.bump("fmplex_host_queue_seconds_total", queued["seconds"], "time those requests waited in the host's queue (accepted to their batch's start)")
+        if self.gc_collections:
+            self.bump("fmplex_host_gc_collections_total", self.gc_collections, "garbage collections of the host's process")
+            self.bump("fmplex_host_gc_seconds_total", self.gc_seconds, "time they stopped every thread of it")
         if self.ledger is not None and self.ledger.sends:
             self.bump("fmplex_host_response_sends_total", float(self.ledger.sends), "responses the sender thread sent")
             self.bump("fmplex_host_response_send_seconds_total", self.ledger.send_seconds, "time from deciding each of them to its send's return")

@@ -104,6 +104,8 @@ def test_one_shared_batch_mixing_all_kinds_changes_no_answer(server: Server, tas
     atol = {n: (tasks[n].atol if n in tasks else ATOL) for n in names}
     batches0 = server.metric("fmplex_batch_batches_total")
     rows0 = server.metric("fmplex_batch_rows_total")
+    queued0, sends0 = server.metric("fmplex_host_queued_requests_total"), server.metric("fmplex_host_response_sends_total")
+    send_s0 = server.metric("fmplex_host_response_send_seconds_total")
 
     def one(i: int) -> tuple[str, Any]:
         name = names[i % len(names)]
@@ -124,6 +126,12 @@ def test_one_shared_batch_mixing_all_kinds_changes_no_answer(server: Server, tas
     batches = server.metric("fmplex_batch_batches_total") - batches0
     assert rows == 3 * len(results)
     assert rows / batches > 3.5, f"{rows:.0f} rows in {batches:.0f} batches: requests were not mixed into shared batches"
+    # where the requests' time went inside the host: each left its queue once and got one response sent,
+    # and the process's garbage collections (at least those of loading the backbone) are counted
+    assert server.wait_metric("fmplex_host_response_sends_total", sends0 + len(results)) - sends0 == len(results)
+    assert server.metric("fmplex_host_queued_requests_total") - queued0 == len(results)
+    assert server.metric("fmplex_host_response_send_seconds_total") > send_s0
+    assert server.metric("fmplex_host_gc_collections_total") > 0 and server.metric("fmplex_host_gc_seconds_total") > 0
 
 
 def test_status_reports_extension_memory_per_task(server: Server, tasks: dict[str, TaskSource]) -> None:
