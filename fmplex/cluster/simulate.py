@@ -78,6 +78,15 @@ class Costs:
     of service times. ``interleave_stages`` lets a path stage serve requests
     side by side (an event loop) instead of one at a time.
 
+    With ``handoff_s`` or ``gil_wait_s`` set, a request also passes two
+    hand-offs of its replica, one request at a time each: in, before the
+    replica's queue (the host's ``execute()`` thread), and out, after its
+    batch (the host's response-sender thread); each is ``handoff_s`` of work.
+    A hand-off that finds a worker of its replica running a batch first
+    waits ``gil_wait_s`` for the interpreter lock (CPython's switch
+    interval: a thread that wants it waits that long before it makes the
+    holder let go).
+
     The defaults are MiniLM, one CPU thread, 11-token sentences, as measured
     in this repository; memory is the backbone's fp32 weights and a
     classifier head's artifact.
@@ -102,6 +111,8 @@ class Costs:
     wake_s: float = 0.0
     interleave_stages: bool = False
     quantum_s: float = 0.003
+    handoff_s: float = 0.0
+    gil_wait_s: float = 0.0
 
     def seqs_per_s(self, batch: int) -> float:
         points = sorted(self.throughput)
@@ -267,12 +278,27 @@ def simulate(
             stage_ids[name] = len(servers)
             servers.append(_Server(len(servers), 1.0, set()))
     stage_names = {sid: name for name, sid in stage_ids.items()}
-    steps: list[tuple[int, float]] = [(stage_ids[n], s) for n, s in costs.path_in] + [(-1, 0.0)] + [(stage_ids[n], s) for n, s in costs.path_out]
+    handoffs = costs.handoff_s > 0 or costs.gil_wait_s > 0
+    # each replica's hand-offs in and out (its host's execute() and response-sender threads): steps -2 and -3
+    hand_in: dict[int, int] = {}
+    hand_out: dict[int, int] = {}
+    if handoffs:
+        for g in range(gpus):
+            for table, side in ((hand_in, "in"), (hand_out, "out")):
+                table[g] = len(servers)
+                stage_names[len(servers)] = f"{g}/{side}"
+                servers.append(_Server(len(servers), 1.0, set()))
+    hand_out_ids = set(hand_out.values())
+    handoff_ids = set(hand_in.values()) | hand_out_ids
+    at_replica = [(-2, costs.handoff_s), (-1, 0.0), (-3, costs.handoff_s)] if handoffs else [(-1, 0.0)]
+    steps: list[tuple[int, float]] = [(stage_ids[n], s) for n, s in costs.path_in] + at_replica + [(stage_ids[n], s) for n, s in costs.path_out]
+    gil_waits: dict[int, tuple[_Server, list]] = {}  # token: a hand-off waiting for its replica's interpreter lock
 
     rng = random.Random(work.seed)
     spread_rng = random.Random(work.seed + 1)
     # events: (time, order, kind, a, b); kind 0: the processors' own (a: their token, b: version),
-    # 1: arrival (a: task), 2: placement tick, 3: other work's CPUs change (a: step)
+    # 1: arrival (a: task), 2: placement tick, 3: other work's CPUs change (a: step), 4: a hand-off got the
+    # interpreter lock (a: token)
     events: list[tuple[float, int, int, str | int, int]] = []
     order = 0
 
@@ -310,19 +336,27 @@ def simulate(
         cpu = Sharing(push_cpu, costs.cpus, costs.background_cpus)
     next_job = [0]
 
-    def begin(s: _Server, items: list, seconds: float, now: float) -> None:
-        s.running += 1
+    def begin(s: _Server, items: list, seconds: float, now: float, counted: bool = False) -> None:
+        if not counted:
+            s.running += 1
         s.work += seconds
         next_job[0] += 1
         replica = s.sid < gpus
-        burst = burst_of.get("replica" if replica else stage_names[s.sid], 0.0)
+        burst = burst_of.get("replica" if replica or s.sid in handoff_ids else stage_names[s.sid], 0.0)
         cpu.begin(next_job[0], Job(s, items, seconds, burst, cap=costs.replica_cpus if replica else 1.0, began=now), now)
 
     def start(s: _Server, now: float) -> None:
         if s.sid >= gpus:  # a path stage: one request at a time, in order (or each at once, interleaved)
-            while s.queue and (costs.interleave_stages or not s.running):
+            serial = s.sid in handoff_ids or not costs.interleave_stages  # a hand-off is one thread
+            while s.queue and not (serial and s.running):
                 req = s.queue.popleft()
-                begin(s, [req], steps[req[2]][1], now)
+                if s.sid in handoff_ids and costs.gil_wait_s > 0 and servers[req[5]].running:
+                    s.running += 1  # its thread waits for the interpreter lock that a batch holds
+                    next_job[0] += 1
+                    gil_waits[next_job[0]] = (s, req)
+                    push(now + costs.gil_wait_s, 4, next_job[0], -1)
+                else:
+                    begin(s, [req], steps[req[2]][1], now)
             return
         while s.running < costs.workers and s.queue:  # each free worker takes a batch of what waits
             take_batch(s, now)
@@ -342,7 +376,7 @@ def simulate(
         begin(s, batch, work_s, now)
 
     def forward(req: list, now: float) -> None:
-        """Send a request (arrived, task, step, reached the replica, left it) on to its next step, or finish it."""
+        """Send a request (arrived, task, step, reached the replica, left it, its replica) on to its next step, or finish it."""
         nonlocal in_flight
         req[2] += 1
         if req[2] == len(steps):
@@ -353,9 +387,15 @@ def simulate(
                 parts.append((req[3] - req[0], req[4] - req[3], now - req[4] + costs.overhead_s))
             return
         sid = steps[req[2]][0]
-        if sid < 0:  # the replica: the holder of its task with the least work waiting
+        if sid == -3:  # the replica's hand-off out
+            sid = hand_out[req[5]]
+        elif sid == -1 and handoffs:  # its queue, after the hand-off in
+            sid = req[5]
+        elif sid < 0:  # the replica: the holder of its task with the least work waiting
             sid = min(holders[req[1]], key=lambda i: (len(servers[i].queue) + servers[i].running, i))
-            req[3] = now  # (the replica's ``done`` sets req[4])
+            req[3], req[5] = now, sid  # (the replica's ``done``, or its hand-off out, sets req[4])
+            if handoffs:
+                sid = hand_in[sid]
         servers[sid].queue.append(req)
         start(servers[sid], now)
 
@@ -367,6 +407,10 @@ def simulate(
             s.served += len(items)
             s.batches += 1
             s.batch_seconds += now - job.began
+            if not handoffs:
+                for req in items:
+                    req[4] = now
+        elif s.sid in hand_out_ids:
             for req in items:
                 req[4] = now
         for req in items:
@@ -383,9 +427,12 @@ def simulate(
                 done(job, now)
         elif kind == 3:
             cpu.background(costs.background_trace[int(a)][1], now)
+        elif kind == 4:  # a hand-off has the interpreter lock: its work begins
+            s_w, req_w = gil_waits.pop(int(a))
+            begin(s_w, [req_w], steps[req_w[2]][1], now, counted=True)
         elif kind == 1:  # arrival
             in_flight += 1
-            forward([now, str(a), -1, now, now], now)
+            forward([now, str(a), -1, now, now, -1], now)
             if trace is None:
                 push(now + rng.expovariate(rate_of[str(a)]), 1, a, -1)
         else:  # placement tick: hot tasks gain replicas, cooled ones lose them
@@ -421,7 +468,7 @@ def simulate(
     total = len(latencies) + in_flight
     idx = min(int(0.99 * total), total - 1)
     p99 = latencies[idx] if idx < len(latencies) else math.inf
-    names_of = {**{g: str(g) for g in range(gpus)}, **stage_names}
+    names_of = {**{g: str(g) for g in range(gpus)}, **stage_names}  # (hand-offs: "<replica>/in", "<replica>/out")
     waits = {names_of[s.sid]: round(s.cpu_wait, 4) for s in servers} if costs.cpus is not None else {}
     stages = {}
     for k, name in enumerate(("before_replica", "at_replica", "after_replica")):

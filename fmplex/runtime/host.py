@@ -119,7 +119,7 @@ class Host:
             traceback.print_exc()
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        """Time each garbage collection: it stops every thread of the host, workers and sender alike."""
+        """Time each garbage collection: it holds the interpreter lock, so every thread of the host that runs Python waits."""
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:

@@ -197,3 +197,19 @@ def test_an_interleaving_stage_serves_requests_side_by_side() -> None:
     assert simulate("shared", 2, w, costs, placement=[0, 1], trace=both).p99_ms == pytest.approx(18.0)  # 4 + 4, then 10
     side = simulate("shared", 2, w, dataclasses.replace(costs, interleave_stages=True), placement=[0, 1], trace=both)
     assert side.p99_ms == pytest.approx(14.0)  # a processor each (none shared): both pass in 4 ms
+
+
+def test_a_replicas_hand_offs_in_and_out_wait_for_the_interpreter_lock_a_batch_holds() -> None:
+    costs = Costs(throughput=((1, 100.0), (16, 320.0)), workers=2, replica_cpus=2.0, handoff_s=0.001, gil_wait_s=0.005)
+    w = Workload(tasks=2, duration_s=5, warmup_s=0)
+    # alone: in (1 ms), its batch (10 ms), out (1 ms); no batch holds the lock on the way in or out
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0)])
+    assert r.p99_ms == pytest.approx(12.0) and r.stages["at_replica"]["p99"] == pytest.approx(12.0)
+    assert r.work_s["0/in"] == pytest.approx(0.001) and r.work_s["0/out"] == pytest.approx(0.001)
+    # a second request 2 ms later finds the first's batch running: 5 ms for the lock, then in (7-8 ms) and its
+    # batch (8-18 ms); the first's way out at 11 ms finds the second's batch running: 16-17 ms. Both take 17 ms.
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.002, 0)])
+    assert r.p50_ms == pytest.approx(17.0) and r.p99_ms == pytest.approx(17.0)
+    # another replica's batch does not hold this one's lock
+    r = simulate("shared", 2, w, costs, placement=[0, 1], trace=[(0.0, 0), (0.002, 1)])
+    assert r.p99_ms == pytest.approx(12.0)
