@@ -795,7 +795,10 @@ def models_of(got: dict) -> dict:
     c = got["replay_input"]["costs"]
     costs = Costs(**{**c, **{k: tuples(c[k]) for k in ("throughput", "path_in", "path_out", "background_trace", "bursts") if k in c},
                      "service_spread": tuple(c.get("service_spread", ()))})
-    costs = dataclasses.replace(costs, bursts=(), wake_s=0.0, interleave_stages=False)
+    # back to the base costs: the file holds the chosen model's (a hand-offs model took their work from the batches)
+    h = costs.handoff_s
+    costs = dataclasses.replace(costs, bursts=(), wake_s=0.0, interleave_stages=False, handoff_s=0.0, gil_wait_s=0.0,
+                                throughput=tuple((b, b / (b / t + 2 * h * b)) for b, t in costs.throughput))
     measured = got["measured_costs"]
     if "replica_cpus_of_its_batches_together" not in measured:
         workers = 2  # what the hosts ran on this 2-core machine before the runs recorded it

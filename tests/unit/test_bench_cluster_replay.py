@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
+from pathlib import Path
 
 import pytest
 
 from fmplex.cluster.simulate import Costs, Workload, simulate
-from perf.bench_cluster import with_run_costs
+from perf.bench_cluster import models_of, with_run_costs
 
 
 @pytest.mark.parametrize("handoff_s", [0.0, 0.0005])
@@ -40,3 +43,17 @@ def test_a_replay_with_the_runs_costs_gives_each_server_the_cpu_time_it_took(han
     assert mine.seqs_per_s(1) < costs.seqs_per_s(1) / 1.2
     assert dataclasses.replace(mine, throughput=costs.throughput, path_in=costs.path_in, path_out=costs.path_out, background_cpus=0.1,
                                handoff_s=costs.handoff_s) == costs
+
+
+def test_a_saved_run_gives_the_same_models_whichever_model_it_stored() -> None:
+    """A results file holds the chosen model's costs; the others are rebuilt from them, also when the chosen
+    one is the hand-offs model, whose batches gave up the hand-offs' work."""
+    run = Path(__file__).resolve().parents[2] / "perf" / "results" / "cluster_calibration_runs" / "2026-11-30-0504.json.gz"
+    got = json.loads(gzip.decompress(run.read_bytes()))
+    models = models_of(got)
+    assert models["bursts, hand-offs"].handoff_s > 0 and models["bursts"].handoff_s == 0
+    again = json.loads(json.dumps(got))
+    again["replay_input"]["costs"] = dataclasses.asdict(models["bursts, hand-offs"])
+    for name, costs in models_of(again).items():
+        assert [t for _, t in costs.throughput] == pytest.approx([t for _, t in models[name].throughput], rel=1e-9)
+        assert dataclasses.replace(costs, throughput=models[name].throughput) == models[name]
