@@ -282,7 +282,7 @@ def inside_replica(before: dict, after: dict, t0: dict, t1: dict) -> dict[str, f
             "batch": mean("fmplex_batch_seconds_total", "fmplex_batch_batches_total"),
             "send": mean("fmplex_host_response_send_seconds_total", "fmplex_host_response_sends_total"),
             "host_model_success": per("success"),
-            # the host process's garbage collections over the stretch (they stop all its threads): how many, total ms
+            # the host process's garbage collections over the stretch (each holds its interpreter lock): how many, total ms
             "gc_collections": round(t1.get("fmplex_host_gc_collections_total", 0.0) - t0.get("fmplex_host_gc_collections_total", 0.0)),
             "gc_ms": round(1000 * (t1.get("fmplex_host_gc_seconds_total", 0.0) - t0.get("fmplex_host_gc_seconds_total", 0.0)), 2)}
 
@@ -587,7 +587,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     real_load = [(after[r][0] - before[r][0]) / args.seconds for r in replicas]
     real_p99 = real_p99_of(latencies)
     # the p99 the simulation is held to: of every play of the same arrivals together, as one play's moves
-    # from another's by 4-60%
+    # from another's by 4% to 3x
     real_p99_both = real_p99_of(latencies + again)
     placement = [replicas.index(next(r["replica"] for r in status["replicas"] if t in r["tasks"])) for t in tasks]
     half = {g: v / 2 for g, v in path_cpu.items()}
@@ -698,7 +698,7 @@ def calibrate(args: argparse.Namespace) -> dict:
                          "trace": [[round(t, 5), i] for t, i in trace], "costs": dataclasses.asdict(costs),
                          "costs_by_model": {name: dataclasses.asdict(c) for name, c in models.items()}},
     }
-    # the same replay with the run's own CPU costs: the model apart from how well steps 2-3 measured them
+    # the same replay with the run's own CPU costs: the model apart from how well steps 1-4 measured them
     results["simulated_with_the_runs_own_cpu_costs"] = {
         name: {"p99_ms": finite(r.p99_ms), "p50_ms": finite(r.p50_ms), "p99_error": finite(r.p99_ms / real_p99_both - 1),
                "replica_cpu_ms_per_batch_1": round(1000 / c.seqs_per_s(1), 2), "path_in_ms": {n: round(x * 1000, 2) for n, x in c.path_in},
