@@ -239,9 +239,8 @@ def host_totals(metrics_port: int) -> dict[str, float]:
     return total
 
 
-def host_batches(metrics_port: int) -> tuple[float, float, float]:
-    """(batches, rows, wall seconds in batches) a replica's host has run so far (its Prometheus metrics)."""
-    t = host_totals(metrics_port)
+def host_batches(t: dict[str, float]) -> tuple[float, float, float]:
+    """(batches, rows, wall seconds in batches) a replica's host has run so far, of its :func:`host_totals`."""
     return t.get("fmplex_batch_batches_total", 0.0), t.get("fmplex_batch_rows_total", 0.0), t.get("fmplex_batch_seconds_total", 0.0)
 
 
@@ -501,10 +500,10 @@ def calibrate(args: argparse.Namespace) -> dict:
             fit_x, fit_y, curve = [], [], {}
             alone: list[float] = []  # each request's latency with one in flight: how a replica's service time varies
             for k in IN_FLIGHT:
-                b0, a = host_batches(mport), snapshot(groups)
+                b0, a = host_batches(host_totals(mport)), snapshot(groups)
                 rps, _ = closed_loop(holder["grpc_port"], tasks[:1], k, args.cost_seconds, each=alone if k == 1 else None)
                 time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
-                d, b1 = delta(a, snapshot(groups)), host_batches(mport)
+                d, b1 = delta(a, snapshot(groups)), host_batches(host_totals(mport))
                 batches, rows = b1[0] - b0[0], b1[1] - b0[1]
                 server = d[hname] - idle.get(hname, 0.0) * d["wall"]
                 stub = d[hname + "/stub"] - idle.get(hname + "/stub", 0.0) * d["wall"]
@@ -548,8 +547,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             before = replica_counts(local.placer_status(), tasks)
             hosts0 = host_model_stats(local.placer_status(), tasks)
             mports = {r: _metrics_port(groups, r) for r in replicas}
-            batches0 = {r: host_batches(m) for r, m in mports.items()}
             totals0 = {r: host_totals(m) for r, m in mports.items()}
+            batches0 = {r: host_batches(t) for r, t in totals0.items()}
             load_at_run = os.getloadavg()[0]
             a = snapshot(groups)
             run_times: dict[str, tuple[float, float]] = {}
@@ -562,8 +561,8 @@ def calibrate(args: argparse.Namespace) -> dict:
             stages_run = path_stages(run_times, ingress_timing(False))
             after = replica_counts(local.placer_status(), tasks)
             time.sleep(1.0)  # the host publishes its batch counts every 0.25 s
-            batches1 = {r: host_batches(m) for r, m in mports.items()}
             totals1 = {r: host_totals(m) for r, m in mports.items()}
+            batches1 = {r: host_batches(t) for r, t in totals1.items()}
             hosts1 = host_model_stats(local.placer_status(), tasks)
             status = local.placer_status()
             # the same arrivals again, --plays times in all: how far one play's p99 moves from another's, and
